@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The whole-path load harness: in one run on this box, the same wrk load
+# against (1) a static nginx upstream that returns a real chat completion,
+# (2) nginx proxy_pass in front of it, (3) Warden in front of it (metering
+# and recording on). Prints req/s, p50 and p99 for each, the Warden/nginx
+# ratios, whether every Warden call reached the store, and Warden's peak RSS.
+#
+#     benches/load.sh                # 32 connections, 15 s per target
+#     CONNECTIONS=64 DURATION=30 benches/load.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNECTIONS="${CONNECTIONS:-32}"
+DURATION="${DURATION:-15}"
+THREADS="${THREADS:-2}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/warden-target}"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need wrk; then
+    apt-get install -y -qq nginx-light wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+cargo build --release --quiet
+WARDEN="$CARGO_TARGET_DIR/release/warden"
+
+WORK="$(mktemp -d)"
+trap 'kill $(cat "$WORK"/*.pid 2>/dev/null) 2>/dev/null || true; "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+BODY="$(tr -d '\n' < tests/fixtures/openai/chat_completion.json | sed "s/'/\\\\'/g")"
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream static_upstream { server 127.0.0.1:18081; keepalive 128; }
+    server {
+        listen 127.0.0.1:18081;
+        location / { default_type application/json; return 200 '$BODY'; }
+    }
+    server {
+        listen 127.0.0.1:18082;
+        location / {
+            proxy_pass http://static_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+NGINX
+"$NGINX" -p "$WORK" -c "$WORK/nginx.conf"
+
+KEY="wk_load_harness_key_0123456789"
+KEY_SHA="$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)"
+TOKEN="wt_load_harness_token_0123456789"
+TOKEN_SHA="$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)"
+cat > "$WORK/warden.toml" <<TOML
+[server]
+listen = "127.0.0.1:18083"
+admin_listen = "127.0.0.1:18084"
+store = "$WORK/warden.duckdb"
+
+[[upstreams]]
+name = "static"
+kind = "openai"
+base_url = "http://127.0.0.1:18081/v1"
+models = ["gpt-*"]
+
+[[agents]]
+name = "load"
+key_sha256 = "$KEY_SHA"
+
+[[operators]]
+name = "bench"
+token_sha256 = "$TOKEN_SHA"
+TOML
+"$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
+echo $! > "$WORK/warden.pid"
+WARDEN_PID="$(cat "$WORK/warden.pid")"
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18084/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY"
+LUA
+
+run() { # name url
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$2" > "$WORK/$1.out"
+    local rps p50 p99 total
+    rps="$(awk '/Requests\/sec/ {print $2}' "$WORK/$1.out")"
+    p50="$(awk '$1 == "50%" {print $2}' "$WORK/$1.out")"
+    p99="$(awk '$1 == "99%" {print $2}' "$WORK/$1.out")"
+    total="$(awk '/requests in/ {print $1}' "$WORK/$1.out")"
+    printf '%-22s %12s %10s %10s %10s\n' "$1" "$rps" "$p50" "$p99" "$total"
+    echo "$rps $p50 $p99 $total" > "$WORK/$1.res"
+}
+to_ms() { case "$1" in *us) echo "${1%us} / 1000" | bc -l;; *ms) echo "${1%ms}";; *s) echo "${1%s} * 1000" | bc -l;; esac; }
+
+# Warm up connections and code paths.
+wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18083/v1/chat/completions >/dev/null
+wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18082/v1/chat/completions >/dev/null
+BEFORE="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
+
+echo "wrk: $THREADS threads, $CONNECTIONS connections, ${DURATION}s per target, POST /v1/chat/completions"
+printf '%-22s %12s %10s %10s %10s\n' target "req/s" p50 p99 requests
+run nginx_static http://127.0.0.1:18081/v1/chat/completions
+run nginx_proxy_pass http://127.0.0.1:18082/v1/chat/completions
+run warden http://127.0.0.1:18083/v1/chat/completions
+
+sleep 1 # one flush interval and more
+AFTER="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
+RECORDED=$((AFTER - BEFORE))
+SENT="$(cut -d' ' -f4 "$WORK/warden.res")"
+RSS_KB="$(awk '/VmHWM/ {print $2}' /proc/"$WARDEN_PID"/status)"
+DROPPED="$(curl -fs http://127.0.0.1:18084/metrics | awk '/^warden_store_records_dropped_total/ {print $2}')"
+
+read -r W_RPS W_P50 W_P99 _ < "$WORK/warden.res"
+read -r N_RPS N_P50 N_P99 _ < "$WORK/nginx_proxy_pass.res"
+echo
+printf 'warden / nginx proxy_pass throughput: %.2f\n' "$(echo "$W_RPS / $N_RPS" | bc -l)"
+printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99") / $(to_ms "$N_P99")" | bc -l)"
+echo "calls recorded by warden: $RECORDED of $SENT answered by wrk (dropped records: $DROPPED)"
+echo "warden peak RSS: $((RSS_KB / 1024)) MB"

@@ -1,0 +1,98 @@
+//! The `warden` command line. Each command group lives in its own file;
+//! this one parses arguments and dispatches.
+
+mod admin_client;
+mod demo;
+mod init;
+mod query;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use admin_client::AdminClient;
+pub use query::render_table;
+
+#[derive(Parser)]
+#[command(name = "warden", version, about = "A policy-and-governance sidecar for AI agents", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How commands reach a running Warden's admin API.
+#[derive(clap::Args, Clone)]
+pub struct AdminArgs {
+    /// Admin API of the running Warden.
+    #[arg(long, env = "WARDEN_ADMIN_URL", default_value = "http://127.0.0.1:8701", global = true)]
+    pub admin_url: String,
+    /// Operator token (printed once by `warden init`).
+    #[arg(long, env = "WARDEN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and the admin API.
+    Serve {
+        /// The configuration file.
+        #[arg(long, short, default_value = "warden.toml")]
+        config: PathBuf,
+    },
+    /// Offline, no keys: run Warden against a built-in simulated provider,
+    /// send calls from two agents through it and print their cost.
+    Demo {
+        /// Keep the demo's store at this path instead of a temporary one.
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
+    /// Write a commented warden.toml and print a fresh agent key and
+    /// operator token (only their sha256 goes in the file).
+    Init {
+        /// Where to write the file.
+        #[arg(long, default_value = "warden.toml")]
+        path: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Read-only SQL on the live store, e.g. `warden query "FROM cost_by_agent"`.
+    Query {
+        /// The SQL (SELECT, WITH, FROM, SHOW, DESCRIBE, SUMMARIZE).
+        sql: String,
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve::run(&config),
+        Command::Demo { store } => demo::run(store),
+        Command::Init { path, force } => init::run(&path, force),
+        Command::Query { sql, format, admin } => query::run(&sql, format, &admin),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the level.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

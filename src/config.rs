@@ -1,0 +1,396 @@
+//! `warden.toml`: typed sections, validated before anything starts.
+//!
+//! Every refusal names the file, the line and what to change. Secrets are
+//! never in the file: agent keys and operator tokens appear only as sha256
+//! digests, provider keys only as the name of the environment variable that
+//! holds them.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::providers::ProviderKind;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8701";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (create one with `warden init`)")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Invalid { path: PathBuf, line: usize, message: String },
+    #[error("{path}: {message}")]
+    InvalidFile { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+    #[serde(default)]
+    pub operators: Vec<OperatorConfig>,
+    #[serde(default)]
+    pub prices: PricesConfig,
+    /// Where the file was read from, for error messages and relative paths.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: Spanned<String>,
+    pub admin_listen: Spanned<String>,
+    pub store: PathBuf,
+    /// Largest request body accepted from an agent; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// How long to wait for an upstream's response headers before a 504.
+    pub upstream_timeout_secs: u64,
+    /// The store writer commits at least this often.
+    pub flush_interval_ms: u64,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
+    pub shutdown_grace_secs: u64,
+    /// Capacity of the channel between the request path and the store writer.
+    pub record_queue: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: Spanned::new(0..0, DEFAULT_LISTEN.to_owned()),
+            admin_listen: Spanned::new(0..0, DEFAULT_ADMIN_LISTEN.to_owned()),
+            store: PathBuf::from("warden.duckdb"),
+            max_body_bytes: 32 * 1024 * 1024,
+            upstream_timeout_secs: 600,
+            flush_interval_ms: 200,
+            shutdown_grace_secs: 30,
+            record_queue: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: Spanned<String>,
+    pub kind: ProviderKind,
+    pub base_url: Spanned<String>,
+    /// Environment variable holding the provider key; absent for keyless
+    /// local servers (llama.cpp, Ollama).
+    pub api_key_env: Option<Spanned<String>>,
+    /// Model-name globs (`gpt-*`, `claude-*`) this upstream serves.
+    pub models: Spanned<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: Spanned<String>,
+    pub key_sha256: Spanned<String>,
+    #[serde(default = "default_role")]
+    pub role: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+fn default_role() -> String {
+    "agent".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    pub name: Spanned<String>,
+    pub token_sha256: Spanned<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricesConfig {
+    /// A file in LiteLLM's `model_prices_and_context_window.json` format whose
+    /// entries override the built-in table.
+    pub file: Option<Spanned<PathBuf>>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let locate = |span: Option<Range<usize>>, message: String| match span {
+            Some(span) => ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of(text, span.start),
+                message,
+            },
+            None => ConfigError::InvalidFile { path: path.to_owned(), message },
+        };
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| locate(e.span(), e.message().trim().to_owned()))?;
+        config.source = path.to_owned();
+        config.validate().map_err(|(span, message)| locate(Some(span), message))?;
+        Ok(config)
+    }
+
+    /// A path from the config, taken relative to the config file's folder.
+    pub fn resolve_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_owned();
+        }
+        match self.source.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        parse_addr(&self.server.listen).expect("validated at load")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        parse_addr(&self.server.admin_listen).expect("validated at load")
+    }
+
+    fn validate(&self) -> Result<(), (Range<usize>, String)> {
+        for addr in [&self.server.listen, &self.server.admin_listen] {
+            if parse_addr(addr).is_none() {
+                return Err((
+                    addr.span(),
+                    format!("`{}` is not a socket address; write it like \"127.0.0.1:8700\"", addr.get_ref()),
+                ));
+            }
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err((0..0, "server.max_body_bytes must be above 0".to_owned()));
+        }
+        if self.server.flush_interval_ms == 0 || self.server.flush_interval_ms > 200 {
+            return Err((
+                0..0,
+                "server.flush_interval_ms must be between 1 and 200: records are committed at least every 200 ms".to_owned(),
+            ));
+        }
+        if self.server.record_queue == 0 {
+            return Err((0..0, "server.record_queue must be above 0".to_owned()));
+        }
+        let mut names = HashSet::new();
+        for upstream in &self.upstreams {
+            let name = upstream.name.get_ref();
+            if !names.insert(name.as_str()) {
+                return Err((upstream.name.span(), format!("upstream name `{name}` is used twice; names must be unique")));
+            }
+            let url = upstream.base_url.get_ref();
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {
+                return Err((
+                    upstream.base_url.span(),
+                    format!("upstream `{name}`: base_url `{url}` is not an http:// or https:// URL"),
+                ));
+            }
+            if upstream.models.get_ref().is_empty() {
+                return Err((
+                    upstream.models.span(),
+                    format!("upstream `{name}`: models is empty; list the model globs it serves, like [\"gpt-*\"]"),
+                ));
+            }
+            if let Some(env) = &upstream.api_key_env
+                && env.get_ref().is_empty()
+            {
+                return Err((env.span(), format!("upstream `{name}`: api_key_env is empty")));
+            }
+        }
+        let mut agent_names = HashSet::new();
+        let mut digests = HashSet::new();
+        for agent in &self.agents {
+            let name = agent.name.get_ref();
+            if name.is_empty() || !agent_names.insert(name.as_str()) {
+                return Err((agent.name.span(), format!("agent name `{name}` is empty or used twice")));
+            }
+            check_digest(&agent.key_sha256, &format!("agent `{name}`: key_sha256"))?;
+            if !digests.insert(agent.key_sha256.get_ref().to_ascii_lowercase()) {
+                return Err((agent.key_sha256.span(), format!("agent `{name}`: key_sha256 is shared with another agent")));
+            }
+        }
+        let mut operator_names = HashSet::new();
+        for operator in &self.operators {
+            let name = operator.name.get_ref();
+            if name.is_empty() || !operator_names.insert(name.as_str()) {
+                return Err((operator.name.span(), format!("operator name `{name}` is empty or used twice")));
+            }
+            check_digest(&operator.token_sha256, &format!("operator `{name}`: token_sha256"))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_digest(digest: &Spanned<String>, what: &str) -> Result<(), (Range<usize>, String)> {
+    let text = digest.get_ref();
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err((
+            digest.span(),
+            format!("{what} must be 64 hex digits (the sha256 of the secret; `warden init` prints one)"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_addr(text: &Spanned<String>) -> Option<SocketAddr> {
+    text.get_ref().parse().ok()
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// The line of a span, for errors raised after parsing (a missing env var).
+pub fn line_in_file(path: &Path, span: Range<usize>) -> usize {
+    std::fs::read_to_string(path).map(|text| line_of(&text, span.start)).unwrap_or(0)
+}
+
+/// The sha256 of a secret as lowercase hex, as written in the config.
+pub fn sha256_hex(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// The commented config `warden init` writes.
+pub fn init_template(agent_key_sha256: &str, operator_token_sha256: &str) -> String {
+    format!(
+        r#"# warden.toml: the configuration of one Warden.
+# Reference: https://github.com/ (see README.md in the Warden repository).
+
+[server]
+# Agents point their SDK's base URL here (http://127.0.0.1:8700/v1).
+listen = "{DEFAULT_LISTEN}"
+# Operators: admin API, /healthz, /metrics and `warden query`.
+admin_listen = "{DEFAULT_ADMIN_LISTEN}"
+# The DuckDB file that records every call; relative to this file.
+store = "warden.duckdb"
+# Bodies above this size are refused with 413.
+max_body_bytes = 33554432
+# Seconds to wait for an upstream's response headers before answering 504.
+upstream_timeout_secs = 600
+
+# One entry per model API. base_url is written as the provider documents it
+# for its own SDK, with or without the trailing /v1. The real provider key
+# is read from the named environment variable and never leaves Warden.
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+models = ["gpt-*", "o1*", "o3*", "o4*", "chatgpt-*", "text-embedding-*"]
+
+[[upstreams]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+api_key_env = "ANTHROPIC_API_KEY"
+models = ["claude-*"]
+
+# Agents authenticate with `Authorization: Bearer <key>` or `x-api-key`.
+# Only the key's sha256 is stored; `warden init` printed the key once.
+[[agents]]
+name = "agent-1"
+key_sha256 = "{agent_key_sha256}"
+role = "worker"
+capabilities = []
+
+# Operators authenticate to the admin API with `Authorization: Bearer <token>`.
+[[operators]]
+name = "admin"
+token_sha256 = "{operator_token_sha256}"
+
+[prices]
+# A file in LiteLLM's model_prices_and_context_window.json format overrides
+# the built-in price table, model by model.
+# file = "prices.json"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("warden.toml"))
+    }
+
+    const DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn init_template_is_valid() {
+        let config = parse(&init_template(DIGEST, &DIGEST.replace('0', "1"))).unwrap();
+        assert_eq!(config.upstreams.len(), 2);
+        assert_eq!(config.agents[0].name.get_ref(), "agent-1");
+        assert_eq!(config.listen_addr().port(), 8700);
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nstore = \n").unwrap_err().to_string();
+        assert!(err.starts_with("warden.toml:3: "), "{err}");
+    }
+
+    #[test]
+    fn unknown_kind_names_its_line() {
+        let text = "[[upstreams]]\nname = \"x\"\nkind = \"gemini\"\nbase_url = \"http://a\"\nmodels = [\"a\"]\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("warden.toml:3: "), "{err}");
+        assert!(err.contains("gemini"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let err = parse("[server]\nlisten_port = 3\n").unwrap_err().to_string();
+        assert!(err.starts_with("warden.toml:2: ") && err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn bad_digest_and_bad_url_name_their_line() {
+        let text = format!("[[agents]]\nname = \"a\"\nkey_sha256 = \"{DIGEST}\"\n\n[[agents]]\nname = \"b\"\nkey_sha256 = \"abc\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("warden.toml:7: ") && err.contains("64 hex"), "{err}");
+
+        let text = "[[upstreams]]\nname = \"x\"\nkind = \"openai\"\nbase_url = \"ftp://a\"\nmodels = [\"a\"]\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("warden.toml:4: ") && err.contains("ftp://a"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_agent_key_is_refused() {
+        let text = format!(
+            "[[agents]]\nname = \"a\"\nkey_sha256 = \"{DIGEST}\"\n[[agents]]\nname = \"b\"\nkey_sha256 = \"{DIGEST}\"\n"
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("shared with another agent"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/warden.toml"));
+        let config = Config::load(path).unwrap();
+        assert_eq!(config.upstreams.len(), 3);
+        assert!(config.operators.iter().any(|o| o.read_only));
+    }
+
+    #[test]
+    fn bad_listen_address_is_refused() {
+        let err = parse("[server]\n\nlisten = \"localhost\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("warden.toml:3: ") && err.contains("socket address"), "{err}");
+    }
+}

@@ -1,0 +1,161 @@
+//! A running Warden: the store and its writer, the agent listener and the
+//! admin listener, started together and stopped in order (listeners drain,
+//! then the writer commits and stops).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::metering::PriceTable;
+use crate::metering::prices::PriceError;
+use crate::metrics::Metrics;
+use crate::proxy::upstream::UpstreamError;
+use crate::proxy::{ProxyState, pipeline};
+use crate::store::{Recorder, Store, StoreError, StoreReader, WriterHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Prices(#[from] PriceError),
+    #[error("cannot listen on {addr} ({what}): {source}; is another process using it? change [server] {what}")]
+    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
+}
+
+pub struct Gateway {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+    recorder: Recorder,
+    writer: Option<WriterHandle>,
+    reader: StoreReader,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// Opens the store, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let prices_path = config.prices.file.as_ref().map(|f| config.resolve_path(f.get_ref()));
+        let prices = Arc::new(PriceTable::load(prices_path.as_deref())?);
+        let store_path = config.resolve_path(&config.server.store);
+        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
+            .await
+            .map_err(|e| StoreError::Sql(e.to_string()))??;
+        let metrics = Arc::new(Metrics::default());
+        let (recorder, writer, reader) = store.start(
+            Duration::from_millis(config.server.flush_interval_ms),
+            config.server.record_queue,
+            metrics.clone(),
+        )?;
+        let proxy_state = Arc::new(ProxyState::new(&config, prices.clone(), recorder.clone(), metrics.clone())?);
+        let admin_state = Arc::new(AdminState::new(&config, reader.clone(), recorder.clone(), metrics.clone()));
+
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, what, source })
+        };
+        let proxy_listener = bind(config.listen_addr(), "listen").await?;
+        let admin_listener = bind(config.admin_addr(), "admin_listen").await?;
+        let proxy_addr = proxy_listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen_addr(),
+            what: "listen",
+            source,
+        })?;
+        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.admin_addr(),
+            what: "admin_listen",
+            source,
+        })?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let proxy_task = tokio::spawn(crate::http_server::serve(
+            proxy_listener,
+            move |request| pipeline::handle(proxy_state.clone(), request),
+            shutdown_rx.clone(),
+            grace,
+            "proxy",
+        ));
+        let admin_task = tokio::spawn(crate::http_server::serve(
+            admin_listener,
+            move |request| admin::handle(admin_state.clone(), request),
+            shutdown_rx,
+            grace,
+            "admin",
+        ));
+
+        recorder.audit(
+            "warden",
+            "warden_started",
+            None,
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "config": config.source.display().to_string(),
+                "listen": proxy_addr.to_string(),
+                "admin_listen": admin_addr.to_string(),
+                "upstreams": config.upstreams.iter().map(|u| u.name.get_ref().clone()).collect::<Vec<_>>(),
+                "agents": config.agents.iter().map(|a| a.name.get_ref().clone()).collect::<Vec<_>>(),
+                "prices": prices.len(),
+            }),
+        );
+        tracing::info!(%proxy_addr, %admin_addr, "warden is serving");
+        Ok(Gateway {
+            proxy_addr,
+            admin_addr,
+            shutdown,
+            listeners: vec![proxy_task, admin_task],
+            recorder,
+            writer: Some(writer),
+            reader,
+            metrics,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn reader(&self) -> &StoreReader {
+        &self.reader
+    }
+
+    /// Waits until every call recorded so far is committed.
+    pub async fn flush(&self) {
+        self.recorder.flush().await;
+    }
+
+    /// Stops accepting, lets in-flight calls finish (within the grace
+    /// period), commits every record and stops the writer.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for task in self.listeners.drain(..) {
+            let _ = task.await;
+        }
+        self.recorder.audit("warden", "warden_stopped", None, json!({}));
+        self.recorder.shutdown().await;
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+        tracing::info!("warden stopped; every record is committed");
+    }
+}

@@ -1,0 +1,18 @@
+//! Warden: a policy-and-governance sidecar for AI agents.
+//!
+//! Agents point their model base URL at Warden; Warden forwards each call to
+//! the real model API, meters its tokens and cost (streamed or not) and
+//! records it in an embedded DuckDB store. See `DESIGN.md` for the contract.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod http_server;
+pub mod metering;
+pub mod metrics;
+pub mod money;
+pub mod providers;
+pub mod proxy;
+pub mod store;

@@ -1,0 +1,207 @@
+//! Exact money: US dollars as an integer count of attodollars (1e-18 USD).
+//!
+//! Price tables quote per-token prices such as `5.46875e-07` that need twelve
+//! decimals, and a call's cost multiplies them by token counts; 18 decimals in
+//! an `i128` hold every published price exactly and leave room for 10^20
+//! dollars, which is also what a DuckDB `DECIMAL(38, 18)` column stores.
+
+use std::fmt;
+use std::iter::Sum;
+use std::ops::{Add, AddAssign, Sub};
+
+/// Decimal places kept; matches the store's `DECIMAL(38, 18)`.
+pub const SCALE: u32 = 18;
+const ONE_USD: i128 = 1_000_000_000_000_000_000;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Usd(i128);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseUsdError {
+    #[error("`{0}` is not a decimal number (write it like 0.25 or 2.5e-06)")]
+    NotANumber(String),
+    #[error("`{0}` is out of range for a dollar amount")]
+    OutOfRange(String),
+}
+
+impl Usd {
+    pub const ZERO: Usd = Usd(0);
+
+    pub const fn from_atto(atto: i128) -> Self {
+        Usd(atto)
+    }
+
+    pub const fn atto(self) -> i128 {
+        self.0
+    }
+
+    pub fn from_whole_dollars(dollars: i64) -> Self {
+        Usd(dollars as i128 * ONE_USD)
+    }
+
+    /// Multiplies a per-unit price by a count, exactly.
+    pub fn times(self, count: u64) -> Self {
+        Usd(self.0.saturating_mul(count as i128))
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whole nano-dollars, rounded toward zero; for metrics, not for the ledger.
+    pub fn nanos(self) -> i64 {
+        (self.0 / 1_000_000_000).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    }
+
+    /// Parses decimal text (`0.25`, `2.5e-06`, `1E3`) without passing through
+    /// binary floating point. Digits beyond 18 decimals are rounded half to
+    /// even: price files carry float artefacts such as `5.0000000000000004e-08`.
+    pub fn parse(text: &str) -> Result<Self, ParseUsdError> {
+        let bad = || ParseUsdError::NotANumber(text.to_owned());
+        let s = text.trim();
+        let (negative, s) = match s.as_bytes().first() {
+            Some(b'-') => (true, &s[1..]),
+            Some(b'+') => (false, &s[1..]),
+            _ => (false, s),
+        };
+        let (mantissa, exponent) = match s.find(['e', 'E']) {
+            Some(i) => (&s[..i], s[i + 1..].parse::<i32>().map_err(|_| bad())?),
+            None => (s, 0),
+        };
+        let (int_part, frac_part) = match mantissa.find('.') {
+            Some(i) => (&mantissa[..i], &mantissa[i + 1..]),
+            None => (mantissa, ""),
+        };
+        if int_part.is_empty() && frac_part.is_empty() {
+            return Err(bad());
+        }
+        if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        // All digits as one integer, with the decimal point `shift` places from
+        // the right once the exponent is applied.
+        let digits: String = int_part.chars().chain(frac_part.chars()).collect();
+        let digits = digits.trim_start_matches('0');
+        let shift = frac_part.len() as i64 - exponent as i64 - SCALE as i64;
+        let range = || ParseUsdError::OutOfRange(text.to_owned());
+        let atto = if digits.is_empty() {
+            0
+        } else if shift <= 0 {
+            let base: i128 = digits.parse().map_err(|_| range())?;
+            let factor = 10i128.checked_pow(u32::try_from(-shift).map_err(|_| range())?);
+            factor.and_then(|f| base.checked_mul(f)).ok_or_else(range)?
+        } else {
+            let shift = shift as usize;
+            if shift > digits.len() {
+                // Everything is below 1e-18; round half-even of a value < 0.5 ulp
+                // unless it is exactly the first dropped digit >= 5.
+                round_half_even(0, &format!("{}{}", "0".repeat(shift - digits.len()), digits))
+            } else {
+                let (kept, dropped) = digits.split_at(digits.len() - shift);
+                let kept: i128 = if kept.is_empty() { 0 } else { kept.parse().map_err(|_| range())? };
+                round_half_even(kept, dropped)
+            }
+        };
+        Ok(Usd(if negative { -atto } else { atto }))
+    }
+}
+
+fn round_half_even(kept: i128, dropped: &str) -> i128 {
+    let mut bytes = dropped.bytes();
+    let first = bytes.next().unwrap_or(b'0');
+    let rest_nonzero = bytes.any(|b| b != b'0');
+    match first {
+        b'6'..=b'9' => kept + 1,
+        b'5' if rest_nonzero || kept % 2 == 1 => kept + 1,
+        _ => kept,
+    }
+}
+
+impl fmt::Display for Usd {
+    /// Plain decimal dollars with trailing zeros trimmed (`0.00042`, `12`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let magnitude = self.0.unsigned_abs();
+        let whole = magnitude / ONE_USD as u128;
+        let frac = magnitude % ONE_USD as u128;
+        if frac == 0 {
+            return write!(f, "{sign}{whole}");
+        }
+        let frac = format!("{frac:018}");
+        write!(f, "{sign}{whole}.{}", frac.trim_end_matches('0'))
+    }
+}
+
+impl Add for Usd {
+    type Output = Usd;
+    fn add(self, rhs: Usd) -> Usd {
+        Usd(self.0.saturating_add(rhs.0))
+    }
+}
+
+impl AddAssign for Usd {
+    fn add_assign(&mut self, rhs: Usd) {
+        self.0 = self.0.saturating_add(rhs.0);
+    }
+}
+
+impl Sub for Usd {
+    type Output = Usd;
+    fn sub(self, rhs: Usd) -> Usd {
+        Usd(self.0.saturating_sub(rhs.0))
+    }
+}
+
+impl Sum for Usd {
+    fn sum<I: Iterator<Item = Usd>>(iter: I) -> Usd {
+        iter.fold(Usd::ZERO, |a, b| a + b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_scientific_and_plain_text_exactly() {
+        assert_eq!(Usd::parse("2.5e-06").unwrap().atto(), 2_500_000_000_000);
+        assert_eq!(Usd::parse("5.46875e-07").unwrap().atto(), 546_875_000_000);
+        assert_eq!(Usd::parse("0.25").unwrap().atto(), 250_000_000_000_000_000);
+        assert_eq!(Usd::parse("12").unwrap(), Usd::from_whole_dollars(12));
+        assert_eq!(Usd::parse("1E3").unwrap(), Usd::from_whole_dollars(1000));
+        assert_eq!(Usd::parse("0.0").unwrap(), Usd::ZERO);
+        assert_eq!(Usd::parse("-1.5").unwrap().atto(), -1_500_000_000_000_000_000);
+    }
+
+    #[test]
+    fn float_artefacts_round_to_eighteen_places() {
+        assert_eq!(Usd::parse("5.0000000000000004e-08").unwrap().atto(), 50_000_000_000);
+        assert_eq!(Usd::parse("2.9999900000000002e-06").unwrap().atto(), 2_999_990_000_000);
+        // Exactly half an attodollar rounds to even.
+        assert_eq!(Usd::parse("0.0000000000000000005").unwrap().atto(), 0);
+        assert_eq!(Usd::parse("0.0000000000000000015").unwrap().atto(), 2);
+        assert_eq!(Usd::parse("1e-30").unwrap().atto(), 0);
+    }
+
+    #[test]
+    fn rejects_text_that_is_not_a_number() {
+        for bad in ["", "abc", "1.2.3", "1e", "--1", "0x10", "."] {
+            assert!(Usd::parse(bad).is_err(), "{bad:?} parsed");
+        }
+        assert!(matches!(Usd::parse("1e40"), Err(ParseUsdError::OutOfRange(_))));
+    }
+
+    #[test]
+    fn displays_trimmed_decimal() {
+        assert_eq!(Usd::parse("0.000420").unwrap().to_string(), "0.00042");
+        assert_eq!(Usd::from_whole_dollars(3).to_string(), "3");
+        assert_eq!(Usd::parse("-0.5").unwrap().to_string(), "-0.5");
+        assert_eq!(Usd::from_atto(1).to_string(), "0.000000000000000001");
+    }
+
+    #[test]
+    fn times_is_exact() {
+        let price = Usd::parse("1.875e-05").unwrap();
+        assert_eq!(price.times(3).to_string(), "0.00005625");
+    }
+}

@@ -1,0 +1,274 @@
+//! One call as it moves through the pipeline: what is known about it so far,
+//! and the guarantee that it is recorded exactly once, whether it succeeds,
+//! is refused, or is dropped half-way because the agent hung up.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use super::ProxyState;
+use super::body::ProxyBody;
+use crate::metering::MeterReport;
+use crate::metering::prices::ModelPrice;
+use crate::money::Usd;
+use crate::providers::{self, Endpoint, ErrorKind, ProviderKind, Usage};
+use crate::store::record::{CallRecord, Outcome, PendingEstimate, UsageSource, now_micros};
+
+pub const CALL_ID_HEADER: &str = "x-warden-call-id";
+pub const COST_HEADER: &str = "x-warden-cost-usd";
+
+/// A refusal or failure, answered in the caller's format and recorded.
+#[derive(Debug)]
+pub struct Refusal {
+    pub kind: ErrorKind,
+    pub code: &'static str,
+    pub message: String,
+    pub outcome: Outcome,
+}
+
+impl Refusal {
+    pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
+        let outcome = if kind == ErrorKind::InvalidKey { Outcome::Denied } else { Outcome::Error };
+        Refusal { kind, code, message: message.into(), outcome }
+    }
+}
+
+/// How a call that reached the upstream ended.
+pub struct Settlement {
+    pub status: StatusCode,
+    pub outcome: Outcome,
+    pub usage: Usage,
+    pub input_known: bool,
+    pub output_known: bool,
+    pub output_text: Vec<u8>,
+    pub output_overflow: u64,
+    pub error: Option<String>,
+}
+
+impl Settlement {
+    pub fn from_report(status: StatusCode, outcome: Outcome, report: MeterReport, error: Option<String>) -> Self {
+        Settlement {
+            status,
+            outcome,
+            usage: report.usage,
+            input_known: report.input_known,
+            output_known: report.output_known,
+            output_text: report.text,
+            output_overflow: report.text_overflow,
+            error: error.or(report.error),
+        }
+    }
+}
+
+pub struct Call {
+    state: Arc<ProxyState>,
+    pub id: String,
+    id_header: HeaderValue,
+    started: Instant,
+    ts_start_us: i64,
+    pub protocol: ProviderKind,
+    pub endpoint: Option<Endpoint>,
+    raw_path: Option<String>,
+    pub agent: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    pub provider: Option<&'static str>,
+    pub model: Option<String>,
+    pub stream: bool,
+    pub run_id: Option<String>,
+    pub step_id: Option<String>,
+    pub request_body: Bytes,
+    pub price: Option<Arc<ModelPrice>>,
+    ttft_ms: Option<f64>,
+    recorded: bool,
+}
+
+impl Call {
+    pub fn begin(state: Arc<ProxyState>, protocol: ProviderKind) -> Call {
+        let id = uuid::Uuid::now_v7().to_string();
+        let id_header = HeaderValue::from_str(&id).expect("a uuid is a valid header value");
+        state.metrics.calls_in_flight.fetch_add(1, Ordering::Relaxed);
+        Call {
+            state,
+            id,
+            id_header,
+            started: Instant::now(),
+            ts_start_us: now_micros(),
+            protocol,
+            endpoint: None,
+            raw_path: None,
+            agent: None,
+            upstream: None,
+            provider: None,
+            model: None,
+            stream: false,
+            run_id: None,
+            step_id: None,
+            request_body: Bytes::new(),
+            price: None,
+            ttft_ms: None,
+            recorded: false,
+        }
+    }
+
+    pub fn set_unknown_path(&mut self, path: &str) {
+        self.raw_path = Some(path.chars().take(200).collect());
+    }
+
+    /// The upstream's first byte (headers, or the first chunk of a stream).
+    pub fn mark_first_byte(&mut self) {
+        if self.ttft_ms.is_none() {
+            self.ttft_ms = Some(self.elapsed_ms());
+        }
+    }
+
+    fn elapsed_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    pub fn id_header(&self) -> HeaderValue {
+        self.id_header.clone()
+    }
+
+    /// Answers the refusal in the caller's format and records it.
+    pub fn refuse(mut self, refusal: Refusal) -> Response<ProxyBody> {
+        let body = providers::error_body(self.protocol, refusal.kind, refusal.code, &refusal.message);
+        tracing::info!(call_id = %self.id, code = refusal.code, status = refusal.kind.status().as_u16(), "call refused");
+        let status = refusal.kind.status();
+        self.record(CallEnd {
+            status,
+            outcome: refusal.outcome,
+            usage: Usage::default(),
+            usage_source: UsageSource::Provider,
+            cost: None,
+            error: Some(refusal.message),
+            pending: None,
+        });
+        let mut response = Response::new(ProxyBody::full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CALL_ID_HEADER, self.id_header.clone());
+        response
+    }
+
+    /// Records a call that reached the upstream. Returns the exact cost when
+    /// the provider reported usage and the model has a price.
+    pub fn settle(mut self, settlement: Settlement) -> Option<Usd> {
+        let exact = settlement.input_known && settlement.output_known;
+        let cost = if exact { self.price.as_ref().map(|p| p.cost(&settlement.usage)) } else { None };
+        if self.price.is_none() && settlement.outcome == Outcome::Ok {
+            self.state.metrics.unpriced_calls.inc();
+            tracing::warn!(call_id = %self.id, model = self.model.as_deref().unwrap_or(""), "no price for this model; cost recorded as NULL");
+        }
+        let pending = (!exact).then(|| {
+            Box::new(PendingEstimate {
+                request_body: self.request_body.clone(),
+                input_known: settlement.input_known,
+                output_text: settlement.output_text,
+                output_overflow: settlement.output_overflow,
+                output_known: settlement.output_known,
+                price: self.price.clone(),
+            })
+        });
+        self.record(CallEnd {
+            status: settlement.status,
+            outcome: settlement.outcome,
+            usage: settlement.usage,
+            usage_source: UsageSource::Provider,
+            cost,
+            error: settlement.error,
+            pending,
+        });
+        cost
+    }
+
+    /// Records a call Warden answered itself (the model list).
+    pub fn settle_local(&mut self, status: StatusCode) {
+        self.record(CallEnd {
+            status,
+            outcome: Outcome::Ok,
+            usage: Usage::default(),
+            usage_source: UsageSource::Provider,
+            cost: Some(Usd::ZERO),
+            error: None,
+            pending: None,
+        });
+    }
+
+    fn record(&mut self, end: CallEnd) {
+        if self.recorded {
+            return;
+        }
+        self.recorded = true;
+        self.state.metrics.calls_in_flight.fetch_sub(1, Ordering::Relaxed);
+        let endpoint = match (self.endpoint, &self.raw_path) {
+            (Some(endpoint), _) => endpoint.as_str().to_owned(),
+            (None, Some(path)) => path.clone(),
+            (None, None) => String::new(),
+        };
+        let record = CallRecord {
+            call_id: std::mem::take(&mut self.id),
+            ts_start_us: self.ts_start_us,
+            ts_end_us: now_micros(),
+            agent: self.agent.clone(),
+            upstream: self.upstream.clone(),
+            provider: self.provider,
+            model: self.model.take(),
+            endpoint,
+            stream: self.stream,
+            status_code: end.status.as_u16(),
+            outcome: end.outcome,
+            usage: end.usage,
+            usage_source: end.usage_source,
+            cost: end.cost,
+            latency_ms: self.elapsed_ms(),
+            ttft_ms: self.ttft_ms,
+            run_id: self.run_id.take(),
+            step_id: self.step_id.take(),
+            error: end.error,
+            pending_estimate: end.pending,
+        };
+        self.state.recorder.record(record);
+    }
+}
+
+struct CallEnd {
+    status: StatusCode,
+    outcome: Outcome,
+    usage: Usage,
+    usage_source: UsageSource,
+    cost: Option<Usd>,
+    error: Option<String>,
+    pending: Option<Box<PendingEstimate>>,
+}
+
+impl Drop for Call {
+    /// The agent hung up before Warden answered: the upstream request is
+    /// dropped with this future, and the call is recorded as cancelled with
+    /// its input estimated from the request.
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let pending = Box::new(PendingEstimate {
+            request_body: self.request_body.clone(),
+            input_known: self.request_body.is_empty(),
+            output_text: Vec::new(),
+            output_overflow: 0,
+            output_known: true,
+            price: self.price.clone(),
+        });
+        self.record(CallEnd {
+            status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            outcome: Outcome::Cancelled,
+            usage: Usage::default(),
+            usage_source: UsageSource::Provider,
+            cost: None,
+            error: Some("the agent closed the connection before the response".into()),
+            pending: Some(pending),
+        });
+    }
+}

@@ -1,0 +1,88 @@
+//! Header rules at the proxy boundary (RFC 9110 §7.6.1): hop-by-hop headers,
+//! and those named in `Connection`, stop here in both directions; agent
+//! credentials and Warden's own headers never go upstream.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_listed(headers) {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The agent's headers as they should reach the upstream.
+pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
+    let mut headers = agent_headers.clone();
+    strip_hop_by_hop(&mut headers);
+    for name in [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH, header::ACCEPT_ENCODING] {
+        headers.remove(name);
+    }
+    headers.remove("x-api-key");
+    let warden: Vec<HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with("x-warden-")).cloned().collect();
+    for name in warden {
+        headers.remove(name);
+    }
+    // The meter reads the bytes, so ask for them uncompressed.
+    headers.insert(header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+    headers
+}
+
+/// The upstream's response headers as they should reach the agent. The
+/// length is dropped because the body may change (usage chunk stripped);
+/// hyper sets it again for bodies of known size.
+pub fn agent_response_headers(upstream_headers: &mut HeaderMap) {
+    strip_hop_by_hop(upstream_headers);
+    upstream_headers.remove(header::CONTENT_LENGTH);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_hop_headers_and_warden_headers_stay_behind() {
+        let mut agent = HeaderMap::new();
+        agent.insert("authorization", "Bearer wk_secret".parse().unwrap());
+        agent.insert("x-api-key", "wk_secret".parse().unwrap());
+        agent.insert("connection", "keep-alive, x-custom-hop".parse().unwrap());
+        agent.insert("x-custom-hop", "1".parse().unwrap());
+        agent.insert("te", "trailers".parse().unwrap());
+        agent.insert("x-warden-run", "r1".parse().unwrap());
+        agent.insert("accept-encoding", "gzip".parse().unwrap());
+        agent.insert("anthropic-version", "2023-06-01".parse().unwrap());
+        agent.insert("openai-beta", "assistants=v2".parse().unwrap());
+        let out = upstream_request_headers(&agent);
+        for gone in ["authorization", "x-api-key", "connection", "x-custom-hop", "te", "x-warden-run"] {
+            assert!(!out.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(out["accept-encoding"], "identity");
+        assert_eq!(out["anthropic-version"], "2023-06-01");
+        assert_eq!(out["openai-beta"], "assistants=v2");
+    }
+}

@@ -1,0 +1,327 @@
+//! The request path, one stage after another:
+//!
+//! identify -> read -> inspect -> route -> forward -> respond (meter, settle,
+//! record).
+//!
+//! Each stage either hands the call on or refuses it with a `Refusal`, which
+//! the driver answers in the caller's format and records.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tracing::Instrument;
+
+use super::ProxyState;
+use super::body::{MeteredStream, ProxyBody};
+use super::call::{COST_HEADER, Call, Refusal, Settlement};
+use super::headers;
+use super::upstream::{Route, Upstream};
+use crate::metering::{MeterReport, StreamMeter};
+use crate::providers::{self, Endpoint, ErrorKind, ProviderKind, RequestFacts, anthropic, openai};
+use crate::store::record::Outcome;
+
+/// The driver: runs the stages and turns a refusal into an answer.
+pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
+    let endpoint = Endpoint::from_request(request.method(), request.uri().path());
+    let protocol = match endpoint {
+        Some(endpoint) => endpoint.protocol(),
+        None => Endpoint::guess_protocol(request.uri().path(), request.headers()),
+    };
+    let mut call = Call::begin(state.clone(), protocol);
+    let span = tracing::info_span!("call", call_id = %call.id);
+    async move {
+        let Some(endpoint) = endpoint else {
+            call.set_unknown_path(request.uri().path());
+            let message = format!(
+                "Warden does not serve {} {}; it serves the OpenAI and Anthropic endpoints under /v1",
+                request.method(),
+                request.uri().path()
+            );
+            return call.refuse(Refusal::new(ErrorKind::NotFound, "unknown_endpoint", message));
+        };
+        call.endpoint = Some(endpoint);
+        match serve(&state, &mut call, endpoint, request).await {
+            Ok(Reply::Done(response)) => response,
+            Ok(Reply::Forwarded(upstream_response)) => respond(call, endpoint, upstream_response).await,
+            Err(refusal) => call.refuse(refusal),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+enum Reply {
+    /// Answered by Warden itself.
+    Done(Response<ProxyBody>),
+    /// The upstream answered; the response still has to be metered.
+    Forwarded(UpstreamResponse),
+}
+
+struct UpstreamResponse {
+    response: Response<Incoming>,
+    strip_usage_chunk: bool,
+}
+
+async fn serve(
+    state: &ProxyState,
+    call: &mut Call,
+    endpoint: Endpoint,
+    request: Request<Incoming>,
+) -> Result<Reply, Refusal> {
+    let (parts, body) = request.into_parts();
+
+    // identify
+    let agent = state.agents.identify(&parts.headers).ok_or_else(|| {
+        Refusal::new(
+            ErrorKind::InvalidKey,
+            "invalid_api_key",
+            "Warden does not know this API key. Use the agent key your operator issued (Authorization: Bearer <key> or x-api-key).",
+        )
+    })?;
+    call.agent = Some(agent.name.clone());
+    call.run_id = header_text(&parts.headers, "x-warden-run");
+    call.step_id = header_text(&parts.headers, "x-warden-step");
+    if endpoint == Endpoint::Models {
+        return Ok(Reply::Done(state.models_response(call)));
+    }
+
+    // read
+    let body = read_body(body, &parts.headers, state.max_body_bytes).await?;
+
+    // inspect
+    let facts = RequestFacts::parse(&body).map_err(|e| {
+        let code = match e {
+            providers::RequestError::MalformedJson(_) => "invalid_json",
+            providers::RequestError::MissingModel => "missing_model",
+        };
+        Refusal::new(ErrorKind::InvalidRequest, code, e.to_string())
+    })?;
+    call.model = Some(facts.model.clone());
+    call.stream = facts.stream;
+
+    // route
+    let upstream = match state.router.route(&facts.model, endpoint.protocol()) {
+        Route::Found(upstream) => upstream.clone(),
+        Route::WrongFormat(upstream) => {
+            return Err(Refusal::new(
+                ErrorKind::InvalidRequest,
+                "wrong_api_format",
+                format!(
+                    "model `{}` is served by upstream `{}`, which speaks the {} format; call it on that API's endpoint",
+                    facts.model,
+                    upstream.name,
+                    upstream.kind.as_str()
+                ),
+            ));
+        }
+        Route::Unknown => {
+            return Err(Refusal::new(
+                ErrorKind::NotFound,
+                "model_not_found",
+                format!(
+                    "The model `{}` does not exist or no configured upstream serves it; GET /v1/models lists the models Warden serves.",
+                    facts.model
+                ),
+            ));
+        }
+    };
+    call.upstream = Some(upstream.name.clone());
+    call.provider = Some(upstream.kind.as_str());
+    call.price = state.prices.lookup(&facts.model);
+
+    // forward
+    let strip_usage_chunk = facts.stream
+        && endpoint.takes_stream_options()
+        && upstream.kind == ProviderKind::OpenAi
+        && facts.include_usage != Some(true);
+    let upstream_body = if strip_usage_chunk {
+        openai::request_usage_in_stream(&body, facts.has_stream_options)
+    } else {
+        body.clone()
+    };
+    call.request_body = body;
+    let request = upstream_request(&upstream, endpoint, &parts.headers, upstream_body)?;
+    let response = tokio::time::timeout(state.upstream_timeout, state.client.request(request))
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                ErrorKind::UpstreamTimeout,
+                "upstream_timeout",
+                format!(
+                    "the upstream `{}` did not answer within {} s",
+                    upstream.name,
+                    state.upstream_timeout.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| {
+            Refusal::new(
+                ErrorKind::UpstreamFailed,
+                "upstream_unreachable",
+                format!("cannot reach the upstream `{}`: {}", upstream.name, error_chain(&e)),
+            )
+        })?;
+    call.mark_first_byte();
+    Ok(Reply::Forwarded(UpstreamResponse { response, strip_usage_chunk }))
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(|v| v.chars().take(200).collect())
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<Bytes, Refusal> {
+    let too_large = || {
+        Refusal::new(
+            ErrorKind::TooLarge,
+            "request_too_large",
+            format!("the request body is larger than this Warden accepts ({limit} bytes, [server] max_body_bytes)"),
+        )
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(Refusal::new(
+            ErrorKind::InvalidRequest,
+            "body_read_failed",
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+fn upstream_request(
+    upstream: &Upstream,
+    endpoint: Endpoint,
+    agent_headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, Refusal> {
+    let mut headers = headers::upstream_request_headers(agent_headers);
+    if let Some((name, value)) = upstream.auth_header() {
+        headers.insert(name.clone(), value.clone());
+    }
+    if upstream.kind == ProviderKind::Anthropic && !headers.contains_key("anthropic-version") {
+        headers.insert("anthropic-version", HeaderValue::from_static(anthropic::DEFAULT_VERSION));
+    }
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = upstream.url(endpoint).clone();
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// meter, settle, record
+async fn respond(
+    call: Call,
+    endpoint: Endpoint,
+    upstream: UpstreamResponse,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = upstream.response.into_parts();
+    if parts.status == StatusCode::UNAUTHORIZED {
+        // The agent's key was fine; Warden's provider key was not. Saying so
+        // keeps the agent from blaming its own key, and keeps the provider's
+        // echo of the key out of the agent's hands.
+        let upstream_name = call.upstream.as_deref().unwrap_or("upstream").to_owned();
+        return call.refuse(Refusal::new(
+            ErrorKind::UpstreamFailed,
+            "upstream_auth_failed",
+            format!("the upstream `{upstream_name}` rejected Warden's provider key; tell the Warden operator"),
+        ));
+    }
+    headers::agent_response_headers(&mut parts.headers);
+    parts.headers.insert(super::call::CALL_ID_HEADER, call.id_header());
+    let is_stream = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+
+    if is_stream && parts.status.is_success() {
+        let meter = StreamMeter::new(endpoint, upstream.strip_usage_chunk);
+        let stream = MeteredStream::new(body, meter, call, parts.status);
+        return Response::from_parts(parts, ProxyBody::Metered(Box::new(stream)));
+    }
+
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            let upstream_name = call.upstream.as_deref().unwrap_or("upstream").to_owned();
+            return call.refuse(Refusal::new(
+                ErrorKind::UpstreamFailed,
+                "upstream_error",
+                format!("the upstream `{upstream_name}` broke off its response: {e}"),
+            ));
+        }
+    };
+    let status = parts.status;
+    let settlement = if status.is_success() {
+        let mut report = MeterReport::default();
+        match providers::usage_from_body(endpoint, &bytes) {
+            Some(usage) => {
+                report.usage = usage;
+                report.input_known = true;
+                report.output_known = true;
+            }
+            None => report.text = crate::metering::meter::output_text_of_body(&bytes),
+        }
+        if endpoint == Endpoint::CountTokens {
+            // Counting tokens is free; only the input count is meaningful.
+            report.output_known = true;
+        }
+        Settlement::from_report(status, Outcome::Ok, report, None)
+    } else {
+        let mut report = MeterReport { input_known: true, output_known: true, ..MeterReport::default() };
+        report.error = Some(upstream_error_summary(status, &bytes));
+        Settlement::from_report(status, Outcome::Error, report, None)
+    };
+    let free = endpoint == Endpoint::CountTokens || !status.is_success();
+    let cost = call.settle(settlement);
+    let shown_cost = if free { Some(crate::money::Usd::ZERO) } else { cost };
+    if let Some(value) = shown_cost.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
+        parts.headers.insert(COST_HEADER, value);
+    }
+    Response::from_parts(parts, ProxyBody::full(bytes))
+}
+
+/// The upstream's error type and code, without its message: provider
+/// messages can echo parts of keys.
+fn upstream_error_summary(status: StatusCode, body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        error: Option<Inner>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        code: Option<serde_json::Value>,
+    }
+    let detail = serde_json::from_slice::<Envelope>(body)
+        .ok()
+        .and_then(|e| e.error)
+        .map(|inner| {
+            let code = inner.code.filter(|c| !c.is_null()).map(|c| c.as_str().map_or(c.to_string(), str::to_owned));
+            [inner.kind, code].into_iter().flatten().collect::<Vec<_>>().join(" ")
+        })
+        .unwrap_or_default();
+    format!("upstream answered {}{}{}", status.as_u16(), if detail.is_empty() { "" } else { ": " }, detail)
+}

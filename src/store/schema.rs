@@ -1,0 +1,154 @@
+//! The store's tables and views, as numbered migrations. A file records the
+//! versions applied in `schema_version`; opening an older file applies the
+//! missing ones in order, each in its own transaction.
+
+use duckdb::Connection;
+
+/// Money columns: exact to 1e-18 USD, the resolution of `money::Usd`.
+pub const MONEY: &str = "DECIMAL(38, 18)";
+
+pub struct Migration {
+    pub version: i32,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "calls and the hash-chained audit log",
+        sql: r#"
+CREATE TABLE calls (
+    call_id VARCHAR NOT NULL,
+    ts_start TIMESTAMP NOT NULL,
+    ts_end TIMESTAMP NOT NULL,
+    agent VARCHAR,
+    upstream VARCHAR,
+    provider VARCHAR,
+    model VARCHAR,
+    endpoint VARCHAR NOT NULL,
+    stream BOOLEAN NOT NULL,
+    status_code SMALLINT NOT NULL,
+    outcome VARCHAR NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    cached_input_tokens BIGINT NOT NULL,
+    cache_write_tokens BIGINT NOT NULL,
+    reasoning_tokens BIGINT NOT NULL,
+    usage_source VARCHAR NOT NULL,
+    cost_usd DECIMAL(38, 18),
+    latency_ms DOUBLE NOT NULL,
+    ttft_ms DOUBLE,
+    run_id VARCHAR,
+    step_id VARCHAR,
+    error VARCHAR
+);
+CREATE TABLE audit_log (
+    seq BIGINT NOT NULL,
+    ts TIMESTAMP NOT NULL,
+    actor VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    subject VARCHAR,
+    payload JSON NOT NULL,
+    prev_hash VARCHAR NOT NULL,
+    hash VARCHAR NOT NULL
+);
+"#,
+    },
+    Migration {
+        version: 2,
+        description: "decisions, runs and the cost views",
+        sql: r#"
+CREATE TABLE decisions (
+    decision_id VARCHAR NOT NULL,
+    call_id VARCHAR,
+    ts TIMESTAMP NOT NULL,
+    policy VARCHAR NOT NULL,
+    policy_hash VARCHAR,
+    rule_id VARCHAR,
+    action VARCHAR NOT NULL,
+    reason VARCHAR,
+    eval_us BIGINT
+);
+CREATE TABLE runs (
+    run_id VARCHAR NOT NULL,
+    workflow VARCHAR NOT NULL,
+    version_hash VARCHAR,
+    status VARCHAR NOT NULL,
+    triggered_by VARCHAR,
+    inputs JSON,
+    started_at TIMESTAMP,
+    ended_at TIMESTAMP,
+    error VARCHAR,
+    cost_usd DECIMAL(38, 18)
+);
+CREATE VIEW cost_by_agent AS
+SELECT agent,
+       count(*) AS calls,
+       count(*) FILTER (WHERE outcome <> 'ok') AS failed_calls,
+       sum(input_tokens) AS input_tokens,
+       sum(output_tokens) AS output_tokens,
+       sum(cost_usd) AS cost_usd,
+       count(*) FILTER (WHERE cost_usd IS NULL AND input_tokens + output_tokens > 0) AS unpriced_calls
+FROM calls GROUP BY agent ORDER BY cost_usd DESC NULLS LAST, agent;
+CREATE VIEW cost_by_model AS
+SELECT provider, model,
+       count(*) AS calls,
+       sum(input_tokens) AS input_tokens,
+       sum(cached_input_tokens) AS cached_input_tokens,
+       sum(output_tokens) AS output_tokens,
+       sum(reasoning_tokens) AS reasoning_tokens,
+       sum(cost_usd) AS cost_usd,
+       count(*) FILTER (WHERE cost_usd IS NULL AND input_tokens + output_tokens > 0) AS unpriced_calls
+FROM calls WHERE model IS NOT NULL GROUP BY provider, model ORDER BY cost_usd DESC NULLS LAST, model;
+CREATE VIEW cost_by_run AS
+SELECT run_id, count(*) AS calls, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+       sum(cost_usd) AS cost_usd, min(ts_start) AS first_call, max(ts_end) AS last_call
+FROM calls WHERE run_id IS NOT NULL GROUP BY run_id ORDER BY cost_usd DESC NULLS LAST;
+CREATE VIEW cost_by_workflow AS
+SELECT r.workflow, count(DISTINCT r.run_id) AS runs, count(c.call_id) AS calls, sum(c.cost_usd) AS cost_usd
+FROM runs r LEFT JOIN calls c ON c.run_id = r.run_id GROUP BY r.workflow ORDER BY cost_usd DESC NULLS LAST;
+CREATE VIEW spend_daily AS
+SELECT CAST(date_trunc('day', ts_start) AS DATE) AS day, agent, model,
+       count(*) AS calls, sum(cost_usd) AS cost_usd
+FROM calls GROUP BY ALL ORDER BY day, cost_usd DESC NULLS LAST;
+"#,
+    },
+];
+
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// The highest version applied to this file; 0 for a new file.
+pub fn current_version(conn: &Connection) -> duckdb::Result<i32> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, description VARCHAR, applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)",
+    )?;
+    conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |row| row.get(0))
+}
+
+/// Applies every migration above the file's version up to `target`.
+/// Returns the versions applied.
+pub fn migrate_to(conn: &Connection, target: i32) -> duckdb::Result<Vec<i32>> {
+    let current = current_version(conn)?;
+    let mut applied = Vec::new();
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current && m.version <= target) {
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let result = conn.execute_batch(migration.sql).and_then(|()| {
+            conn.execute(
+                "INSERT INTO schema_version (version, description) VALUES (?, ?)",
+                duckdb::params![migration.version, migration.description],
+            )
+        });
+        match result {
+            Ok(_) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        applied.push(migration.version);
+    }
+    Ok(applied)
+}

@@ -1,0 +1,347 @@
+//! The one store writer: a dedicated thread that owns the DuckDB connection
+//! and receives rows through a bounded channel, appending them in batches
+//! (DuckDB Appender) at least every flush interval and on shutdown.
+//!
+//! The request path never waits on it: `Recorder::record` is a `try_send`;
+//! when the queue is full the row is handed to a task that waits for room,
+//! and the wait is counted (`warden_store_backpressure_total`), so nothing is
+//! dropped silently. Rows are lost only if the writer itself has died, and
+//! then they are counted as dropped.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use duckdb::Connection;
+use duckdb::types::{TimeUnit, Value};
+
+use super::audit::{ChainFields, canonical_json, chain_hash, chain_head};
+use super::record::{AuditEntry, CallRecord, UsageSource, now_micros};
+use crate::metering::estimate;
+use crate::metrics::Metrics;
+use crate::money::Usd;
+
+/// Rows appended per batch before the writer commits without waiting for the
+/// flush interval.
+const MAX_BATCH: usize = 4096;
+
+pub enum StoreCommand {
+    Call(Box<CallRecord>),
+    Audit(AuditEntry),
+    /// Commit everything received so far, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
+    /// Commit everything received so far and stop.
+    Shutdown,
+}
+
+/// The request path's handle to the writer.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: flume::Sender<StoreCommand>,
+    metrics: Arc<Metrics>,
+}
+
+impl Recorder {
+    pub fn record(&self, record: CallRecord) {
+        self.metrics.observe_call(&record);
+        self.send(StoreCommand::Call(Box::new(record)));
+    }
+
+    pub fn audit(&self, actor: &str, kind: &str, subject: Option<&str>, payload: serde_json::Value) {
+        self.send(StoreCommand::Audit(AuditEntry {
+            actor: actor.to_owned(),
+            kind: kind.to_owned(),
+            subject: subject.map(str::to_owned),
+            payload,
+        }));
+    }
+
+    /// Waits until everything recorded before this call is committed.
+    pub async fn flush(&self) {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if self.tx.send_async(StoreCommand::Flush(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Asks the writer to commit what it holds and stop; join its handle
+    /// afterwards. Records sent later are counted as dropped.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send_async(StoreCommand::Shutdown).await;
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.tx.len()
+    }
+
+    fn send(&self, command: StoreCommand) {
+        match self.tx.try_send(command) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(command)) => {
+                self.metrics.store_backpressure.inc();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        let tx = self.tx.clone();
+                        let metrics = self.metrics.clone();
+                        runtime.spawn(async move {
+                            if tx.send_async(command).await.is_err() {
+                                metrics.records_dropped.inc();
+                            }
+                        });
+                    }
+                    // Outside the runtime (a Drop during shutdown) blocking is fine.
+                    Err(_) => {
+                        if self.tx.send(command).is_err() {
+                            self.metrics.records_dropped.inc();
+                        }
+                    }
+                }
+            }
+            Err(flume::TrySendError::Disconnected(_)) => {
+                self.metrics.records_dropped.inc();
+                tracing::error!("store writer is gone; a record was dropped");
+            }
+        }
+    }
+}
+
+pub struct WriterHandle {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WriterHandle {
+    /// Waits for the writer to commit what it holds and stop. Every
+    /// `Recorder` must be dropped first, which is what ends the writer.
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn start(
+    conn: Connection,
+    flush_interval: Duration,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(Recorder, WriterHandle)> {
+    let (tx, rx) = flume::bounded(capacity);
+    let writer_metrics = metrics.clone();
+    let thread = std::thread::Builder::new().name("warden-store-writer".into()).spawn(move || {
+        Writer::new(conn, writer_metrics).run(rx, flush_interval);
+    })?;
+    Ok((Recorder { tx, metrics }, WriterHandle { thread: Some(thread) }))
+}
+
+struct Writer {
+    conn: Connection,
+    metrics: Arc<Metrics>,
+    calls: Vec<Box<CallRecord>>,
+    audits: Vec<AuditEntry>,
+    acks: Vec<tokio::sync::oneshot::Sender<()>>,
+    chain: Option<(i64, String)>,
+    stopping: bool,
+}
+
+impl Writer {
+    fn new(conn: Connection, metrics: Arc<Metrics>) -> Self {
+        Writer { conn, metrics, calls: Vec::new(), audits: Vec::new(), acks: Vec::new(), chain: None, stopping: false }
+    }
+
+    fn run(mut self, rx: flume::Receiver<StoreCommand>, interval: Duration) {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let received = match deadline {
+                Some(at) => rx.recv_deadline(at),
+                None => rx.recv().map_err(|_| flume::RecvTimeoutError::Disconnected),
+            };
+            match received {
+                Ok(command) => {
+                    let flush_now = self.take(command);
+                    // Drain what is already queued before committing.
+                    while self.calls.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(command) => {
+                                self.take(command);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if flush_now || self.calls.len() >= MAX_BATCH {
+                        self.flush();
+                        deadline = None;
+                        if self.stopping {
+                            let _ = self.conn.execute_batch("CHECKPOINT");
+                            return;
+                        }
+                    } else if deadline.is_none() {
+                        deadline = Some(Instant::now() + interval);
+                    }
+                }
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    self.flush();
+                    deadline = None;
+                }
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    self.flush();
+                    let _ = self.conn.execute_batch("CHECKPOINT");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Returns true when the command asks for an immediate commit.
+    fn take(&mut self, command: StoreCommand) -> bool {
+        match command {
+            StoreCommand::Call(record) => self.calls.push(record),
+            StoreCommand::Audit(entry) => self.audits.push(entry),
+            StoreCommand::Flush(ack) => {
+                self.acks.push(ack);
+                return true;
+            }
+            StoreCommand::Shutdown => {
+                self.stopping = true;
+                return true;
+            }
+        }
+        false
+    }
+
+    fn flush(&mut self) {
+        if !self.calls.is_empty() {
+            let mut calls = std::mem::take(&mut self.calls);
+            for record in &mut calls {
+                complete_estimate(record);
+            }
+            match self.append_calls(&calls) {
+                Ok(()) => {
+                    self.metrics.records_written.add(calls.len() as u64);
+                    for record in &calls {
+                        self.metrics.observe_usage(record);
+                    }
+                }
+                Err(e) => {
+                    self.metrics.records_dropped.add(calls.len() as u64);
+                    tracing::error!(error = %e, rows = calls.len(), "could not write call records");
+                }
+            }
+            calls.clear();
+            self.calls = calls;
+        }
+        if !self.audits.is_empty() {
+            let audits = std::mem::take(&mut self.audits);
+            if let Err(e) = self.append_audits(&audits) {
+                self.metrics.records_dropped.add(audits.len() as u64);
+                tracing::error!(error = %e, rows = audits.len(), "could not write audit entries");
+                // Re-read the head: the failed rows never landed.
+                self.chain = None;
+            }
+        }
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+
+    fn append_calls(&self, calls: &[Box<CallRecord>]) -> duckdb::Result<()> {
+        let mut appender = self.conn.appender("calls")?;
+        for record in calls {
+            let cost = match record.cost {
+                Some(cost) => Value::Decimal(money_decimal(cost)?),
+                None => Value::Null,
+            };
+            let text = |s: Option<&str>| s.map_or(Value::Null, |s| Value::Text(s.to_owned()));
+            appender.append_row([
+                Value::Text(record.call_id.clone()),
+                Value::Timestamp(TimeUnit::Microsecond, record.ts_start_us),
+                Value::Timestamp(TimeUnit::Microsecond, record.ts_end_us),
+                text(record.agent.as_deref()),
+                text(record.upstream.as_deref()),
+                text(record.provider),
+                text(record.model.as_deref()),
+                Value::Text(record.endpoint.clone()),
+                Value::Boolean(record.stream),
+                Value::SmallInt(record.status_code as i16),
+                Value::Text(record.outcome.as_str().to_owned()),
+                Value::BigInt(record.usage.input_tokens as i64),
+                Value::BigInt(record.usage.output_tokens as i64),
+                Value::BigInt(record.usage.cached_input_tokens as i64),
+                Value::BigInt(record.usage.cache_write_tokens as i64),
+                Value::BigInt(record.usage.reasoning_tokens as i64),
+                Value::Text(record.usage_source.as_str().to_owned()),
+                cost,
+                Value::Double(record.latency_ms),
+                record.ttft_ms.map_or(Value::Null, Value::Double),
+                text(record.run_id.as_deref()),
+                text(record.step_id.as_deref()),
+                text(record.error.as_deref()),
+            ])?;
+        }
+        appender.flush()
+    }
+
+    fn append_audits(&mut self, audits: &[AuditEntry]) -> duckdb::Result<()> {
+        let (mut seq, mut prev) = match self.chain.take() {
+            Some(head) => head,
+            None => chain_head(&self.conn)?,
+        };
+        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        let result = (|| {
+            let mut stmt = self.conn.prepare(
+                "INSERT INTO audit_log (seq, ts, actor, kind, subject, payload, prev_hash, hash) VALUES (?, make_timestamp(?), ?, ?, ?, ?, ?, ?)",
+            )?;
+            for entry in audits {
+                seq += 1;
+                let ts_us = now_micros();
+                let payload = canonical_json(&entry.payload);
+                let fields = ChainFields {
+                    seq,
+                    ts_us,
+                    actor: &entry.actor,
+                    kind: &entry.kind,
+                    subject: entry.subject.as_deref(),
+                    payload_canonical: &payload,
+                };
+                let hash = chain_hash(&prev, &fields);
+                stmt.execute(duckdb::params![seq, ts_us, entry.actor, entry.kind, entry.subject, payload, prev, hash])?;
+                prev = hash;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.conn.execute_batch("COMMIT")?;
+                self.chain = Some((seq, prev));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+fn money_decimal(usd: Usd) -> duckdb::Result<duckdb::types::Decimal> {
+    duckdb::types::Decimal::new(38, crate::money::SCALE as u8, usd.atto())
+        .map_err(|e| duckdb::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// Fills in the token counts the provider never reported and prices them.
+fn complete_estimate(record: &mut CallRecord) {
+    let Some(pending) = record.pending_estimate.take() else { return };
+    let model = record.model.as_deref().unwrap_or("");
+    let mut estimated = false;
+    if !pending.input_known && !pending.request_body.is_empty() {
+        record.usage.input_tokens = estimate::estimate_input(model, &pending.request_body);
+        estimated = true;
+    }
+    if !pending.output_known {
+        record.usage.output_tokens = estimate::estimate_output(model, &pending.output_text, pending.output_overflow);
+        estimated = true;
+    }
+    if estimated {
+        record.usage_source = UsageSource::Estimated;
+    }
+    record.cost = pending.price.map(|price| price.cost(&record.usage));
+}

@@ -1,0 +1,12 @@
+//! Integration tests: real sockets, a real DuckDB file, a scripted provider.
+//! One binary, so DuckDB is linked once.
+
+mod common;
+
+mod cli;
+mod e2e_sdk;
+mod errors;
+mod forwarding;
+mod operator;
+mod store;
+mod streaming;
