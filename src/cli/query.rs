@@ -136,8 +136,8 @@ mod tests {
     #[test]
     fn table_aligns_and_trims_decimals() {
         let table = render(&sample(), Format::Table);
-        assert!(table.contains("writer, inc  0.00123"), "{table}");
-        assert!(table.contains("NULL              12"), "{table}");
+        assert!(table.contains("writer, inc   0.00123\n"), "{table}");
+        assert!(table.contains("NULL               12\n"), "{table}");
         assert!(table.ends_with("(2 rows)\n"));
     }
 

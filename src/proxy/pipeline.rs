@@ -26,9 +26,10 @@ use crate::store::record::Outcome;
 /// The driver: runs the stages and turns a refusal into an answer.
 pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
     let endpoint = Endpoint::from_request(request.method(), request.uri().path());
+    // The model list is shared by both APIs: the caller's SDK tells which.
     let protocol = match endpoint {
-        Some(endpoint) => endpoint.protocol(),
-        None => Endpoint::guess_protocol(request.uri().path(), request.headers()),
+        Some(endpoint) if endpoint != Endpoint::Models => endpoint.protocol(),
+        _ => Endpoint::guess_protocol(request.uri().path(), request.headers()),
     };
     let mut call = Call::begin(state.clone(), protocol);
     let span = tracing::info_span!("call", call_id = %call.id);

@@ -157,23 +157,17 @@ impl Writer {
             };
             match received {
                 Ok(command) => {
-                    let flush_now = self.take(command);
+                    let mut flush_now = self.take(command);
                     // Drain what is already queued before committing.
                     while self.calls.len() < MAX_BATCH {
                         match rx.try_recv() {
-                            Ok(command) => {
-                                self.take(command);
-                            }
+                            Ok(command) => flush_now |= self.take(command),
                             Err(_) => break,
                         }
                     }
                     if flush_now || self.calls.len() >= MAX_BATCH {
                         self.flush();
                         deadline = None;
-                        if self.stopping {
-                            let _ = self.conn.execute_batch("CHECKPOINT");
-                            return;
-                        }
                     } else if deadline.is_none() {
                         deadline = Some(Instant::now() + interval);
                     }
@@ -182,11 +176,12 @@ impl Writer {
                     self.flush();
                     deadline = None;
                 }
-                Err(flume::RecvTimeoutError::Disconnected) => {
-                    self.flush();
-                    let _ = self.conn.execute_batch("CHECKPOINT");
-                    return;
-                }
+                Err(flume::RecvTimeoutError::Disconnected) => self.stopping = true,
+            }
+            if self.stopping {
+                self.flush();
+                let _ = self.conn.execute_batch("CHECKPOINT");
+                return;
             }
         }
     }

@@ -68,8 +68,8 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
     let (port, admin_port) = (free_port(), free_port());
     let store = dir.path().join("warden.duckdb");
     let text = config_text(&format!("{}/v1", upstream.url()), &upstream.url(), &store, &Options::default())
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))
-        .replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"127.0.0.1:{admin_port}\""));
+        .replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"127.0.0.1:{admin_port}\""))
+        .replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"127.0.0.1:{port}\""));
     let config = dir.path().join("warden.toml");
     std::fs::write(&config, text).unwrap();
     let mut child = warden()
@@ -91,7 +91,11 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(served, "warden serve did not come up");
+    if !served {
+        let _ = child.kill();
+        let output = child.wait_with_output().unwrap();
+        panic!("warden serve did not come up:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
     for _ in 0..3 {
         let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
             .header("authorization", format!("Bearer {AGENT_KEY}"))
