@@ -75,12 +75,24 @@ fn meter_benches(c: &mut Criterion) {
 
 fn cost_benches(c: &mut Criterion) {
     let table = PriceTable::builtin();
-    let usage = Usage { input_tokens: 1117, output_tokens: 1001, cached_input_tokens: 1024, cache_write_tokens: 0, reasoning_tokens: 200 };
+    let usage = Usage {
+        input_tokens: 1117,
+        output_tokens: 1001,
+        cached_input_tokens: 1024,
+        cache_write_tokens: 0,
+        reasoning_tokens: 200,
+    };
     c.bench_function("price_lookup_and_cost", |b| {
-        b.iter(|| table.lookup(black_box("gpt-4o-2024-08-06")).map(|p| p.cost(black_box(&usage))))
+        b.iter(|| {
+            table
+                .lookup(black_box("gpt-4o-2024-08-06"))
+                .map(|p| p.cost(black_box(&usage)))
+        })
     });
     let body = br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":512,"messages":[{"role":"system","content":"You are a careful research assistant."},{"role":"user","content":"List three sources on AI agent governance and summarise each in two sentences."}],"temperature":0.2}"#;
-    c.bench_function("request_facts_parse", |b| b.iter(|| RequestFacts::parse(black_box(body)).unwrap()));
+    c.bench_function("request_facts_parse", |b| {
+        b.iter(|| RequestFacts::parse(black_box(body)).unwrap())
+    });
 }
 
 criterion_group!(benches, meter_benches, cost_benches);

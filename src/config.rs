@@ -21,9 +21,16 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8701";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source} (create one with `warden init`)")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {message}")]
-    Invalid { path: PathBuf, line: usize, message: String },
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{path}: {message}")]
     InvalidFile { path: PathBuf, message: String },
 }
@@ -62,6 +69,17 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Capacity of the channel between the request path and the store writer.
     pub record_queue: usize,
+    /// Proxy worker threads; 0 means one per CPU core.
+    pub proxy_workers: usize,
+}
+
+impl ServerConfig {
+    pub fn workers(&self) -> usize {
+        match self.proxy_workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -75,6 +93,7 @@ impl Default for ServerConfig {
             flush_interval_ms: 200,
             shutdown_grace_secs: 30,
             record_queue: 65_536,
+            proxy_workers: 0,
         }
     }
 }
@@ -126,8 +145,10 @@ pub struct PricesConfig {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
@@ -138,12 +159,17 @@ impl Config {
                 line: line_of(text, span.start),
                 message,
             },
-            None => ConfigError::InvalidFile { path: path.to_owned(), message },
+            None => ConfigError::InvalidFile {
+                path: path.to_owned(),
+                message,
+            },
         };
         let mut config: Config =
             toml::from_str(text).map_err(|e| locate(e.span(), e.message().trim().to_owned()))?;
         config.source = path.to_owned();
-        config.validate().map_err(|(span, message)| locate(Some(span), message))?;
+        config
+            .validate()
+            .map_err(|(span, message)| locate(Some(span), message))?;
         Ok(config)
     }
 
@@ -171,7 +197,10 @@ impl Config {
             if parse_addr(addr).is_none() {
                 return Err((
                     addr.span(),
-                    format!("`{}` is not a socket address; write it like \"127.0.0.1:8700\"", addr.get_ref()),
+                    format!(
+                        "`{}` is not a socket address; write it like \"127.0.0.1:8700\"",
+                        addr.get_ref()
+                    ),
                 ));
             }
         }
@@ -191,25 +220,37 @@ impl Config {
         for upstream in &self.upstreams {
             let name = upstream.name.get_ref();
             if !names.insert(name.as_str()) {
-                return Err((upstream.name.span(), format!("upstream name `{name}` is used twice; names must be unique")));
+                return Err((
+                    upstream.name.span(),
+                    format!("upstream name `{name}` is used twice; names must be unique"),
+                ));
             }
             let url = upstream.base_url.get_ref();
-            if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.parse::<http::Uri>().is_err()
+            {
                 return Err((
                     upstream.base_url.span(),
-                    format!("upstream `{name}`: base_url `{url}` is not an http:// or https:// URL"),
+                    format!(
+                        "upstream `{name}`: base_url `{url}` is not an http:// or https:// URL"
+                    ),
                 ));
             }
             if upstream.models.get_ref().is_empty() {
                 return Err((
                     upstream.models.span(),
-                    format!("upstream `{name}`: models is empty; list the model globs it serves, like [\"gpt-*\"]"),
+                    format!(
+                        "upstream `{name}`: models is empty; list the model globs it serves, like [\"gpt-*\"]"
+                    ),
                 ));
             }
             if let Some(env) = &upstream.api_key_env
                 && env.get_ref().is_empty()
             {
-                return Err((env.span(), format!("upstream `{name}`: api_key_env is empty")));
+                return Err((
+                    env.span(),
+                    format!("upstream `{name}`: api_key_env is empty"),
+                ));
             }
         }
         let mut agent_names = HashSet::new();
@@ -217,20 +258,32 @@ impl Config {
         for agent in &self.agents {
             let name = agent.name.get_ref();
             if name.is_empty() || !agent_names.insert(name.as_str()) {
-                return Err((agent.name.span(), format!("agent name `{name}` is empty or used twice")));
+                return Err((
+                    agent.name.span(),
+                    format!("agent name `{name}` is empty or used twice"),
+                ));
             }
             check_digest(&agent.key_sha256, &format!("agent `{name}`: key_sha256"))?;
             if !digests.insert(agent.key_sha256.get_ref().to_ascii_lowercase()) {
-                return Err((agent.key_sha256.span(), format!("agent `{name}`: key_sha256 is shared with another agent")));
+                return Err((
+                    agent.key_sha256.span(),
+                    format!("agent `{name}`: key_sha256 is shared with another agent"),
+                ));
             }
         }
         let mut operator_names = HashSet::new();
         for operator in &self.operators {
             let name = operator.name.get_ref();
             if name.is_empty() || !operator_names.insert(name.as_str()) {
-                return Err((operator.name.span(), format!("operator name `{name}` is empty or used twice")));
+                return Err((
+                    operator.name.span(),
+                    format!("operator name `{name}` is empty or used twice"),
+                ));
             }
-            check_digest(&operator.token_sha256, &format!("operator `{name}`: token_sha256"))?;
+            check_digest(
+                &operator.token_sha256,
+                &format!("operator `{name}`: token_sha256"),
+            )?;
         }
         Ok(())
     }
@@ -241,7 +294,9 @@ fn check_digest(digest: &Spanned<String>, what: &str) -> Result<(), (Range<usize
     if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err((
             digest.span(),
-            format!("{what} must be 64 hex digits (the sha256 of the secret; `warden init` prints one)"),
+            format!(
+                "{what} must be 64 hex digits (the sha256 of the secret; `warden init` prints one)"
+            ),
         ));
     }
     Ok(())
@@ -252,12 +307,18 @@ fn parse_addr(text: &Spanned<String>) -> Option<SocketAddr> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The line of a span, for errors raised after parsing (a missing env var).
 pub fn line_in_file(path: &Path, span: Range<usize>) -> usize {
-    std::fs::read_to_string(path).map(|text| line_of(&text, span.start)).unwrap_or(0)
+    std::fs::read_to_string(path)
+        .map(|text| line_of(&text, span.start))
+        .unwrap_or(0)
 }
 
 /// The sha256 of a secret as lowercase hex, as written in the config.
@@ -342,7 +403,9 @@ mod tests {
 
     #[test]
     fn syntax_error_names_file_and_line() {
-        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nstore = \n").unwrap_err().to_string();
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nstore = \n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("warden.toml:3: "), "{err}");
     }
 
@@ -356,19 +419,32 @@ mod tests {
 
     #[test]
     fn unknown_field_is_refused() {
-        let err = parse("[server]\nlisten_port = 3\n").unwrap_err().to_string();
-        assert!(err.starts_with("warden.toml:2: ") && err.contains("listen_port"), "{err}");
+        let err = parse("[server]\nlisten_port = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("warden.toml:2: ") && err.contains("listen_port"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_digest_and_bad_url_name_their_line() {
-        let text = format!("[[agents]]\nname = \"a\"\nkey_sha256 = \"{DIGEST}\"\n\n[[agents]]\nname = \"b\"\nkey_sha256 = \"abc\"\n");
+        let text = format!(
+            "[[agents]]\nname = \"a\"\nkey_sha256 = \"{DIGEST}\"\n\n[[agents]]\nname = \"b\"\nkey_sha256 = \"abc\"\n"
+        );
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.starts_with("warden.toml:7: ") && err.contains("64 hex"), "{err}");
+        assert!(
+            err.starts_with("warden.toml:7: ") && err.contains("64 hex"),
+            "{err}"
+        );
 
         let text = "[[upstreams]]\nname = \"x\"\nkind = \"openai\"\nbase_url = \"ftp://a\"\nmodels = [\"a\"]\n";
         let err = parse(text).unwrap_err().to_string();
-        assert!(err.starts_with("warden.toml:4: ") && err.contains("ftp://a"), "{err}");
+        assert!(
+            err.starts_with("warden.toml:4: ") && err.contains("ftp://a"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -390,7 +466,12 @@ mod tests {
 
     #[test]
     fn bad_listen_address_is_refused() {
-        let err = parse("[server]\n\nlisten = \"localhost\"\n").unwrap_err().to_string();
-        assert!(err.starts_with("warden.toml:3: ") && err.contains("socket address"), "{err}");
+        let err = parse("[server]\n\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("warden.toml:3: ") && err.contains("socket address"),
+            "{err}"
+        );
     }
 }

@@ -30,8 +30,14 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Prices(#[from] PriceError),
-    #[error("cannot listen on {addr} ({what}): {source}; is another process using it? change [server] {what}")]
-    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
+    #[error(
+        "cannot listen on {addr} ({what}): {source}; is another process using it? change [server] {what}"
+    )]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 pub struct Gateway {
@@ -39,6 +45,7 @@ pub struct Gateway {
     admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
+    proxy_workers: Vec<std::thread::JoinHandle<()>>,
     recorder: Recorder,
     writer: Option<WriterHandle>,
     reader: StoreReader,
@@ -48,7 +55,11 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the store, binds both listeners and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
-        let prices_path = config.prices.file.as_ref().map(|f| config.resolve_path(f.get_ref()));
+        let prices_path = config
+            .prices
+            .file
+            .as_ref()
+            .map(|f| config.resolve_path(f.get_ref()));
         let prices = Arc::new(PriceTable::load(prices_path.as_deref())?);
         let store_path = config.resolve_path(&config.server.store);
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
@@ -60,34 +71,92 @@ impl Gateway {
             config.server.record_queue,
             metrics.clone(),
         )?;
-        let proxy_state = Arc::new(ProxyState::new(&config, prices.clone(), recorder.clone(), metrics.clone())?);
-        let admin_state = Arc::new(AdminState::new(&config, reader.clone(), recorder.clone(), metrics.clone()));
+        // One proxy worker per core, each a single-threaded runtime with its
+        // own SO_REUSEPORT listener and upstream pool: a call's request,
+        // upstream exchange and response never hop between threads.
+        let workers = config.server.workers();
+        let mut proxy_states = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            proxy_states.push(Arc::new(ProxyState::new(
+                &config,
+                prices.clone(),
+                recorder.clone(),
+                metrics.clone(),
+            )?));
+        }
+        let admin_state = Arc::new(AdminState::new(
+            &config,
+            reader.clone(),
+            recorder.clone(),
+            metrics.clone(),
+        ));
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, what, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, what, source })
         };
-        let proxy_listener = bind(config.listen_addr(), "listen").await?;
+        let proxy_listeners = bind_reuseport(config.listen_addr(), workers)?;
         let admin_listener = bind(config.admin_addr(), "admin_listen").await?;
-        let proxy_addr = proxy_listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen_addr(),
-            what: "listen",
-            source,
-        })?;
-        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.admin_addr(),
-            what: "admin_listen",
-            source,
-        })?;
+        let proxy_addr = proxy_listeners[0]
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.listen_addr(),
+                what: "listen",
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.admin_addr(),
+                what: "admin_listen",
+                source,
+            })?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-        let proxy_task = tokio::spawn(crate::http_server::serve(
-            proxy_listener,
-            move |request| pipeline::handle(proxy_state.clone(), request),
-            shutdown_rx.clone(),
-            grace,
-            "proxy",
-        ));
+        let mut proxy_workers = Vec::with_capacity(workers);
+        for (index, (listener, state)) in proxy_listeners.into_iter().zip(proxy_states).enumerate()
+        {
+            let shutdown_rx = shutdown_rx.clone();
+            let worker = std::thread::Builder::new()
+                .name(format!("warden-proxy-{index}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a proxy worker runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                crate::http_server::serve(
+                                    listener,
+                                    move |request| pipeline::handle(state.clone(), request),
+                                    shutdown_rx,
+                                    grace,
+                                    "proxy",
+                                )
+                                .await
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "proxy worker cannot use its listener")
+                            }
+                        }
+                    });
+                })
+                .map_err(|source| StartError::Bind {
+                    addr: proxy_addr,
+                    what: "listen",
+                    source,
+                })?;
+            proxy_workers.push(worker);
+        }
         let admin_task = tokio::spawn(crate::http_server::serve(
             admin_listener,
             move |request| admin::handle(admin_state.clone(), request),
@@ -115,7 +184,8 @@ impl Gateway {
             proxy_addr,
             admin_addr,
             shutdown,
-            listeners: vec![proxy_task, admin_task],
+            listeners: vec![admin_task],
+            proxy_workers,
             recorder,
             writer: Some(writer),
             reader,
@@ -151,11 +221,55 @@ impl Gateway {
         for task in self.listeners.drain(..) {
             let _ = task.await;
         }
-        self.recorder.audit("warden", "warden_stopped", None, json!({}));
+        let workers = std::mem::take(&mut self.proxy_workers);
+        let _ = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        })
+        .await;
+        self.recorder
+            .audit("warden", "warden_stopped", None, json!({}));
         self.recorder.shutdown().await;
         if let Some(writer) = self.writer.take() {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
         tracing::info!("warden stopped; every record is committed");
     }
+}
+
+/// `count` listening sockets on one address with SO_REUSEPORT, so the kernel
+/// spreads connections over the proxy workers. Port 0 picks one port for all.
+/// Must run inside a Tokio runtime.
+fn bind_reuseport(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let mut bound = addr;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count {
+        let error = |source| StartError::Bind {
+            addr,
+            what: "listen",
+            source,
+        };
+        let socket = if bound.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(error)?;
+        socket.set_reuseaddr(true).map_err(error)?;
+        socket.set_reuseport(true).map_err(error)?;
+        socket.bind(bound).map_err(error)?;
+        // Registered with this runtime only to be handed to a worker's.
+        let listener = socket
+            .listen(1024)
+            .map_err(error)?
+            .into_std()
+            .map_err(error)?;
+        bound = listener.local_addr().map_err(error)?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }

@@ -75,7 +75,11 @@ impl Usd {
         if int_part.is_empty() && frac_part.is_empty() {
             return Err(bad());
         }
-        if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+        if !int_part
+            .bytes()
+            .chain(frac_part.bytes())
+            .all(|b| b.is_ascii_digit())
+        {
             return Err(bad());
         }
         // All digits as one integer, with the decimal point `shift` places from
@@ -95,10 +99,17 @@ impl Usd {
             if shift > digits.len() {
                 // Everything is below 1e-18; round half-even of a value < 0.5 ulp
                 // unless it is exactly the first dropped digit >= 5.
-                round_half_even(0, &format!("{}{}", "0".repeat(shift - digits.len()), digits))
+                round_half_even(
+                    0,
+                    &format!("{}{}", "0".repeat(shift - digits.len()), digits),
+                )
             } else {
                 let (kept, dropped) = digits.split_at(digits.len() - shift);
-                let kept: i128 = if kept.is_empty() { 0 } else { kept.parse().map_err(|_| range())? };
+                let kept: i128 = if kept.is_empty() {
+                    0
+                } else {
+                    kept.parse().map_err(|_| range())?
+                };
                 round_half_even(kept, dropped)
             }
         };
@@ -170,13 +181,22 @@ mod tests {
         assert_eq!(Usd::parse("12").unwrap(), Usd::from_whole_dollars(12));
         assert_eq!(Usd::parse("1E3").unwrap(), Usd::from_whole_dollars(1000));
         assert_eq!(Usd::parse("0.0").unwrap(), Usd::ZERO);
-        assert_eq!(Usd::parse("-1.5").unwrap().atto(), -1_500_000_000_000_000_000);
+        assert_eq!(
+            Usd::parse("-1.5").unwrap().atto(),
+            -1_500_000_000_000_000_000
+        );
     }
 
     #[test]
     fn float_artefacts_round_to_eighteen_places() {
-        assert_eq!(Usd::parse("5.0000000000000004e-08").unwrap().atto(), 50_000_000_000);
-        assert_eq!(Usd::parse("2.9999900000000002e-06").unwrap().atto(), 2_999_990_000_000);
+        assert_eq!(
+            Usd::parse("5.0000000000000004e-08").unwrap().atto(),
+            50_000_000_000
+        );
+        assert_eq!(
+            Usd::parse("2.9999900000000002e-06").unwrap().atto(),
+            2_999_990_000_000
+        );
         // Exactly half an attodollar rounds to even.
         assert_eq!(Usd::parse("0.0000000000000000005").unwrap().atto(), 0);
         assert_eq!(Usd::parse("0.0000000000000000015").unwrap().atto(), 2);
@@ -188,7 +208,10 @@ mod tests {
         for bad in ["", "abc", "1.2.3", "1e", "--1", "0x10", "."] {
             assert!(Usd::parse(bad).is_err(), "{bad:?} parsed");
         }
-        assert!(matches!(Usd::parse("1e40"), Err(ParseUsdError::OutOfRange(_))));
+        assert!(matches!(
+            Usd::parse("1e40"),
+            Err(ParseUsdError::OutOfRange(_))
+        ));
     }
 
     #[test]

@@ -37,17 +37,33 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(config: &Config, reader: StoreReader, recorder: Recorder, metrics: Arc<Metrics>) -> AdminState {
+    pub fn new(
+        config: &Config,
+        reader: StoreReader,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+    ) -> AdminState {
         let operators = config
             .operators
             .iter()
             .filter_map(|op| {
                 let mut digest = [0u8; 32];
                 hex::decode_to_slice(op.token_sha256.get_ref(), &mut digest).ok()?;
-                Some((digest, Operator { name: op.name.get_ref().clone(), read_only: op.read_only }))
+                Some((
+                    digest,
+                    Operator {
+                        name: op.name.get_ref().clone(),
+                        read_only: op.read_only,
+                    },
+                ))
             })
             .collect();
-        AdminState { operators, reader, recorder, metrics }
+        AdminState {
+            operators,
+            reader,
+            recorder,
+            metrics,
+        }
     }
 
     fn authenticate(&self, headers: &http::HeaderMap) -> Option<&Operator> {
@@ -63,12 +79,18 @@ impl AdminState {
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<ProxyBody> {
-    json_response(status, json!({"error": {"code": code, "message": message.into()}}))
+    json_response(
+        status,
+        json!({"error": {"code": code, "message": message.into()}}),
+    )
 }
 
 pub async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -79,11 +101,13 @@ pub async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Respo
             json!({"status": "ok", "store_queue_depth": state.recorder.queue_depth()}),
         ),
         (&Method::GET, "/metrics") => {
-            let mut response =
-                Response::new(ProxyBody::full(Bytes::from(state.metrics.render(state.recorder.queue_depth()))));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            let mut response = Response::new(ProxyBody::full(Bytes::from(
+                state.metrics.render(state.recorder.queue_depth()),
+            )));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             response
         }
         (_, p) if p.starts_with("/admin/v1/") => {
@@ -96,7 +120,11 @@ pub async fn handle(state: Arc<AdminState>, request: Request<Incoming>) -> Respo
             };
             admin_api(&state, operator, request).await
         }
-        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint at {path}")),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint at {path}"),
+        ),
     }
 }
 
@@ -106,51 +134,88 @@ struct QueryRequest {
     max_rows: Option<usize>,
 }
 
-async fn admin_api(state: &Arc<AdminState>, operator: Operator, request: Request<Incoming>) -> Response<ProxyBody> {
+async fn admin_api(
+    state: &Arc<AdminState>,
+    operator: Operator,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     match (method, path.as_str()) {
-        (Method::GET, "/admin/v1/whoami") => {
-            json_response(StatusCode::OK, json!({"operator": operator.name, "read_only": operator.read_only}))
-        }
+        (Method::GET, "/admin/v1/whoami") => json_response(
+            StatusCode::OK,
+            json!({"operator": operator.name, "read_only": operator.read_only}),
+        ),
         (Method::POST, "/admin/v1/query") => {
-            let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY).collect().await {
+            let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY)
+                .collect()
+                .await
+            {
                 Ok(body) => body.to_bytes(),
-                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the body: {e}")),
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!("could not read the body: {e}"),
+                    );
+                }
             };
             let query: QueryRequest = match serde_json::from_slice(&body) {
                 Ok(query) => query,
                 Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, "bad_body", format!("expected {{\"sql\": \"...\"}}: {e}"));
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!("expected {{\"sql\": \"...\"}}: {e}"),
+                    );
                 }
             };
             let max_rows = query.max_rows.unwrap_or(MAX_QUERY_ROWS).min(MAX_QUERY_ROWS);
-            state.recorder.audit(&operator.name, "query", None, json!({"sql": query.sql}));
+            state
+                .recorder
+                .audit(&operator.name, "query", None, json!({"sql": query.sql}));
             let reader = state.reader.clone();
             let sql = query.sql;
             let result = tokio::task::spawn_blocking(move || reader.query(&sql, max_rows)).await;
             match result {
-                Ok(Ok(result)) => json_response(StatusCode::OK, serde_json::to_value(result).unwrap_or_default()),
-                Ok(Err(QueryError::NotARead(message))) => {
-                    error(StatusCode::FORBIDDEN, "read_only", format!("warden query is read-only: {message}"))
+                Ok(Ok(result)) => json_response(
+                    StatusCode::OK,
+                    serde_json::to_value(result).unwrap_or_default(),
+                ),
+                Ok(Err(QueryError::NotARead(message))) => error(
+                    StatusCode::FORBIDDEN,
+                    "read_only",
+                    format!("warden query is read-only: {message}"),
+                ),
+                Ok(Err(QueryError::Sql(message))) => {
+                    error(StatusCode::BAD_REQUEST, "sql_error", message)
                 }
-                Ok(Err(QueryError::Sql(message))) => error(StatusCode::BAD_REQUEST, "sql_error", message),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
             }
         }
         (Method::GET, "/admin/v1/audit/verify") => {
             let reader = state.reader.clone();
             match tokio::task::spawn_blocking(move || reader.verify_audit()).await {
-                Ok(Ok(Verification::Intact { rows, head })) => {
-                    json_response(StatusCode::OK, json!({"intact": true, "rows": rows, "head": head}))
-                }
-                Ok(Ok(Verification::Broken { seq, reason })) => {
-                    json_response(StatusCode::OK, json!({"intact": false, "seq": seq, "reason": reason}))
-                }
-                Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "store_error", e.to_string()),
+                Ok(Ok(Verification::Intact { rows, head })) => json_response(
+                    StatusCode::OK,
+                    json!({"intact": true, "rows": rows, "head": head}),
+                ),
+                Ok(Ok(Verification::Broken { seq, reason })) => json_response(
+                    StatusCode::OK,
+                    json!({"intact": false, "seq": seq, "reason": reason}),
+                ),
+                Ok(Err(e)) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    e.to_string(),
+                ),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
             }
         }
-        (_, p) => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint at {p}")),
+        (_, p) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint at {p}"),
+        ),
     }
 }

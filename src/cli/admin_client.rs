@@ -29,13 +29,24 @@ impl AdminClient {
         self.send(Method::GET, path, None).await
     }
 
-    pub async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
         self.send(Method::POST, path, Some(body)).await
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
         let Some(token) = &self.token else {
-            bail!("no operator token: pass --token or set WARDEN_TOKEN (`warden init` printed one)");
+            bail!(
+                "no operator token: pass --token or set WARDEN_TOKEN (`warden init` printed one)"
+            );
         };
         let url = format!("{}{path}", self.base);
         let request = Request::builder()
@@ -43,15 +54,18 @@ impl AdminClient {
             .uri(&url)
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()))))
+            .body(Full::new(
+                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+            ))
             .with_context(|| format!("bad admin URL {url}"))?;
         let response = self.client.request(request).await.map_err(|e| {
             anyhow!("cannot reach Warden's admin API at {}: {e}; is `warden serve` running? (--admin-url / WARDEN_ADMIN_URL)", self.base)
         })?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("the admin API answered {status} with a body that is not JSON"))?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| {
+            format!("the admin API answered {status} with a body that is not JSON")
+        })?;
         if !status.is_success() {
             let message = value["error"]["message"].as_str().unwrap_or("no message");
             bail!("{message} (HTTP {})", status.as_u16());

@@ -6,7 +6,9 @@ pub fn run(store: Option<PathBuf>) -> anyhow::Result<()> {
     super::init_logging("warn");
     let temporary = store.is_none();
     let store = store.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("warden-demo-{}", std::process::id())).join("warden.duckdb")
+        std::env::temp_dir()
+            .join(format!("warden-demo-{}", std::process::id()))
+            .join("warden.duckdb")
     });
     if temporary {
         let _ = std::fs::remove_file(&store);

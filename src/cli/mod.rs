@@ -26,7 +26,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct AdminArgs {
     /// Admin API of the running Warden.
-    #[arg(long, env = "WARDEN_ADMIN_URL", default_value = "http://127.0.0.1:8701", global = true)]
+    #[arg(
+        long,
+        env = "WARDEN_ADMIN_URL",
+        default_value = "http://127.0.0.1:8701",
+        global = true
+    )]
     pub admin_url: String,
     /// Operator token (printed once by `warden init`).
     #[arg(long, env = "WARDEN_TOKEN", hide_env_values = true, global = true)]
@@ -91,9 +96,15 @@ pub fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

@@ -19,10 +19,14 @@ pub enum Format {
 pub fn run(sql: &str, format: Format, admin: &AdminArgs) -> anyhow::Result<()> {
     let client = AdminClient::new(admin);
     let value = super::runtime()?.block_on(client.post("/admin/v1/query", &json!({"sql": sql})))?;
-    let result: QueryResult = serde_json::from_value(value).context("unexpected answer from the admin API")?;
+    let result: QueryResult =
+        serde_json::from_value(value).context("unexpected answer from the admin API")?;
     print!("{}", render(&result, format));
     if result.truncated {
-        eprintln!("(only the first {} rows are shown; add a LIMIT or aggregate)", result.rows.len());
+        eprintln!(
+            "(only the first {} rows are shown; add a LIMIT or aggregate)",
+            result.rows.len()
+        );
     }
     Ok(())
 }
@@ -37,20 +41,36 @@ pub fn render(result: &QueryResult, format: Format) -> String {
 
 pub fn render_table(result: &QueryResult) -> String {
     let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
-    let cells: Vec<Vec<String>> =
-        result.rows.iter().map(|row| row.iter().map(|v| trim_decimal(&cell(v))).collect()).collect();
+    let cells: Vec<Vec<String>> = result
+        .rows
+        .iter()
+        .map(|row| row.iter().map(|v| trim_decimal(&cell(v))).collect())
+        .collect();
     let widths: Vec<usize> = result
         .columns
         .iter()
         .enumerate()
-        .map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.name.chars().count()]).max().unwrap_or(0))
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.name.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     let line = |out: &mut String, values: &[String], numeric: &dyn Fn(usize) -> bool| {
         let parts: Vec<String> = values
             .iter()
             .enumerate()
-            .map(|(i, v)| if numeric(i) { format!("{v:>w$}", w = widths[i]) } else { format!("{v:<w$}", w = widths[i]) })
+            .map(|(i, v)| {
+                if numeric(i) {
+                    format!("{v:>w$}", w = widths[i])
+                } else {
+                    format!("{v:<w$}", w = widths[i])
+                }
+            })
             .collect();
         let _ = writeln!(out, "{}", parts.join("  ").trim_end());
     };
@@ -61,13 +81,22 @@ pub fn render_table(result: &QueryResult) -> String {
     for row in &cells {
         line(&mut out, row, &|i| result.columns[i].kind == "number");
     }
-    let _ = writeln!(out, "({} row{})", cells.len(), if cells.len() == 1 { "" } else { "s" });
+    let _ = writeln!(
+        out,
+        "({} row{})",
+        cells.len(),
+        if cells.len() == 1 { "" } else { "s" }
+    );
     out
 }
 
 /// `0.001230000000000000` -> `0.00123`: DuckDB prints every decimal place.
 fn trim_decimal(text: &str) -> String {
-    if text.contains('.') && text.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') {
+    if text.contains('.')
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
         text.trim_end_matches('0').trim_end_matches('.').to_owned()
     } else {
         text.to_owned()
@@ -75,7 +104,11 @@ fn trim_decimal(text: &str) -> String {
 }
 
 fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text.to_owned() }
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
 }
 
 fn render_csv(result: &QueryResult) -> String {
@@ -83,7 +116,14 @@ fn render_csv(result: &QueryResult) -> String {
     let names: Vec<String> = result.columns.iter().map(|c| csv_field(&c.name)).collect();
     let _ = writeln!(out, "{}", names.join(","));
     for row in &result.rows {
-        let fields: Vec<String> = row.iter().map(|v| v.as_deref().map(|t| csv_field(&trim_decimal(t))).unwrap_or_default()).collect();
+        let fields: Vec<String> = row
+            .iter()
+            .map(|v| {
+                v.as_deref()
+                    .map(|t| csv_field(&trim_decimal(t)))
+                    .unwrap_or_default()
+            })
+            .collect();
         let _ = writeln!(out, "{}", fields.join(","));
     }
     out
@@ -101,7 +141,10 @@ fn render_json(result: &QueryResult) -> String {
             let _ = write!(out, "{}: ", serde_json::Value::String(column.name.clone()));
             match value {
                 None => out.push_str("null"),
-                Some(v) if column.kind == "number" && serde_json::from_str::<serde_json::Number>(v).is_ok() => {
+                Some(v)
+                    if column.kind == "number"
+                        && serde_json::from_str::<serde_json::Number>(v).is_ok() =>
+                {
                     out.push_str(&trim_decimal(v))
                 }
                 Some(v) if column.kind == "boolean" => out.push_str(v),
@@ -110,7 +153,11 @@ fn render_json(result: &QueryResult) -> String {
         }
         out.push('}');
     }
-    out.push_str(if result.rows.is_empty() { "]\n" } else { "\n]\n" });
+    out.push_str(if result.rows.is_empty() {
+        "]\n"
+    } else {
+        "\n]\n"
+    });
     out
 }
 
@@ -122,11 +169,20 @@ mod tests {
     fn sample() -> QueryResult {
         QueryResult {
             columns: vec![
-                Column { name: "agent".into(), kind: "text".into() },
-                Column { name: "cost_usd".into(), kind: "number".into() },
+                Column {
+                    name: "agent".into(),
+                    kind: "text".into(),
+                },
+                Column {
+                    name: "cost_usd".into(),
+                    kind: "number".into(),
+                },
             ],
             rows: vec![
-                vec![Some("writer, inc".into()), Some("0.001230000000000000".into())],
+                vec![
+                    Some("writer, inc".into()),
+                    Some("0.001230000000000000".into()),
+                ],
                 vec![None, Some("12.000000000000000000".into())],
             ],
             truncated: false,
@@ -145,7 +201,8 @@ mod tests {
     fn csv_quotes_and_json_keeps_exact_numbers() {
         let csv = render(&sample(), Format::Csv);
         assert_eq!(csv, "agent,cost_usd\n\"writer, inc\",0.00123\n,12\n");
-        let json: serde_json::Value = serde_json::from_str(&render(&sample(), Format::Json)).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&sample(), Format::Json)).unwrap();
         assert_eq!(json[0]["agent"], "writer, inc");
         assert_eq!(json[1]["agent"], serde_json::Value::Null);
         assert_eq!(json[1]["cost_usd"], 12);

@@ -17,7 +17,9 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             gateway.proxy_addr(),
             gateway.admin_addr()
         );
-        wait_for_signal().await.context("cannot listen for shutdown signals")?;
+        wait_for_signal()
+            .await
+            .context("cannot listen for shutdown signals")?;
         tracing::info!("shutting down: draining in-flight calls");
         gateway.shutdown().await;
         Ok(())

@@ -94,29 +94,86 @@ fn demo_calls() -> Vec<DemoCall> {
             {"role": "system", "content": "You are a careful research assistant."},
             {"role": "user", "content": text}]})
     };
-    let message = |model: &str, stream: bool, text: &str| {
-        json!({"model": model, "max_tokens": 512, "stream": stream, "messages": [{"role": "user", "content": text}]})
-    };
+    let message = |model: &str, stream: bool, text: &str| json!({"model": model, "max_tokens": 512, "stream": stream, "messages": [{"role": "user", "content": text}]});
     vec![
-        DemoCall { agent: "researcher", key: RESEARCHER_KEY, path: "/v1/chat/completions", body: chat("gpt-4o-mini", false, "List three sources on AI agent governance.") },
-        DemoCall { agent: "researcher", key: RESEARCHER_KEY, path: "/v1/chat/completions", body: chat("gpt-4o", true, "Summarise the strongest source in two sentences.") },
-        DemoCall { agent: "researcher", key: RESEARCHER_KEY, path: "/v1/responses", body: json!({"model": "gpt-4.1", "stream": true, "input": "Which claims need a fact-check?"}) },
-        DemoCall { agent: "researcher", key: RESEARCHER_KEY, path: "/v1/embeddings", body: json!({"model": "text-embedding-3-small", "input": ["agent governance", "cost controls"]}) },
-        DemoCall { agent: "writer", key: WRITER_KEY, path: "/v1/messages", body: message("claude-sonnet-4-5", false, "Draft a 100-word brief on agent governance.") },
-        DemoCall { agent: "writer", key: WRITER_KEY, path: "/v1/messages", body: message("claude-haiku-4-5", true, "Suggest a title for the brief.") },
-        DemoCall { agent: "writer", key: WRITER_KEY, path: "/v1/chat/completions", body: json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "Polish the title."}]}) },
+        DemoCall {
+            agent: "researcher",
+            key: RESEARCHER_KEY,
+            path: "/v1/chat/completions",
+            body: chat(
+                "gpt-4o-mini",
+                false,
+                "List three sources on AI agent governance.",
+            ),
+        },
+        DemoCall {
+            agent: "researcher",
+            key: RESEARCHER_KEY,
+            path: "/v1/chat/completions",
+            body: chat(
+                "gpt-4o",
+                true,
+                "Summarise the strongest source in two sentences.",
+            ),
+        },
+        DemoCall {
+            agent: "researcher",
+            key: RESEARCHER_KEY,
+            path: "/v1/responses",
+            body: json!({"model": "gpt-4.1", "stream": true, "input": "Which claims need a fact-check?"}),
+        },
+        DemoCall {
+            agent: "researcher",
+            key: RESEARCHER_KEY,
+            path: "/v1/embeddings",
+            body: json!({"model": "text-embedding-3-small", "input": ["agent governance", "cost controls"]}),
+        },
+        DemoCall {
+            agent: "writer",
+            key: WRITER_KEY,
+            path: "/v1/messages",
+            body: message(
+                "claude-sonnet-4-5",
+                false,
+                "Draft a 100-word brief on agent governance.",
+            ),
+        },
+        DemoCall {
+            agent: "writer",
+            key: WRITER_KEY,
+            path: "/v1/messages",
+            body: message("claude-haiku-4-5", true, "Suggest a title for the brief."),
+        },
+        DemoCall {
+            agent: "writer",
+            key: WRITER_KEY,
+            path: "/v1/chat/completions",
+            body: json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "Polish the title."}]}),
+        },
     ]
 }
 
 /// Runs the demo, writing its report to `out`.
 pub async fn run(store: PathBuf, out: &mut dyn Write) -> Result<(), DemoError> {
-    let sim = sim::SimProvider::start(sim::SimOptions::default()).await.map_err(DemoError::Sim)?;
+    let sim = sim::SimProvider::start(sim::SimOptions::default())
+        .await
+        .map_err(DemoError::Sim)?;
     let gateway = Gateway::start(demo_config(&sim, &store)).await?;
-    writeln!(out, "Warden demo: simulated provider at {}, Warden at http://{}/v1", sim.addr(), gateway.proxy_addr())?;
+    writeln!(
+        out,
+        "Warden demo: simulated provider at {}, Warden at http://{}/v1",
+        sim.addr(),
+        gateway.proxy_addr()
+    )?;
     writeln!(out, "store: {}\n", store.display())?;
 
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    writeln!(out, "{:<11} {:<21} {:<24} {:>6} {:>6}  {}", "agent", "endpoint", "model", "stream", "status", "cost (x-warden-cost-usd)")?;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    writeln!(
+        out,
+        "{:<11} {:<21} {:<24} {:>6} {:>6}  cost (x-warden-cost-usd)",
+        "agent", "endpoint", "model", "stream", "status"
+    )?;
     for call in demo_calls() {
         let model = call.body["model"].as_str().unwrap_or("").to_owned();
         let stream = call.body["stream"].as_bool().unwrap_or(false);
@@ -126,32 +183,62 @@ pub async fn run(store: PathBuf, out: &mut dyn Write) -> Result<(), DemoError> {
             .header(header::AUTHORIZATION, format!("Bearer {}", call.key))
             .header("anthropic-version", "2023-06-01")
             .body(Full::new(Bytes::from(call.body.to_string())))
-            .map_err(|e| DemoError::Call { what: what.clone(), message: e.to_string() })?;
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| DemoError::Call { what: what.clone(), message: e.to_string() })?;
+            .map_err(|e| DemoError::Call {
+                what: what.clone(),
+                message: e.to_string(),
+            })?;
+        let response = client.request(request).await.map_err(|e| DemoError::Call {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
         let status = response.status();
-        let cost = response.headers().get("x-warden-cost-usd").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let cost = response
+            .headers()
+            .get("x-warden-cost-usd")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| DemoError::Call { what: what.clone(), message: e.to_string() })?
+            .map_err(|e| DemoError::Call {
+                what: what.clone(),
+                message: e.to_string(),
+            })?
             .to_bytes();
         if !status.is_success() {
-            return Err(DemoError::Call { what, message: format!("{status}: {}", String::from_utf8_lossy(&body)) });
+            return Err(DemoError::Call {
+                what,
+                message: format!("{status}: {}", String::from_utf8_lossy(&body)),
+            });
         }
         let shown = cost.map_or_else(|| "in the store (streamed)".to_owned(), |c| format!("${c}"));
-        writeln!(out, "{:<11} {:<21} {:<24} {:>6} {:>6}  {shown}", call.agent, call.path, model, stream, status.as_u16())?;
+        writeln!(
+            out,
+            "{:<11} {:<21} {:<24} {:>6} {:>6}  {shown}",
+            call.agent,
+            call.path,
+            model,
+            stream,
+            status.as_u16()
+        )?;
     }
     gateway.flush().await;
 
     let reader = gateway.reader().clone();
     let queries = [
-        ("Cost by agent", "SELECT agent, calls, input_tokens, output_tokens, cost_usd FROM cost_by_agent"),
-        ("Cost by model", "SELECT provider, model, calls, input_tokens, output_tokens, cost_usd FROM cost_by_model"),
-        ("Calls", "SELECT agent, endpoint, model, stream, outcome, input_tokens AS input, output_tokens AS output, usage_source, cost_usd, round(latency_ms, 1) AS latency_ms FROM calls ORDER BY ts_start"),
+        (
+            "Cost by agent",
+            "SELECT agent, calls, input_tokens, output_tokens, cost_usd FROM cost_by_agent",
+        ),
+        (
+            "Cost by model",
+            "SELECT provider, model, calls, input_tokens, output_tokens, cost_usd FROM cost_by_model",
+        ),
+        (
+            "Calls",
+            "SELECT agent, endpoint, model, stream, outcome, input_tokens AS input, output_tokens AS output, usage_source, cost_usd, round(latency_ms, 1) AS latency_ms FROM calls ORDER BY ts_start",
+        ),
     ];
     for (title, sql) in queries {
         let reader = reader.clone();
@@ -167,10 +254,14 @@ pub async fn run(store: PathBuf, out: &mut dyn Write) -> Result<(), DemoError> {
         .map_err(|e| DemoError::Query(e.to_string()))?
         .map_err(|e| DemoError::Query(e.to_string()))?;
     match verification {
-        Verification::Intact { rows, head } => {
-            writeln!(out, "\nAudit chain: intact, {rows} entries, head {}", &head[..16])?
+        Verification::Intact { rows, head } => writeln!(
+            out,
+            "\nAudit chain: intact, {rows} entries, head {}",
+            &head[..16]
+        )?,
+        Verification::Broken { seq, reason } => {
+            writeln!(out, "\nAudit chain: BROKEN at seq {seq}: {reason}")?
         }
-        Verification::Broken { seq, reason } => writeln!(out, "\nAudit chain: BROKEN at seq {seq}: {reason}")?,
     }
     gateway.shutdown().await;
     Ok(())

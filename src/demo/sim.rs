@@ -29,7 +29,9 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { chunk_delay: Duration::from_millis(15) }
+        SimOptions {
+            chunk_delay: Duration::from_millis(15),
+        }
     }
 }
 
@@ -45,14 +47,18 @@ impl SimProvider {
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let options = options.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let options = options.clone();
                         async move { Ok::<_, Infallible>(answer(request, &options).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
@@ -84,7 +90,10 @@ impl Drop for SimProvider {
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<SimBody> {
     let mut response = Response::new(Full::new(body.into()).boxed());
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, content_type.parse().expect("static content type"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.parse().expect("static content type"),
+    );
     response
 }
 
@@ -116,7 +125,10 @@ fn sse(events: Vec<String>, delay: Duration) -> Response<SimBody> {
     let body = StreamBody::new(tokio_stream_from(rx));
     let mut response = Response::new(BodyExt::boxed(body));
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, "text/event-stream; charset=utf-8".parse().expect("static"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        "text/event-stream; charset=utf-8".parse().expect("static"),
+    );
     headers.insert(header::CACHE_CONTROL, "no-cache".parse().expect("static"));
     response
 }
@@ -129,14 +141,24 @@ fn tokio_stream_from<T: Send + 'static>(
 
 /// Rough prompt size: the simulated provider's own "tokenizer".
 fn prompt_tokens(body: &Value) -> u64 {
-    let text = body.get("messages").or_else(|| body.get("input")).map(|v| v.to_string()).unwrap_or_default();
-    let system = body.get("system").map(|v| v.to_string()).unwrap_or_default();
+    let text = body
+        .get("messages")
+        .or_else(|| body.get("input"))
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let system = body
+        .get("system")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     ((text.len() + system.len()) as u64 / 4).max(1) + 7
 }
 
 /// A plausible answer, different per prompt but deterministic.
 fn reply_words(body: &Value) -> Vec<String> {
-    let seed = body.to_string().bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let seed = body
+        .to_string()
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
     let openings = [
         "Here is a concise summary of what I found.",
         "Short answer: yes, with two caveats.",
@@ -144,7 +166,11 @@ fn reply_words(body: &Value) -> Vec<String> {
         "The draft below keeps the claims that hold up.",
     ];
     let body_text = "Governance sidecars meter every model call, enforce budgets before money is spent, and keep an audit trail that operators can query with plain SQL.";
-    let text = format!("{} {}", openings[(seed % openings.len() as u64) as usize], body_text);
+    let text = format!(
+        "{} {}",
+        openings[(seed % openings.len() as u64) as usize],
+        body_text
+    );
     text.split(' ').map(str::to_owned).collect()
 }
 
@@ -159,10 +185,16 @@ async fn answer(request: Request<Incoming>, options: &SimOptions) -> Response<Si
         return openai_error(StatusCode::BAD_REQUEST, "could not read the body");
     };
     if method != Method::POST {
-        return openai_error(StatusCode::NOT_FOUND, "the simulated provider only serves POST");
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            "the simulated provider only serves POST",
+        );
     }
     let Ok(body) = serde_json::from_slice::<Value>(&bytes) else {
-        return openai_error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.");
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+        );
     };
     let stream = body["stream"].as_bool().unwrap_or(false);
     let delay = options.chunk_delay;
@@ -202,9 +234,16 @@ fn chat(body: &Value, stream: bool, delay: Duration) -> Response<SimBody> {
                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
         )
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null)];
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        Value::Null,
+    )];
     for (i, word) in words.iter().enumerate() {
-        let piece = if i == 0 { word.clone() } else { format!(" {word}") };
+        let piece = if i == 0 {
+            word.clone()
+        } else {
+            format!(" {word}")
+        };
         events.push(chunk(json!({"content": piece}), Value::Null));
     }
     events.push(chunk(json!({}), json!("stop")));
@@ -243,19 +282,47 @@ fn responses(body: &Value, stream: bool, delay: Duration) -> Response<SimBody> {
         format!("event: {kind}\ndata: {data}\n\n")
     };
     let mut events = vec![
-        event("response.created", json!({"response": response("in_progress", json!([]), Value::Null)})),
-        event("response.in_progress", json!({"response": response("in_progress", json!([]), Value::Null)})),
-        event("response.output_item.added", json!({"output_index": 0, "item": {"id": "msg_sim1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}})),
-        event("response.content_part.added", json!({"item_id": "msg_sim1", "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})),
+        event(
+            "response.created",
+            json!({"response": response("in_progress", json!([]), Value::Null)}),
+        ),
+        event(
+            "response.in_progress",
+            json!({"response": response("in_progress", json!([]), Value::Null)}),
+        ),
+        event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": {"id": "msg_sim1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
+        ),
+        event(
+            "response.content_part.added",
+            json!({"item_id": "msg_sim1", "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+        ),
     ];
     for (i, word) in words.iter().enumerate() {
-        let piece = if i == 0 { word.clone() } else { format!(" {word}") };
-        events.push(event("response.output_text.delta", json!({"item_id": "msg_sim1", "output_index": 0, "content_index": 0, "delta": piece})));
+        let piece = if i == 0 {
+            word.clone()
+        } else {
+            format!(" {word}")
+        };
+        events.push(event(
+            "response.output_text.delta",
+            json!({"item_id": "msg_sim1", "output_index": 0, "content_index": 0, "delta": piece}),
+        ));
     }
-    events.push(event("response.output_text.done", json!({"item_id": "msg_sim1", "output_index": 0, "content_index": 0, "text": text})));
+    events.push(event(
+        "response.output_text.done",
+        json!({"item_id": "msg_sim1", "output_index": 0, "content_index": 0, "text": text}),
+    ));
     events.push(event("response.content_part.done", json!({"item_id": "msg_sim1", "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": text, "annotations": []}})));
-    events.push(event("response.output_item.done", json!({"output_index": 0, "item": message})));
-    events.push(event("response.completed", json!({"response": response("completed", json!([message]), usage)})));
+    events.push(event(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": message}),
+    ));
+    events.push(event(
+        "response.completed",
+        json!({"response": response("completed", json!([message]), usage)}),
+    ));
     sse(events, delay)
 }
 
@@ -268,7 +335,9 @@ fn embeddings(body: &Value) -> Response<SimBody> {
     let data: Vec<Value> = (0..inputs)
         .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.0023, -0.0093, 0.0158, -0.0027, 0.0311, 0.0006, -0.0144, 0.0202]}))
         .collect();
-    json_response(json!({"object": "list", "data": data, "model": model_of(body), "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
+    json_response(
+        json!({"object": "list", "data": data, "model": model_of(body), "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}),
+    )
 }
 
 fn messages(body: &Value, stream: bool, delay: Duration) -> Response<SimBody> {
@@ -289,16 +358,29 @@ fn messages(body: &Value, stream: bool, delay: Duration) -> Response<SimBody> {
     }
     let event = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
     let mut events = vec![
-        event("message_start", json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": input, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1, "service_tier": "standard"}}})),
-        event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1, "service_tier": "standard"}}}),
+        ),
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
         event("ping", json!({"type": "ping"})),
     ];
     for (i, word) in words.iter().enumerate() {
-        let piece = if i == 0 { word.clone() } else { format!(" {word}") };
+        let piece = if i == 0 {
+            word.clone()
+        } else {
+            format!(" {word}")
+        };
         events.push(event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})));
     }
-    events.push(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+    events.push(event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
     events.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": output}})));
     events.push(event("message_stop", json!({"type": "message_stop"})));
     sse(events, delay)

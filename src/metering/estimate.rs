@@ -17,12 +17,23 @@ fn unescape_lossy(raw: &[u8]) -> String {
     if !text.contains('\\') {
         return text.into_owned();
     }
-    serde_json::from_str::<String>(&format!("\"{text}\"")).unwrap_or_else(|_| text.replace("\\n", "\n"))
+    serde_json::from_str::<String>(&format!("\"{text}\""))
+        .unwrap_or_else(|_| text.replace("\\n", "\n"))
 }
 
 fn tokenizer(model: &str) -> &'static CoreBPE {
     let bare = model.rsplit_once('/').map_or(model, |(_, m)| m);
-    let o200k = ["gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss"];
+    let o200k = [
+        "gpt-4o",
+        "gpt-4.1",
+        "gpt-4.5",
+        "gpt-5",
+        "o1",
+        "o3",
+        "o4",
+        "chatgpt-4o",
+        "gpt-oss",
+    ];
     if o200k.iter().any(|prefix| bare.starts_with(prefix)) {
         tiktoken_rs::o200k_base_singleton()
     } else {
@@ -52,7 +63,15 @@ pub fn estimate_input(model: &str, body: &[u8]) -> u64 {
     };
     let mut text = String::new();
     let mut messages = 0u64;
-    for key in ["messages", "input", "system", "prompt", "instructions", "tools", "functions"] {
+    for key in [
+        "messages",
+        "input",
+        "system",
+        "prompt",
+        "instructions",
+        "tools",
+        "functions",
+    ] {
         if let Some(part) = value.get(key) {
             if let Some(list) = part.as_array()
                 && matches!(key, "messages" | "input")
@@ -110,7 +129,10 @@ mod tests {
 
     #[test]
     fn output_estimate_unescapes() {
-        assert_eq!(estimate_output("gpt-4o", br#"hello\nworld"#, 0), count_tokens("gpt-4o", "hello\nworld"));
+        assert_eq!(
+            estimate_output("gpt-4o", br#"hello\nworld"#, 0),
+            count_tokens("gpt-4o", "hello\nworld")
+        );
         assert_eq!(estimate_output("gpt-4o", b"", 10), 3);
     }
 }

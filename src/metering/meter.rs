@@ -86,7 +86,14 @@ impl StreamMeter {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        let StreamMeter { endpoint, parser, report, strip_usage_chunk, last_event_end, drops } = self;
+        let StreamMeter {
+            endpoint,
+            parser,
+            report,
+            strip_usage_chunk,
+            last_event_end,
+            drops,
+        } = self;
         parser.feed(chunk, |event| {
             let start = *last_event_end;
             *last_event_end = event.end;
@@ -147,10 +154,14 @@ impl ChunkFilter {
         let mut out = BytesMut::with_capacity((upto - self.held_start) as usize);
         let mut cursor = self.held_start;
         for (start, end) in meter.drops.drain(..) {
-            out.extend_from_slice(&self.held[(cursor - self.held_start) as usize..(start - self.held_start) as usize]);
+            out.extend_from_slice(
+                &self.held[(cursor - self.held_start) as usize..(start - self.held_start) as usize],
+            );
             cursor = end;
         }
-        out.extend_from_slice(&self.held[(cursor - self.held_start) as usize..(upto - self.held_start) as usize]);
+        out.extend_from_slice(
+            &self.held[(cursor - self.held_start) as usize..(upto - self.held_start) as usize],
+        );
         self.held.advance((upto - self.held_start) as usize);
         self.held_start = upto;
         out.freeze()
@@ -215,7 +226,9 @@ fn string_end(data: &[u8], start: usize) -> usize {
 
 /// Whether `"usage"` in `data` is followed by an object, not `null`.
 fn has_usage_object(data: &[u8]) -> bool {
-    let Some(found) = PATTERNS.usage.find(data) else { return false };
+    let Some(found) = PATTERNS.usage.find(data) else {
+        return false;
+    };
     let rest = &data[found + 7..];
     let mut bytes = rest.iter().copied().skip_while(|b| b.is_ascii_whitespace());
     if bytes.next() != Some(b':') {
@@ -236,9 +249,15 @@ fn describe_error(data: &[u8]) -> String {
         code: Option<serde_json::Value>,
         message: Option<String>,
     }
-    match serde_json::from_slice::<Envelope>(data).ok().and_then(|e| e.error) {
+    match serde_json::from_slice::<Envelope>(data)
+        .ok()
+        .and_then(|e| e.error)
+    {
         Some(error) => {
-            let kind = error.kind.or_else(|| error.code.map(|c| c.to_string())).unwrap_or_else(|| "error".into());
+            let kind = error
+                .kind
+                .or_else(|| error.code.map(|c| c.to_string()))
+                .unwrap_or_else(|| "error".into());
             format!("{kind}: {}", error.message.unwrap_or_default())
         }
         None => "provider sent an error event".to_owned(),
@@ -306,7 +325,10 @@ fn on_responses_event(report: &mut MeterReport, event: &SseEvent<'_>) {
                 error: Option<serde_json::Value>,
             }
             report.completed = true;
-            if let Ok(Terminal { response: Some(response) }) = serde_json::from_slice::<Terminal>(event.data) {
+            if let Ok(Terminal {
+                response: Some(response),
+            }) = serde_json::from_slice::<Terminal>(event.data)
+            {
                 if let Some(raw) = response.usage {
                     report.usage = raw.normalize(ProviderKind::OpenAi);
                     report.input_known = true;
@@ -346,7 +368,10 @@ fn on_anthropic_event(report: &mut MeterReport, event: &SseEvent<'_>) {
             struct StartMessage {
                 usage: Option<RawUsage>,
             }
-            if let Ok(Start { message: StartMessage { usage: Some(raw) } }) = serde_json::from_slice(event.data) {
+            if let Ok(Start {
+                message: StartMessage { usage: Some(raw) },
+            }) = serde_json::from_slice(event.data)
+            {
                 // `output_tokens` here is a placeholder; the final count comes
                 // with message_delta.
                 let output = report.usage.output_tokens;
@@ -373,7 +398,10 @@ fn on_anthropic_event(report: &mut MeterReport, event: &SseEvent<'_>) {
                     // Cumulative counts: take them, never add them up.
                     if raw.has_input() {
                         let normalized = raw.normalize(ProviderKind::Anthropic);
-                        report.usage = Usage { output_tokens: report.usage.output_tokens, ..normalized };
+                        report.usage = Usage {
+                            output_tokens: report.usage.output_tokens,
+                            ..normalized
+                        };
                         report.input_known = true;
                     }
                     if let Some(output) = raw.output_tokens() {
@@ -394,7 +422,11 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read(format!(
+            "{}/tests/fixtures/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     fn meter_all(endpoint: Endpoint, bytes: &[u8], chunk: usize) -> MeterReport {
@@ -421,7 +453,11 @@ mod tests {
 
     #[test]
     fn compat_usage_with_null_choices() {
-        let report = meter_all(Endpoint::ChatCompletions, &fixture("compat/llamacpp_stream_usage_choices_null.sse"), 13);
+        let report = meter_all(
+            Endpoint::ChatCompletions,
+            &fixture("compat/llamacpp_stream_usage_choices_null.sse"),
+            13,
+        );
         assert_eq!(report.usage.input_tokens, 75);
         assert_eq!(report.usage.output_tokens, 31);
         assert_eq!(report.usage.cached_input_tokens, 60);
@@ -429,7 +465,11 @@ mod tests {
 
     #[test]
     fn anthropic_takes_cumulative_delta_and_ignores_placeholder() {
-        let report = meter_all(Endpoint::Messages, &fixture("anthropic/message_stream_cache_thinking.sse"), 5);
+        let report = meter_all(
+            Endpoint::Messages,
+            &fixture("anthropic/message_stream_cache_thinking.sse"),
+            5,
+        );
         assert!(report.completed && report.output_known);
         assert_eq!(report.usage.output_tokens, 31);
         assert_eq!(report.usage.cached_input_tokens, 2048);
@@ -440,18 +480,35 @@ mod tests {
 
     #[test]
     fn anthropic_error_midway_keeps_input_and_flags_output_unknown() {
-        let report = meter_all(Endpoint::Messages, &fixture("anthropic/message_stream_error_midway.sse"), 9);
+        let report = meter_all(
+            Endpoint::Messages,
+            &fixture("anthropic/message_stream_error_midway.sse"),
+            9,
+        );
         assert!(report.input_known && !report.output_known && !report.completed);
         assert_eq!(report.usage.input_tokens, 472);
         assert_eq!(report.usage.output_tokens, 0);
-        assert!(report.error.as_deref().unwrap().starts_with("overloaded_error"));
+        assert!(
+            report
+                .error
+                .as_deref()
+                .unwrap()
+                .starts_with("overloaded_error")
+        );
         assert_eq!(report.text, b"Okay, let me");
     }
 
     #[test]
     fn responses_usage_from_completed_event() {
-        let report = meter_all(Endpoint::Responses, &fixture("openai/responses_stream.sse"), 11);
-        let expected = crate::providers::usage_from_body(Endpoint::Responses, &fixture("openai/responses.json"));
+        let report = meter_all(
+            Endpoint::Responses,
+            &fixture("openai/responses_stream.sse"),
+            11,
+        );
+        let expected = crate::providers::usage_from_body(
+            Endpoint::Responses,
+            &fixture("openai/responses.json"),
+        );
         assert!(report.completed && report.input_known && report.output_known);
         assert!(report.usage.input_tokens > 0 && report.usage.output_tokens > 0);
         assert!(expected.is_some());
@@ -475,7 +532,11 @@ mod tests {
                 out.extend_from_slice(&filter.pass(&mut meter, Bytes::copy_from_slice(piece)));
             }
             out.extend_from_slice(&filter.finish());
-            assert_eq!(String::from_utf8(out).unwrap(), expected, "chunk size {chunk}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                expected,
+                "chunk size {chunk}"
+            );
             assert!(meter.report().output_known);
         }
     }

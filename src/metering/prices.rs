@@ -20,11 +20,19 @@ const LONG_CONTEXT_TOKENS: u64 = 200_000;
 #[derive(Debug, thiserror::Error)]
 pub enum PriceError {
     #[error("cannot read price file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("price file {path} is not LiteLLM's format (an object of models): {message}")]
     Format { path: PathBuf, message: String },
     #[error("price file {path}: model `{model}`, field `{field}`: {source}")]
-    Number { path: PathBuf, model: String, field: String, source: crate::money::ParseUsdError },
+    Number {
+        path: PathBuf,
+        model: String,
+        field: String,
+        source: crate::money::ParseUsdError,
+    },
 }
 
 /// Per-token prices of one model.
@@ -46,12 +54,27 @@ impl ModelPrice {
     /// The exact cost of `usage` (see `Usage` for what each count includes).
     pub fn cost(&self, usage: &Usage) -> Usd {
         let long = usage.input_tokens > LONG_CONTEXT_TOKENS;
-        let pick = |base: Usd, long_price: Option<Usd>| if long { long_price.unwrap_or(base) } else { base };
+        let pick = |base: Usd, long_price: Option<Usd>| {
+            if long {
+                long_price.unwrap_or(base)
+            } else {
+                base
+            }
+        };
         let input = pick(self.input, self.input_long);
         let output = pick(self.output, self.output_long);
-        let cache_read = if long { self.cache_read_long.or(self.cache_read) } else { self.cache_read }.unwrap_or(input);
-        let cache_write =
-            if long { self.cache_write_long.or(self.cache_write) } else { self.cache_write }.unwrap_or(input);
+        let cache_read = if long {
+            self.cache_read_long.or(self.cache_read)
+        } else {
+            self.cache_read
+        }
+        .unwrap_or(input);
+        let cache_write = if long {
+            self.cache_write_long.or(self.cache_write)
+        } else {
+            self.cache_write
+        }
+        .unwrap_or(input);
         let reasoning = self.reasoning.unwrap_or(output);
 
         let cached = usage.cached_input_tokens.min(usage.input_tokens);
@@ -68,11 +91,18 @@ impl ModelPrice {
     /// The highest price a token of this call could be billed at; used for
     /// upper-bound estimates.
     pub fn max_per_token(&self) -> Usd {
-        [Some(self.input), Some(self.output), self.reasoning, self.input_long, self.output_long, self.cache_write]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or_default()
+        [
+            Some(self.input),
+            Some(self.output),
+            self.reasoning,
+            self.input_long,
+            self.output_long,
+            self.cache_write,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or_default()
     }
 }
 
@@ -83,23 +113,31 @@ pub struct PriceTable {
 
 impl PriceTable {
     pub fn builtin() -> PriceTable {
-        PriceTable::from_litellm_json(BUILTIN, Path::new("<built-in prices>")).expect("the built-in table parses")
+        PriceTable::from_litellm_json(BUILTIN, Path::new("<built-in prices>"))
+            .expect("the built-in table parses")
     }
 
     /// The built-in table with `file`'s entries laid over it.
     pub fn load(file: Option<&Path>) -> Result<PriceTable, PriceError> {
         let mut table = PriceTable::builtin();
         if let Some(path) = file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| PriceError::Read { path: path.to_owned(), source })?;
-            table.models.extend(PriceTable::from_litellm_json(&text, path)?.models);
+            let text = std::fs::read_to_string(path).map_err(|source| PriceError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            table
+                .models
+                .extend(PriceTable::from_litellm_json(&text, path)?.models);
         }
         Ok(table)
     }
 
     pub fn from_litellm_json(text: &str, path: &Path) -> Result<PriceTable, PriceError> {
-        let entries: HashMap<String, &RawValue> = serde_json::from_str(text)
-            .map_err(|e| PriceError::Format { path: path.to_owned(), message: e.to_string() })?;
+        let entries: HashMap<String, &RawValue> =
+            serde_json::from_str(text).map_err(|e| PriceError::Format {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         let mut models = HashMap::with_capacity(entries.len());
         for (model, raw) in entries {
             // LiteLLM's file carries a `sample_spec` entry and non-object notes.
@@ -109,16 +147,20 @@ impl PriceTable {
             let number = |field: &str| -> Result<Option<Usd>, PriceError> {
                 match fields.get(field).map(|v| v.get()) {
                     None | Some("null") => Ok(None),
-                    Some(text) => Usd::parse(text.trim_matches('"')).map(Some).map_err(|source| PriceError::Number {
-                        path: path.to_owned(),
-                        model: model.clone(),
-                        field: field.to_owned(),
-                        source,
-                    }),
+                    Some(text) => Usd::parse(text.trim_matches('"'))
+                        .map(Some)
+                        .map_err(|source| PriceError::Number {
+                            path: path.to_owned(),
+                            model: model.clone(),
+                            field: field.to_owned(),
+                            source,
+                        }),
                 }
             };
-            let (Some(input), Some(output)) = (number("input_cost_per_token")?, number("output_cost_per_token")?)
-            else {
+            let (Some(input), Some(output)) = (
+                number("input_cost_per_token")?,
+                number("output_cost_per_token")?,
+            ) else {
                 // Image, audio and per-second models are priced in other units.
                 continue;
             };
@@ -132,7 +174,9 @@ impl PriceTable {
                 output_long: number("output_cost_per_token_above_200k_tokens")?,
                 cache_read_long: number("cache_read_input_token_cost_above_200k_tokens")?,
                 cache_write_long: number("cache_creation_input_token_cost_above_200k_tokens")?,
-                max_output_tokens: fields.get("max_output_tokens").and_then(|v| v.get().parse().ok()),
+                max_output_tokens: fields
+                    .get("max_output_tokens")
+                    .and_then(|v| v.get().parse().ok()),
             };
             models.insert(model, Arc::new(price));
         }
@@ -178,7 +222,9 @@ fn strip_date_suffix(model: &str) -> Option<&str> {
         let shape = d[0] == b'-'
             && d[5] == b'-'
             && d[8] == b'-'
-            && d.iter().enumerate().all(|(i, b)| matches!(i, 0 | 5 | 8) || b.is_ascii_digit());
+            && d.iter()
+                .enumerate()
+                .all(|(i, b)| matches!(i, 0 | 5 | 8) || b.is_ascii_digit());
         if shape {
             return Some(base);
         }
@@ -198,9 +244,17 @@ mod tests {
     fn openai_cached_and_reasoning_cost() {
         let table = PriceTable::builtin();
         let price = table.lookup("gpt-4o-mini").unwrap();
-        let usage = Usage { input_tokens: 1000, output_tokens: 500, cached_input_tokens: 400, ..Usage::default() };
+        let usage = Usage {
+            input_tokens: 1000,
+            output_tokens: 500,
+            cached_input_tokens: 400,
+            ..Usage::default()
+        };
         // (1000-400) x 0.15/M + 400 x 0.075/M + 500 x 0.6/M
-        assert_eq!(price.cost(&usage), usd("0.00009") + usd("0.00003") + usd("0.0003"));
+        assert_eq!(
+            price.cost(&usage),
+            usd("0.00009") + usd("0.00003") + usd("0.0003")
+        );
     }
 
     #[test]
@@ -214,30 +268,51 @@ mod tests {
             ..Usage::default()
         };
         // 21 x 3/M + 188086 x 3.75/M + 393 x 15/M
-        assert_eq!(price.cost(&usage), usd("0.000063") + usd("0.7053225") + usd("0.005895"));
+        assert_eq!(
+            price.cost(&usage),
+            usd("0.000063") + usd("0.7053225") + usd("0.005895")
+        );
     }
 
     #[test]
     fn long_context_prices_apply_above_200k() {
         let table = PriceTable::builtin();
         let price = table.lookup("claude-sonnet-4-5").unwrap();
-        let usage = Usage { input_tokens: 200_001, output_tokens: 10, ..Usage::default() };
-        assert_eq!(price.cost(&usage), usd("6e-06").times(200_001) + usd("2.25e-05").times(10));
+        let usage = Usage {
+            input_tokens: 200_001,
+            output_tokens: 10,
+            ..Usage::default()
+        };
+        assert_eq!(
+            price.cost(&usage),
+            usd("6e-06").times(200_001) + usd("2.25e-05").times(10)
+        );
     }
 
     #[test]
     fn reasoning_price_when_the_table_has_one() {
         let json = r#"{"r1": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06, "output_cost_per_reasoning_token": 3e-06}}"#;
         let table = PriceTable::from_litellm_json(json, Path::new("x.json")).unwrap();
-        let usage = Usage { input_tokens: 10, output_tokens: 100, reasoning_tokens: 60, ..Usage::default() };
-        assert_eq!(table.lookup("r1").unwrap().cost(&usage), usd("0.00001") + usd("0.00008") + usd("0.00018"));
+        let usage = Usage {
+            input_tokens: 10,
+            output_tokens: 100,
+            reasoning_tokens: 60,
+            ..Usage::default()
+        };
+        assert_eq!(
+            table.lookup("r1").unwrap().cost(&usage),
+            usd("0.00001") + usd("0.00008") + usd("0.00018")
+        );
     }
 
     #[test]
     fn lookup_tolerates_prefixes_and_dates() {
         let table = PriceTable::builtin();
         assert!(table.lookup("openai/gpt-4o").is_some());
-        assert_eq!(strip_date_suffix("gpt-4o-mini-2024-07-18"), Some("gpt-4o-mini"));
+        assert_eq!(
+            strip_date_suffix("gpt-4o-mini-2024-07-18"),
+            Some("gpt-4o-mini")
+        );
         assert_eq!(strip_date_suffix("claude-x-20250929"), Some("claude-x"));
         assert_eq!(strip_date_suffix("gpt-4o"), None);
         assert!(table.lookup("no-such-model").is_none());
@@ -255,13 +330,21 @@ mod tests {
     #[test]
     fn bad_number_names_model_and_field() {
         let json = r#"{"m": {"input_cost_per_token": "cheap", "output_cost_per_token": 1}}"#;
-        let err = PriceTable::from_litellm_json(json, Path::new("p.json")).unwrap_err().to_string();
-        assert!(err.contains("`m`") && err.contains("input_cost_per_token"), "{err}");
+        let err = PriceTable::from_litellm_json(json, Path::new("p.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`m`") && err.contains("input_cost_per_token"),
+            "{err}"
+        );
     }
 
     #[test]
     fn the_shared_litellm_file_loads() {
-        let path = format!("{}/tests/fixtures/model_prices_and_context_window.json", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/model_prices_and_context_window.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let table = PriceTable::load(Some(Path::new(&path))).unwrap();
         assert!(table.len() > 1000);
     }

@@ -79,7 +79,11 @@ impl SseParser {
             if self.has_data {
                 // The spec drops the final newline appended after each data line.
                 let data = &self.data[..self.data.len() - 1];
-                on_event(SseEvent { event: &self.event, data, end });
+                on_event(SseEvent {
+                    event: &self.event,
+                    data,
+                    end,
+                });
             }
             self.data.clear();
             self.event.clear();
@@ -133,7 +137,10 @@ mod tests {
     #[test]
     fn whole_events_in_one_chunk() {
         let got = events(&[b"event: a\ndata: 1\n\ndata: 2\n\n"]);
-        assert_eq!(got, vec![("a".into(), "1".into(), 18), ("".into(), "2".into(), 27)]);
+        assert_eq!(
+            got,
+            vec![("a".into(), "1".into(), 18), ("".into(), "2".into(), 27)]
+        );
     }
 
     #[test]
@@ -146,7 +153,9 @@ mod tests {
         assert_eq!(whole[2].1, "z");
         // A "\r\n" split across chunks ends the event at the "\r"; the
         // "\n" then counts toward the next event, so compare offsets apart.
-        let content = |e: Vec<(String, String, u64)>| e.into_iter().map(|(a, b, _)| (a, b)).collect::<Vec<_>>();
+        let content = |e: Vec<(String, String, u64)>| {
+            e.into_iter().map(|(a, b, _)| (a, b)).collect::<Vec<_>>()
+        };
         for split in 1..stream.len() {
             let (a, b) = stream.split_at(split);
             let got = events(&[a, b]);

@@ -30,5 +30,8 @@ pub fn error_body(kind: ErrorKind, message: &str) -> Bytes {
 
 /// Anthropic reports a failure inside a stream as an `error` event.
 pub fn stream_error_event(kind: ErrorKind, message: &str) -> Bytes {
-    Bytes::from(format!("event: error\ndata: {}\n\n", error_value(kind, message)))
+    Bytes::from(format!(
+        "event: error\ndata: {}\n\n",
+        error_value(kind, message)
+    ))
 }

@@ -54,7 +54,11 @@ impl Endpoint {
             "/v1/messages/count_tokens" => Endpoint::CountTokens,
             _ => return None,
         };
-        let expected = if endpoint == Endpoint::Models { http::Method::GET } else { http::Method::POST };
+        let expected = if endpoint == Endpoint::Models {
+            http::Method::GET
+        } else {
+            http::Method::POST
+        };
         (method == expected).then_some(endpoint)
     }
 
@@ -150,13 +154,19 @@ impl RequestFacts {
     pub fn parse(body: &[u8]) -> Result<RequestFacts, RequestError> {
         let head: RequestHead<'_> =
             serde_json::from_slice(body).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
-        let model = head.model.filter(|m| !m.is_empty()).ok_or(RequestError::MissingModel)?;
+        let model = head
+            .model
+            .filter(|m| !m.is_empty())
+            .ok_or(RequestError::MissingModel)?;
         Ok(RequestFacts {
             model: model.into_owned(),
             stream: head.stream.unwrap_or(false),
             include_usage: head.stream_options.as_ref().and_then(|o| o.include_usage),
             has_stream_options: head.stream_options.is_some(),
-            max_tokens: head.max_tokens.or(head.max_completion_tokens).or(head.max_output_tokens),
+            max_tokens: head
+                .max_tokens
+                .or(head.max_completion_tokens)
+                .or(head.max_output_tokens),
         })
     }
 }
@@ -254,7 +264,10 @@ pub fn usage_from_body(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
     let parsed: BodyWithUsage = serde_json::from_slice(body).ok()?;
     match (parsed.usage, parsed.input_tokens) {
         (Some(raw), _) => Some(raw.normalize(endpoint.protocol())),
-        (None, Some(input_tokens)) => Some(Usage { input_tokens, ..Usage::default() }),
+        (None, Some(input_tokens)) => Some(Usage {
+            input_tokens,
+            ..Usage::default()
+        }),
         (None, None) => None,
     }
 }
@@ -294,7 +307,12 @@ pub fn error_body(protocol: ProviderKind, kind: ErrorKind, code: &str, message: 
 }
 
 /// An error event that ends a stream the caller is already reading.
-pub fn stream_error_event(protocol: ProviderKind, kind: ErrorKind, code: &str, message: &str) -> Bytes {
+pub fn stream_error_event(
+    protocol: ProviderKind,
+    kind: ErrorKind,
+    code: &str,
+    message: &str,
+) -> Bytes {
     match protocol {
         ProviderKind::OpenAi => openai::stream_error_event(kind, code, message),
         ProviderKind::Anthropic => anthropic::stream_error_event(kind, message),
@@ -306,7 +324,11 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read(format!(
+            "{}/tests/fixtures/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -329,16 +351,31 @@ mod tests {
 
     #[test]
     fn refuses_bad_bodies() {
-        assert!(matches!(RequestFacts::parse(b"{\"model\":"), Err(RequestError::MalformedJson(_))));
-        assert!(matches!(RequestFacts::parse(b"[1]"), Err(RequestError::MalformedJson(_))));
-        assert_eq!(RequestFacts::parse(b"{\"messages\":[]}"), Err(RequestError::MissingModel));
-        assert_eq!(RequestFacts::parse(b"{\"model\":\"\"}"), Err(RequestError::MissingModel));
+        assert!(matches!(
+            RequestFacts::parse(b"{\"model\":"),
+            Err(RequestError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            RequestFacts::parse(b"[1]"),
+            Err(RequestError::MalformedJson(_))
+        ));
+        assert_eq!(
+            RequestFacts::parse(b"{\"messages\":[]}"),
+            Err(RequestError::MissingModel)
+        );
+        assert_eq!(
+            RequestFacts::parse(b"{\"model\":\"\"}"),
+            Err(RequestError::MissingModel)
+        );
     }
 
     #[test]
     fn openai_usage_keeps_cached_and_reasoning_as_subsets() {
-        let usage =
-            usage_from_body(Endpoint::ChatCompletions, &fixture("openai/chat_completion_cached_reasoning.json")).unwrap();
+        let usage = usage_from_body(
+            Endpoint::ChatCompletions,
+            &fixture("openai/chat_completion_cached_reasoning.json"),
+        )
+        .unwrap();
         assert!(usage.cached_input_tokens > 0 && usage.cached_input_tokens <= usage.input_tokens);
         assert!(usage.reasoning_tokens > 0 && usage.reasoning_tokens <= usage.output_tokens);
         assert_eq!(usage.cache_write_tokens, 0);
@@ -346,7 +383,8 @@ mod tests {
 
     #[test]
     fn anthropic_usage_adds_cache_reads_and_writes_to_input() {
-        let usage = usage_from_body(Endpoint::Messages, &fixture("anthropic/message_cache.json")).unwrap();
+        let usage =
+            usage_from_body(Endpoint::Messages, &fixture("anthropic/message_cache.json")).unwrap();
         assert_eq!(
             usage,
             Usage {
@@ -361,15 +399,28 @@ mod tests {
 
     #[test]
     fn responses_usage_is_read() {
-        let usage = usage_from_body(Endpoint::Responses, &fixture("openai/responses.json")).unwrap();
+        let usage =
+            usage_from_body(Endpoint::Responses, &fixture("openai/responses.json")).unwrap();
         assert!(usage.input_tokens > 0 && usage.output_tokens > 0);
     }
 
     #[test]
     fn endpoints_need_their_method() {
-        assert_eq!(Endpoint::from_request(&http::Method::POST, "/v1/messages"), Some(Endpoint::Messages));
-        assert_eq!(Endpoint::from_request(&http::Method::GET, "/v1/messages"), None);
-        assert_eq!(Endpoint::from_request(&http::Method::GET, "/v1/models/"), Some(Endpoint::Models));
-        assert_eq!(Endpoint::from_request(&http::Method::POST, "/v2/chat"), None);
+        assert_eq!(
+            Endpoint::from_request(&http::Method::POST, "/v1/messages"),
+            Some(Endpoint::Messages)
+        );
+        assert_eq!(
+            Endpoint::from_request(&http::Method::GET, "/v1/messages"),
+            None
+        );
+        assert_eq!(
+            Endpoint::from_request(&http::Method::GET, "/v1/models/"),
+            Some(Endpoint::Models)
+        );
+        assert_eq!(
+            Endpoint::from_request(&http::Method::POST, "/v2/chat"),
+            None
+        );
     }
 }

@@ -8,9 +8,10 @@ use super::ErrorKind;
 
 fn error_type(kind: ErrorKind) -> &'static str {
     match kind {
-        ErrorKind::InvalidKey | ErrorKind::InvalidRequest | ErrorKind::NotFound | ErrorKind::TooLarge => {
-            "invalid_request_error"
-        }
+        ErrorKind::InvalidKey
+        | ErrorKind::InvalidRequest
+        | ErrorKind::NotFound
+        | ErrorKind::TooLarge => "invalid_request_error",
         ErrorKind::UpstreamFailed | ErrorKind::UpstreamTimeout => "api_error",
     }
 }
@@ -46,7 +47,11 @@ pub fn request_usage_in_stream(body: &Bytes, has_stream_options: bool) -> Bytes 
         let empty_object = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
         let mut out = Vec::with_capacity(body.len() + INSERT.len());
         out.extend_from_slice(&body[..=open]);
-        out.extend_from_slice(if empty_object { &INSERT[..INSERT.len() - 1] } else { INSERT });
+        out.extend_from_slice(if empty_object {
+            &INSERT[..INSERT.len() - 1]
+        } else {
+            INSERT
+        });
         out.extend_from_slice(rest);
         return Bytes::from(out);
     }
@@ -81,9 +86,14 @@ mod tests {
 
     #[test]
     fn rewrites_existing_stream_options() {
-        let body = Bytes::from_static(br#"{"model":"m","stream_options":{"include_usage":false,"x":1}}"#);
-        let out: serde_json::Value = serde_json::from_slice(&request_usage_in_stream(&body, true)).unwrap();
-        assert_eq!(out["stream_options"], json!({"include_usage": true, "x": 1}));
+        let body =
+            Bytes::from_static(br#"{"model":"m","stream_options":{"include_usage":false,"x":1}}"#);
+        let out: serde_json::Value =
+            serde_json::from_slice(&request_usage_in_stream(&body, true)).unwrap();
+        assert_eq!(
+            out["stream_options"],
+            json!({"include_usage": true, "x": 1})
+        );
     }
 
     #[test]

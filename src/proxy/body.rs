@@ -29,9 +29,17 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
             ProxyBody::Metered(stream) => stream.poll_next(cx),
         }
     }
@@ -45,7 +53,9 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             ProxyBody::Metered(_) => SizeHint::default(),
         }
     }
@@ -69,7 +79,12 @@ pub struct MeteredStream {
 }
 
 impl MeteredStream {
-    pub fn new(upstream: Incoming, meter: StreamMeter, call: Call, status: StatusCode) -> MeteredStream {
+    pub fn new(
+        upstream: Incoming,
+        meter: StreamMeter,
+        call: Call,
+        status: StatusCode,
+    ) -> MeteredStream {
         let protocol = call.protocol;
         let upstream_name = call.upstream.as_deref().unwrap_or("upstream").to_owned();
         MeteredStream {
@@ -85,7 +100,10 @@ impl MeteredStream {
         }
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::convert::Infallible>>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::convert::Infallible>>> {
         loop {
             if let Some(tail) = self.tail.take() {
                 return Poll::Ready(Some(Ok(Frame::data(tail))));
@@ -113,21 +131,31 @@ impl MeteredStream {
                     }
                 }
                 Some(Err(e)) => {
-                    let message = format!("the upstream `{}` broke off the stream: {e}", self.upstream_name);
-                    tracing::warn!(error = %e, upstream = %self.upstream_name, "upstream stream failed");
+                    let message = format!(
+                        "the upstream `{}` broke off the stream: {e}",
+                        self.upstream_name
+                    );
+                    let call_id = self.call.as_ref().map_or("", |c| c.id.as_str());
+                    tracing::warn!(call_id, error = %e, upstream = %self.upstream_name, "upstream stream failed");
                     self.end_with_error(message);
                 }
                 None => {
                     let report = self.meter.report();
                     if !report.completed && !report.output_known && report.error.is_none() {
-                        let message =
-                            format!("the upstream `{}` closed the stream before it finished", self.upstream_name);
+                        let message = format!(
+                            "the upstream `{}` closed the stream before it finished",
+                            self.upstream_name
+                        );
                         self.end_with_error(message);
                     } else {
                         self.finished = true;
                         let rest = self.filter.finish();
                         self.tail = (!rest.is_empty()).then_some(rest);
-                        let outcome = if report.error.is_some() { Outcome::Error } else { Outcome::Ok };
+                        let outcome = if report.error.is_some() {
+                            Outcome::Error
+                        } else {
+                            Outcome::Ok
+                        };
                         self.settle(outcome, None);
                     }
                 }
@@ -164,7 +192,10 @@ impl Drop for MeteredStream {
     /// closes the upstream connection, which cancels the generation.
     fn drop(&mut self) {
         if self.call.is_some() {
-            self.settle(Outcome::Cancelled, Some("the agent disconnected mid-stream".into()));
+            self.settle(
+                Outcome::Cancelled,
+                Some("the agent disconnected mid-stream".into()),
+            );
         }
     }
 }

@@ -31,8 +31,17 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
-        let outcome = if kind == ErrorKind::InvalidKey { Outcome::Denied } else { Outcome::Error };
-        Refusal { kind, code, message: message.into(), outcome }
+        let outcome = if kind == ErrorKind::InvalidKey {
+            Outcome::Denied
+        } else {
+            Outcome::Error
+        };
+        Refusal {
+            kind,
+            code,
+            message: message.into(),
+            outcome,
+        }
     }
 }
 
@@ -49,7 +58,12 @@ pub struct Settlement {
 }
 
 impl Settlement {
-    pub fn from_report(status: StatusCode, outcome: Outcome, report: MeterReport, error: Option<String>) -> Self {
+    pub fn from_report(
+        status: StatusCode,
+        outcome: Outcome,
+        report: MeterReport,
+        error: Option<String>,
+    ) -> Self {
         Settlement {
             status,
             outcome,
@@ -89,7 +103,10 @@ impl Call {
     pub fn begin(state: Arc<ProxyState>, protocol: ProviderKind) -> Call {
         let id = uuid::Uuid::now_v7().to_string();
         let id_header = HeaderValue::from_str(&id).expect("a uuid is a valid header value");
-        state.metrics.calls_in_flight.fetch_add(1, Ordering::Relaxed);
+        state
+            .metrics
+            .calls_in_flight
+            .fetch_add(1, Ordering::Relaxed);
         Call {
             state,
             id,
@@ -134,7 +151,8 @@ impl Call {
 
     /// Answers the refusal in the caller's format and records it.
     pub fn refuse(mut self, refusal: Refusal) -> Response<ProxyBody> {
-        let body = providers::error_body(self.protocol, refusal.kind, refusal.code, &refusal.message);
+        let body =
+            providers::error_body(self.protocol, refusal.kind, refusal.code, &refusal.message);
         tracing::info!(call_id = %self.id, code = refusal.code, status = refusal.kind.status().as_u16(), "call refused");
         let status = refusal.kind.status();
         self.record(CallEnd {
@@ -149,7 +167,10 @@ impl Call {
         let mut response = Response::new(ProxyBody::full(body));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert(CALL_ID_HEADER, self.id_header.clone());
         response
     }
@@ -158,7 +179,11 @@ impl Call {
     /// the provider reported usage and the model has a price.
     pub fn settle(mut self, settlement: Settlement) -> Option<Usd> {
         let exact = settlement.input_known && settlement.output_known;
-        let cost = if exact { self.price.as_ref().map(|p| p.cost(&settlement.usage)) } else { None };
+        let cost = if exact {
+            self.price.as_ref().map(|p| p.cost(&settlement.usage))
+        } else {
+            None
+        };
         if self.price.is_none() && settlement.outcome == Outcome::Ok {
             self.state.metrics.unpriced_calls.inc();
             tracing::warn!(call_id = %self.id, model = self.model.as_deref().unwrap_or(""), "no price for this model; cost recorded as NULL");
@@ -203,7 +228,10 @@ impl Call {
             return;
         }
         self.recorded = true;
-        self.state.metrics.calls_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state
+            .metrics
+            .calls_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
         let endpoint = match (self.endpoint, &self.raw_path) {
             (Some(endpoint), _) => endpoint.as_str().to_owned(),
             (None, Some(path)) => path.clone(),

@@ -39,17 +39,28 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
     let mut headers = agent_headers.clone();
     strip_hop_by_hop(&mut headers);
-    for name in [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH, header::ACCEPT_ENCODING] {
+    for name in [
+        header::HOST,
+        header::AUTHORIZATION,
+        header::CONTENT_LENGTH,
+        header::ACCEPT_ENCODING,
+    ] {
         headers.remove(name);
     }
     headers.remove("x-api-key");
-    let warden: Vec<HeaderName> =
-        headers.keys().filter(|name| name.as_str().starts_with("x-warden-")).cloned().collect();
+    let warden: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-warden-"))
+        .cloned()
+        .collect();
     for name in warden {
         headers.remove(name);
     }
     // The meter reads the bytes, so ask for them uncompressed.
-    headers.insert(header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    );
     headers
 }
 
@@ -78,7 +89,14 @@ mod tests {
         agent.insert("anthropic-version", "2023-06-01".parse().unwrap());
         agent.insert("openai-beta", "assistants=v2".parse().unwrap());
         let out = upstream_request_headers(&agent);
-        for gone in ["authorization", "x-api-key", "connection", "x-custom-hop", "te", "x-warden-run"] {
+        for gone in [
+            "authorization",
+            "x-api-key",
+            "connection",
+            "x-custom-hop",
+            "te",
+            "x-warden-run",
+        ] {
             assert!(!out.contains_key(gone), "{gone} was forwarded");
         }
         assert_eq!(out["accept-encoding"], "identity");

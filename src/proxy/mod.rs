@@ -62,7 +62,10 @@ impl AgentDirectory {
         let key = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))?;
         let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
         self.by_digest.get(&digest)
@@ -126,8 +129,13 @@ impl ProxyState {
             ProviderKind::Anthropic => self.models_anthropic.clone(),
         };
         let mut response = Response::new(ProxyBody::full(body));
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response.headers_mut().insert(call::CALL_ID_HEADER, call.id_header());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+            .headers_mut()
+            .insert(call::CALL_ID_HEADER, call.id_header());
         call.settle_local(http::StatusCode::OK);
         response
     }
@@ -166,5 +174,8 @@ fn model_listings(router: &Router, prices: &PriceTable) -> (Bytes, Bytes) {
         "first_id": anthropic_models.first().map(|m| m["id"].clone()),
         "last_id": anthropic_models.last().map(|m| m["id"].clone()),
     });
-    (Bytes::from(openai.to_string()), Bytes::from(anthropic.to_string()))
+    (
+        Bytes::from(openai.to_string()),
+        Bytes::from(anthropic.to_string()),
+    )
 }

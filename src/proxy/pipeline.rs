@@ -32,7 +32,7 @@ pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Respo
         _ => Endpoint::guess_protocol(request.uri().path(), request.headers()),
     };
     let mut call = Call::begin(state.clone(), protocol);
-    let span = tracing::info_span!("call", call_id = %call.id);
+    let span = tracing::debug_span!("call", call_id = %call.id);
     async move {
         let Some(endpoint) = endpoint else {
             call.set_unknown_path(request.uri().path());
@@ -162,15 +162,26 @@ async fn serve(
             Refusal::new(
                 ErrorKind::UpstreamFailed,
                 "upstream_unreachable",
-                format!("cannot reach the upstream `{}`: {}", upstream.name, error_chain(&e)),
+                format!(
+                    "cannot reach the upstream `{}`: {}",
+                    upstream.name,
+                    error_chain(&e)
+                ),
             )
         })?;
     call.mark_first_byte();
-    Ok(Reply::Forwarded(UpstreamResponse { response, strip_usage_chunk }))
+    Ok(Reply::Forwarded(UpstreamResponse {
+        response,
+        strip_usage_chunk,
+    }))
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(|v| v.chars().take(200).collect())
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(|v| v.chars().take(200).collect())
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -189,10 +200,15 @@ async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<By
         Refusal::new(
             ErrorKind::TooLarge,
             "request_too_large",
-            format!("the request body is larger than this Warden accepts ({limit} bytes, [server] max_body_bytes)"),
+            format!(
+                "the request body is larger than this Warden accepts ({limit} bytes, [server] max_body_bytes)"
+            ),
         )
     };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
@@ -218,10 +234,16 @@ fn upstream_request(
         headers.insert(name.clone(), value.clone());
     }
     if upstream.kind == ProviderKind::Anthropic && !headers.contains_key("anthropic-version") {
-        headers.insert("anthropic-version", HeaderValue::from_static(anthropic::DEFAULT_VERSION));
+        headers.insert(
+            "anthropic-version",
+            HeaderValue::from_static(anthropic::DEFAULT_VERSION),
+        );
     }
     if !headers.contains_key(header::CONTENT_TYPE) {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = http::Method::POST;
@@ -249,7 +271,9 @@ async fn respond(
         ));
     }
     headers::agent_response_headers(&mut parts.headers);
-    parts.headers.insert(super::call::CALL_ID_HEADER, call.id_header());
+    parts
+        .headers
+        .insert(super::call::CALL_ID_HEADER, call.id_header());
     let is_stream = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -290,13 +314,21 @@ async fn respond(
         }
         Settlement::from_report(status, Outcome::Ok, report, None)
     } else {
-        let mut report = MeterReport { input_known: true, output_known: true, ..MeterReport::default() };
+        let mut report = MeterReport {
+            input_known: true,
+            output_known: true,
+            ..MeterReport::default()
+        };
         report.error = Some(upstream_error_summary(status, &bytes));
         Settlement::from_report(status, Outcome::Error, report, None)
     };
     let free = endpoint == Endpoint::CountTokens || !status.is_success();
     let cost = call.settle(settlement);
-    let shown_cost = if free { Some(crate::money::Usd::ZERO) } else { cost };
+    let shown_cost = if free {
+        Some(crate::money::Usd::ZERO)
+    } else {
+        cost
+    };
     if let Some(value) = shown_cost.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
         parts.headers.insert(COST_HEADER, value);
     }
@@ -320,9 +352,21 @@ fn upstream_error_summary(status: StatusCode, body: &[u8]) -> String {
         .ok()
         .and_then(|e| e.error)
         .map(|inner| {
-            let code = inner.code.filter(|c| !c.is_null()).map(|c| c.as_str().map_or(c.to_string(), str::to_owned));
-            [inner.kind, code].into_iter().flatten().collect::<Vec<_>>().join(" ")
+            let code = inner
+                .code
+                .filter(|c| !c.is_null())
+                .map(|c| c.as_str().map_or(c.to_string(), str::to_owned));
+            [inner.kind, code]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ")
         })
         .unwrap_or_default();
-    format!("upstream answered {}{}{}", status.as_u16(), if detail.is_empty() { "" } else { ": " }, detail)
+    format!(
+        "upstream answered {}{}{}",
+        status.as_u16(),
+        if detail.is_empty() { "" } else { ": " },
+        detail
+    )
 }

@@ -22,11 +22,22 @@ pub enum UpstreamError {
     #[error(
         "{path}:{line}: upstream `{upstream}` reads its key from the environment variable {var}, which is not set; export it before starting Warden"
     )]
-    MissingKey { path: String, line: usize, upstream: String, var: String },
-    #[error("upstream `{upstream}`: the key in {var} cannot be sent as an HTTP header (it has control characters)")]
+    MissingKey {
+        path: String,
+        line: usize,
+        upstream: String,
+        var: String,
+    },
+    #[error(
+        "upstream `{upstream}`: the key in {var} cannot be sent as an HTTP header (it has control characters)"
+    )]
     BadKey { upstream: String, var: String },
     #[error("upstream `{upstream}`: base_url `{url}` does not form valid URLs: {message}")]
-    BadUrl { upstream: String, url: String, message: String },
+    BadUrl {
+        upstream: String,
+        url: String,
+        message: String,
+    },
     #[error("cannot set up TLS for upstream calls: {0}")]
     Tls(String),
 }
@@ -51,21 +62,28 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn from_config(config: &Config, upstream: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+    pub fn from_config(
+        config: &Config,
+        upstream: &UpstreamConfig,
+    ) -> Result<Upstream, UpstreamError> {
         let name = upstream.name.get_ref().clone();
         let auth = match &upstream.api_key_env {
             None => None,
             Some(var) => {
                 let var_name = var.get_ref();
-                let key = std::env::var(var_name).ok().filter(|k| !k.is_empty()).ok_or_else(|| {
-                    UpstreamError::MissingKey {
+                let key = std::env::var(var_name)
+                    .ok()
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| UpstreamError::MissingKey {
                         path: config.source.display().to_string(),
                         line: line_in_file(&config.source, var.span()),
                         upstream: name.clone(),
                         var: var_name.clone(),
-                    }
-                })?;
-                let bad_key = || UpstreamError::BadKey { upstream: name.clone(), var: var_name.clone() };
+                    })?;
+                let bad_key = || UpstreamError::BadKey {
+                    upstream: name.clone(),
+                    var: var_name.clone(),
+                };
                 let (header, value) = match upstream.kind {
                     ProviderKind::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
                     ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key),
@@ -80,14 +98,22 @@ impl Upstream {
             .iter()
             .map(|&endpoint| {
                 let url = format!("{base}{}", endpoint.upstream_path());
-                url.parse::<Uri>().map(|uri| (endpoint, uri)).map_err(|e| UpstreamError::BadUrl {
-                    upstream: name.clone(),
-                    url: upstream.base_url.get_ref().clone(),
-                    message: e.to_string(),
-                })
+                url.parse::<Uri>()
+                    .map(|uri| (endpoint, uri))
+                    .map_err(|e| UpstreamError::BadUrl {
+                        upstream: name.clone(),
+                        url: upstream.base_url.get_ref().clone(),
+                        message: e.to_string(),
+                    })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Upstream { name: name.into(), kind: upstream.kind, models: upstream.models.get_ref().clone(), urls, auth })
+        Ok(Upstream {
+            name: name.into(),
+            kind: upstream.kind,
+            models: upstream.models.get_ref().clone(),
+            urls,
+            auth,
+        })
     }
 
     pub fn serves(&self, model: &str) -> bool {
@@ -95,7 +121,12 @@ impl Upstream {
     }
 
     pub fn url(&self, endpoint: Endpoint) -> &Uri {
-        &self.urls.iter().find(|(e, _)| *e == endpoint).expect("every endpoint has a URL").1
+        &self
+            .urls
+            .iter()
+            .find(|(e, _)| *e == endpoint)
+            .expect("every endpoint has a URL")
+            .1
     }
 
     pub fn auth_header(&self) -> Option<&(HeaderName, HeaderValue)> {
@@ -113,7 +144,11 @@ impl Upstream {
 /// `https://gateway.example/openai` become `…/v1`, `…/v1`, `…/openai/v1`.
 pub fn api_root(base_url: &str) -> String {
     let trimmed = base_url.trim_end_matches('/');
-    if trimmed.ends_with("/v1") { trimmed.to_owned() } else { format!("{trimmed}/v1") }
+    if trimmed.ends_with("/v1") {
+        trimmed.to_owned()
+    } else {
+        format!("{trimmed}/v1")
+    }
 }
 
 /// `*` matches any run of characters, `?` any one; everything else itself.
@@ -201,11 +236,26 @@ mod tests {
 
     #[test]
     fn base_url_with_or_without_v1_reaches_the_same_path() {
-        assert_eq!(api_root("https://api.openai.com/v1"), "https://api.openai.com/v1");
-        assert_eq!(api_root("https://api.openai.com/v1/"), "https://api.openai.com/v1");
-        assert_eq!(api_root("https://api.anthropic.com"), "https://api.anthropic.com/v1");
-        assert_eq!(api_root("http://localhost:11434/v1"), "http://localhost:11434/v1");
-        assert_eq!(api_root("https://gateway.example/openai"), "https://gateway.example/openai/v1");
+        assert_eq!(
+            api_root("https://api.openai.com/v1"),
+            "https://api.openai.com/v1"
+        );
+        assert_eq!(
+            api_root("https://api.openai.com/v1/"),
+            "https://api.openai.com/v1"
+        );
+        assert_eq!(
+            api_root("https://api.anthropic.com"),
+            "https://api.anthropic.com/v1"
+        );
+        assert_eq!(
+            api_root("http://localhost:11434/v1"),
+            "http://localhost:11434/v1"
+        );
+        assert_eq!(
+            api_root("https://gateway.example/openai"),
+            "https://gateway.example/openai/v1"
+        );
     }
 
     #[test]

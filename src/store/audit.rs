@@ -85,9 +85,11 @@ pub enum Verification {
 
 /// The last row's sequence number and hash, to continue the chain.
 pub fn chain_head(conn: &Connection) -> duckdb::Result<(i64, String)> {
-    let head = conn.query_row("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", [], |row| {
-        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
-    });
+    let head = conn.query_row(
+        "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+        [],
+        |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+    );
     match head {
         Ok(head) => Ok(head),
         Err(duckdb::Error::QueryReturnedNoRows) => Ok((0, GENESIS.to_owned())),
@@ -114,10 +116,16 @@ pub fn verify(conn: &Connection) -> duckdb::Result<Verification> {
         let prev_hash: String = row.get(6)?;
         let hash: String = row.get(7)?;
         if seq != expected_seq {
-            return Ok(Verification::Broken { seq, reason: format!("expected seq {expected_seq}, found {seq}") });
+            return Ok(Verification::Broken {
+                seq,
+                reason: format!("expected seq {expected_seq}, found {seq}"),
+            });
         }
         if prev_hash != prev {
-            return Ok(Verification::Broken { seq, reason: "prev_hash does not match the previous row".into() });
+            return Ok(Verification::Broken {
+                seq,
+                reason: "prev_hash does not match the previous row".into(),
+            });
         }
         let fields = ChainFields {
             seq,
@@ -128,13 +136,19 @@ pub fn verify(conn: &Connection) -> duckdb::Result<Verification> {
             payload_canonical: &payload,
         };
         if chain_hash(&prev, &fields) != hash {
-            return Ok(Verification::Broken { seq, reason: "the row's content does not match its hash".into() });
+            return Ok(Verification::Broken {
+                seq,
+                reason: "the row's content does not match its hash".into(),
+            });
         }
         prev = hash;
         expected_seq += 1;
         count += 1;
     }
-    Ok(Verification::Intact { rows: count, head: prev })
+    Ok(Verification::Intact {
+        rows: count,
+        head: prev,
+    })
 }
 
 #[cfg(test)]
@@ -144,17 +158,36 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_at_every_depth() {
         let value = serde_json::json!({"b": 1, "a": {"d": [2, {"z": null, "y": "é"}], "c": true}});
-        assert_eq!(canonical_json(&value), r#"{"a":{"c":true,"d":[2,{"y":"é","z":null}]},"b":1}"#);
+        assert_eq!(
+            canonical_json(&value),
+            r#"{"a":{"c":true,"d":[2,{"y":"é","z":null}]},"b":1}"#
+        );
     }
 
     #[test]
     fn hash_depends_on_every_field() {
-        let base = ChainFields { seq: 1, ts_us: 5, actor: "a", kind: "k", subject: None, payload_canonical: "{}" };
+        let base = ChainFields {
+            seq: 1,
+            ts_us: 5,
+            actor: "a",
+            kind: "k",
+            subject: None,
+            payload_canonical: "{}",
+        };
         let h = chain_hash(GENESIS, &base);
         assert_eq!(h.len(), 64);
         assert_ne!(h, chain_hash(GENESIS, &ChainFields { seq: 2, ..base }));
         assert_ne!(h, chain_hash(GENESIS, &ChainFields { actor: "b", ..base }));
-        assert_ne!(h, chain_hash(GENESIS, &ChainFields { subject: Some("s"), ..base }));
+        assert_ne!(
+            h,
+            chain_hash(
+                GENESIS,
+                &ChainFields {
+                    subject: Some("s"),
+                    ..base
+                }
+            )
+        );
         assert_ne!(h, chain_hash(&"1".repeat(64), &base));
     }
 }

@@ -24,9 +24,19 @@ pub enum StoreError {
     )]
     Open { path: PathBuf, message: String },
     #[error("cannot upgrade the store {path} to schema version {target}: {message}")]
-    Migrate { path: PathBuf, target: i32, message: String },
-    #[error("the store {path} has schema version {found}, newer than this Warden knows ({known}); upgrade Warden")]
-    TooNew { path: PathBuf, found: i32, known: i32 },
+    Migrate {
+        path: PathBuf,
+        target: i32,
+        message: String,
+    },
+    #[error(
+        "the store {path} has schema version {found}, newer than this Warden knows ({known}); upgrade Warden"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i32,
+        known: i32,
+    },
     #[error("cannot start the store writer: {0}")]
     Writer(String),
     #[error("store error: {0}")]
@@ -41,19 +51,34 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_err = |e: duckdb::Error| StoreError::Open { path: path.to_owned(), message: e.to_string() };
+        let open_err = |e: duckdb::Error| StoreError::Open {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Open { path: path.to_owned(), message: e.to_string() })?;
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         }
         let conn = Connection::open(path).map_err(open_err)?;
-        let store = Store { conn, path: path.to_owned() };
+        let store = Store {
+            conn,
+            path: path.to_owned(),
+        };
         store.migrate()?;
         // Operators' queries share this database: nothing may reach files,
-        // other databases or extensions from it.
-        store.conn.execute_batch("SET enable_external_access = false; SET lock_configuration = true;").map_err(open_err)?;
+        // other databases or extensions from it. One DuckDB thread: the
+        // writer's (niced) thread does the store's work, instead of a pool
+        // competing with the proxy workers for cores.
+        store
+            .conn
+            .execute_batch(
+                "SET threads = 1; SET memory_limit = '256MB'; SET enable_external_access = false; SET lock_configuration = true;",
+            )
+            .map_err(open_err)?;
         Ok(store)
     }
 
@@ -65,7 +90,11 @@ impl Store {
             message: e.to_string(),
         })?;
         if found > known {
-            return Err(StoreError::TooNew { path: self.path.clone(), found, known });
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found,
+                known,
+            });
         }
         let applied = schema::migrate_to(&self.conn, known).map_err(|e| StoreError::Migrate {
             path: self.path.clone(),
@@ -90,7 +119,11 @@ impl Store {
         audit::verify(&self.conn).map_err(|e| StoreError::Sql(e.to_string()))
     }
 
-    pub fn query(&self, sql: &str, max_rows: usize) -> Result<query::QueryResult, query::QueryError> {
+    pub fn query(
+        &self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<query::QueryResult, query::QueryError> {
         query::run(&self.conn, sql, max_rows)
     }
 
@@ -103,10 +136,20 @@ impl Store {
         queue_capacity: usize,
         metrics: Arc<Metrics>,
     ) -> Result<(Recorder, WriterHandle, StoreReader), StoreError> {
-        let writer_conn = self.conn.try_clone().map_err(|e| StoreError::Writer(e.to_string()))?;
-        let (recorder, handle) = writer::start(writer_conn, flush_interval, queue_capacity, metrics)
+        let writer_conn = self
+            .conn
+            .try_clone()
             .map_err(|e| StoreError::Writer(e.to_string()))?;
-        Ok((recorder, handle, StoreReader { conn: Arc::new(Mutex::new(self.conn)) }))
+        let (recorder, handle) =
+            writer::start(writer_conn, flush_interval, queue_capacity, metrics)
+                .map_err(|e| StoreError::Writer(e.to_string()))?;
+        Ok((
+            recorder,
+            handle,
+            StoreReader {
+                conn: Arc::new(Mutex::new(self.conn)),
+            },
+        ))
     }
 }
 
@@ -119,13 +162,22 @@ pub struct StoreReader {
 impl StoreReader {
     /// A connection of its own for one query, so queries run side by side.
     fn connection(&self) -> Result<Connection, StoreError> {
-        let conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         conn.try_clone().map_err(|e| StoreError::Sql(e.to_string()))
     }
 
     /// Runs a read-only query; blocking, so call it off the async executor.
-    pub fn query(&self, sql: &str, max_rows: usize) -> Result<query::QueryResult, query::QueryError> {
-        let conn = self.connection().map_err(|e| query::QueryError::Sql(e.to_string()))?;
+    pub fn query(
+        &self,
+        sql: &str,
+        max_rows: usize,
+    ) -> Result<query::QueryResult, query::QueryError> {
+        let conn = self
+            .connection()
+            .map_err(|e| query::QueryError::Sql(e.to_string()))?;
         query::run(&conn, sql, max_rows)
     }
 

@@ -33,8 +33,19 @@ pub struct QueryResult {
     pub truncated: bool,
 }
 
-const READ_STARTS: &[&str] =
-    &["select", "with", "from", "values", "table", "show", "describe", "summarize", "pivot", "unpivot", "("];
+const READ_STARTS: &[&str] = &[
+    "select",
+    "with",
+    "from",
+    "values",
+    "table",
+    "show",
+    "describe",
+    "summarize",
+    "pivot",
+    "unpivot",
+    "(",
+];
 
 const FILE_READERS: &[&str] = &[
     "read_csv",
@@ -66,8 +77,15 @@ pub fn check_read_only(sql: &str) -> Result<String, QueryError> {
         return Err(QueryError::NotARead("the query is empty".into()));
     }
     let lower = trimmed.to_ascii_lowercase();
-    let first: String = lower.chars().take_while(|c| c.is_ascii_alphabetic() || *c == '(').collect();
-    let first = if first.starts_with('(') { "(" } else { first.as_str() };
+    let first: String = lower
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic() || *c == '(')
+        .collect();
+    let first = if first.starts_with('(') {
+        "("
+    } else {
+        first.as_str()
+    };
     if !READ_STARTS.contains(&first) {
         let word = first.to_ascii_uppercase();
         return Err(QueryError::NotARead(format!(
@@ -76,7 +94,9 @@ pub fn check_read_only(sql: &str) -> Result<String, QueryError> {
     }
     for word in lower.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if FILE_READERS.contains(&word) {
-            return Err(QueryError::NotARead(format!("`{word}` reads outside the store and is refused")));
+            return Err(QueryError::NotARead(format!(
+                "`{word}` reads outside the store and is refused"
+            )));
         }
     }
     Ok(trimmed.to_owned())
@@ -129,8 +149,8 @@ fn strip_comments(sql: &str) -> String {
 fn kind_of(data_type: &duckdb::arrow::datatypes::DataType) -> &'static str {
     use duckdb::arrow::datatypes::DataType::*;
     match data_type {
-        Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32 | UInt64 | Float16 | Float32 | Float64
-        | Decimal128(..) | Decimal256(..) => "number",
+        Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32 | UInt64 | Float16 | Float32
+        | Float64 | Decimal128(..) | Decimal256(..) => "number",
         Boolean => "boolean",
         _ => "text",
     }
@@ -146,20 +166,34 @@ pub fn run(conn: &Connection, sql: &str, max_rows: usize) -> Result<QueryResult,
     result
 }
 
-fn run_in_transaction(conn: &Connection, sql: &str, max_rows: usize) -> Result<QueryResult, QueryError> {
+fn run_in_transaction(
+    conn: &Connection,
+    sql: &str,
+    max_rows: usize,
+) -> Result<QueryResult, QueryError> {
     let err = |e: duckdb::Error| QueryError::Sql(e.to_string());
     let columns = {
-        let mut stmt = conn.prepare(&format!("SELECT * FROM (\n{sql}\n) AS warden_query LIMIT 0")).map_err(err)?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT * FROM (\n{sql}\n) AS warden_query LIMIT 0"
+            ))
+            .map_err(err)?;
         let mut rows = stmt.query([]).map_err(err)?;
         while rows.next().map_err(err)?.is_some() {}
         drop(rows);
         let names = stmt.column_names();
         (0..names.len())
-            .map(|i| Column { name: names[i].clone(), kind: kind_of(&stmt.column_type(i)).to_owned() })
+            .map(|i| Column {
+                name: names[i].clone(),
+                kind: kind_of(&stmt.column_type(i)).to_owned(),
+            })
             .collect::<Vec<_>>()
     };
     let mut stmt = conn
-        .prepare(&format!("SELECT COLUMNS(*)::VARCHAR FROM (\n{sql}\n) AS warden_query LIMIT {}", max_rows + 1))
+        .prepare(&format!(
+            "SELECT COLUMNS(*)::VARCHAR FROM (\n{sql}\n) AS warden_query LIMIT {}",
+            max_rows + 1
+        ))
         .map_err(err)?;
     let mut rows = stmt.query([]).map_err(err)?;
     let mut out = Vec::new();
@@ -169,10 +203,16 @@ fn run_in_transaction(conn: &Connection, sql: &str, max_rows: usize) -> Result<Q
             truncated = true;
             break;
         }
-        let values = (0..columns.len()).map(|i| row.get::<_, Option<String>>(i)).collect::<Result<Vec<_>, _>>();
+        let values = (0..columns.len())
+            .map(|i| row.get::<_, Option<String>>(i))
+            .collect::<Result<Vec<_>, _>>();
         out.push(values.map_err(err)?);
     }
-    Ok(QueryResult { columns, rows: out, truncated })
+    Ok(QueryResult {
+        columns,
+        rows: out,
+        truncated,
+    })
 }
 
 #[cfg(test)]
@@ -200,7 +240,10 @@ mod tests {
             "",
             "  ;  ",
         ] {
-            assert!(matches!(check_read_only(bad), Err(QueryError::NotARead(_))), "{bad:?} passed");
+            assert!(
+                matches!(check_read_only(bad), Err(QueryError::NotARead(_))),
+                "{bad:?} passed"
+            );
         }
     }
 
@@ -212,14 +255,20 @@ mod tests {
             "select * from glob('*')",
             "select getenv('OPENAI_API_KEY')",
         ] {
-            assert!(matches!(check_read_only(bad), Err(QueryError::NotARead(_))), "{bad:?} passed");
+            assert!(
+                matches!(check_read_only(bad), Err(QueryError::NotARead(_))),
+                "{bad:?} passed"
+            );
         }
     }
 
     #[test]
     fn comments_cannot_hide_the_wrapper() {
         assert_eq!(check_read_only("select 1 -- trailing").unwrap(), "select 1");
-        assert_eq!(strip_comments("select '--not a comment'"), "select '--not a comment'");
+        assert_eq!(
+            strip_comments("select '--not a comment'"),
+            "select '--not a comment'"
+        );
     }
 
     #[test]
@@ -227,13 +276,30 @@ mod tests {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE t (a INTEGER, b VARCHAR, c DECIMAL(38,18)); INSERT INTO t VALUES (1, 'x', 0.000001), (2, NULL, 3)").unwrap();
         let result = run(&conn, "select * from t order by a;", 10).unwrap();
-        assert_eq!(result.columns.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>(), ["number", "text", "number"]);
-        assert_eq!(result.rows[0], vec![Some("1".into()), Some("x".into()), Some("0.000001000000000000".into())]);
+        assert_eq!(
+            result
+                .columns
+                .iter()
+                .map(|c| c.kind.as_str())
+                .collect::<Vec<_>>(),
+            ["number", "text", "number"]
+        );
+        assert_eq!(
+            result.rows[0],
+            vec![
+                Some("1".into()),
+                Some("x".into()),
+                Some("0.000001000000000000".into())
+            ]
+        );
         assert_eq!(result.rows[1][1], None);
         let result = run(&conn, "select * from t", 1).unwrap();
         assert!(result.truncated && result.rows.len() == 1);
         // A second statement cannot ride along inside the wrapper.
         assert!(run(&conn, "select 1); drop table t; select (1", 10).is_err());
-        assert_eq!(run(&conn, "select count(*) from t", 10).unwrap().rows[0][0].as_deref(), Some("2"));
+        assert_eq!(
+            run(&conn, "select count(*) from t", 10).unwrap().rows[0][0].as_deref(),
+            Some("2")
+        );
     }
 }

@@ -125,7 +125,11 @@ pub fn current_version(conn: &Connection) -> duckdb::Result<i32> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, description VARCHAR, applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)",
     )?;
-    conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |row| row.get(0))
+    conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_version",
+        [],
+        |row| row.get(0),
+    )
 }
 
 /// Applies every migration above the file's version up to `target`.
@@ -133,7 +137,10 @@ pub fn current_version(conn: &Connection) -> duckdb::Result<i32> {
 pub fn migrate_to(conn: &Connection, target: i32) -> duckdb::Result<Vec<i32>> {
     let current = current_version(conn)?;
     let mut applied = Vec::new();
-    for migration in MIGRATIONS.iter().filter(|m| m.version > current && m.version <= target) {
+    for migration in MIGRATIONS
+        .iter()
+        .filter(|m| m.version > current && m.version <= target)
+    {
         conn.execute_batch("BEGIN TRANSACTION")?;
         let result = conn.execute_batch(migration.sql).and_then(|()| {
             conn.execute(

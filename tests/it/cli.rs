@@ -15,18 +15,39 @@ fn warden() -> Command {
 fn init_writes_a_config_that_serve_accepts_and_prints_credentials_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("warden.toml");
-    let out = warden().args(["init", "--path"]).arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = warden()
+        .args(["init", "--path"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let key = stdout.split_whitespace().find(|w| w.starts_with("wk_")).expect("an agent key is printed");
-    let token = stdout.split_whitespace().find(|w| w.starts_with("wt_")).expect("an operator token is printed");
+    let key = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("wk_"))
+        .expect("an agent key is printed");
+    let token = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("wt_"))
+        .expect("an operator token is printed");
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(!text.contains(key) && !text.contains(token), "secrets are not in the file");
+    assert!(
+        !text.contains(key) && !text.contains(token),
+        "secrets are not in the file"
+    );
     assert!(text.contains(&warden::config::sha256_hex(key)));
     assert!(text.contains(&warden::config::sha256_hex(token)));
     warden::config::Config::load(&path).unwrap();
     // A second init does not overwrite.
-    let again = warden().args(["init", "--path"]).arg(&path).output().unwrap();
+    let again = warden()
+        .args(["init", "--path"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }
@@ -35,11 +56,22 @@ fn init_writes_a_config_that_serve_accepts_and_prints_credentials_once() {
 fn serve_refuses_a_bad_config_with_file_line_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"x\"\nkind = \"gemini\"\n").unwrap();
-    let out = warden().args(["serve", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"x\"\nkind = \"gemini\"\n",
+    )
+    .unwrap();
+    let out = warden()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{}:6:", path.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:6:", path.display())),
+        "{stderr}"
+    );
     assert!(stderr.contains("gemini"), "{stderr}");
 }
 
@@ -47,29 +79,58 @@ fn serve_refuses_a_bad_config_with_file_line_and_reason() {
 fn serve_names_a_missing_provider_key_variable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("warden.toml");
-    let text = config_text("http://127.0.0.1:9/v1", "http://127.0.0.1:9", &dir.path().join("w.duckdb"), &Options::default())
-        .replace(PROVIDER_KEY_ENV, "WARDEN_TEST_KEY_THAT_IS_NOT_SET");
+    let text = config_text(
+        "http://127.0.0.1:9/v1",
+        "http://127.0.0.1:9",
+        &dir.path().join("w.duckdb"),
+        &Options::default(),
+    )
+    .replace(PROVIDER_KEY_ENV, "WARDEN_TEST_KEY_THAT_IS_NOT_SET");
     std::fs::write(&path, text).unwrap();
-    let out = warden().args(["serve", "--config"]).arg(&path).env_remove("WARDEN_TEST_KEY_THAT_IS_NOT_SET").output().unwrap();
+    let out = warden()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("WARDEN_TEST_KEY_THAT_IS_NOT_SET")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("WARDEN_TEST_KEY_THAT_IS_NOT_SET") && stderr.contains("not set"), "{stderr}");
+    assert!(
+        stderr.contains("WARDEN_TEST_KEY_THAT_IS_NOT_SET") && stderr.contains("not set"),
+        "{stderr}"
+    );
 }
 
 /// Picks a free port for a child process to bind.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
-    let upstream = FakeUpstream::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let upstream =
+        FakeUpstream::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
     let dir = tempfile::tempdir().unwrap();
     let (port, admin_port) = (free_port(), free_port());
     let store = dir.path().join("warden.duckdb");
-    let text = config_text(&format!("{}/v1", upstream.url()), &upstream.url(), &store, &Options::default())
-        .replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"127.0.0.1:{admin_port}\""))
-        .replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"127.0.0.1:{port}\""));
+    let text = config_text(
+        &format!("{}/v1", upstream.url()),
+        &upstream.url(),
+        &store,
+        &Options::default(),
+    )
+    .replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+    )
+    .replace(
+        "\nlisten = \"127.0.0.1:0\"",
+        &format!("\nlisten = \"127.0.0.1:{port}\""),
+    );
     let config = dir.path().join("warden.toml");
     std::fs::write(&config, text).unwrap();
     let mut child = warden()
@@ -84,8 +145,14 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let mut served = false;
     for _ in 0..300 {
-        let request = http::Request::get(format!("http://127.0.0.1:{admin_port}/healthz")).body(Default::default()).unwrap();
-        if client.request(request).await.is_ok_and(|r| r.status() == 200) {
+        let request = http::Request::get(format!("http://127.0.0.1:{admin_port}/healthz"))
+            .body(Default::default())
+            .unwrap();
+        if client
+            .request(request)
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             served = true;
             break;
         }
@@ -94,12 +161,17 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
     if !served {
         let _ = child.kill();
         let output = child.wait_with_output().unwrap();
-        panic!("warden serve did not come up:\n{}", String::from_utf8_lossy(&output.stderr));
+        panic!(
+            "warden serve did not come up:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     for _ in 0..3 {
         let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
             .header("authorization", format!("Bearer {AGENT_KEY}"))
-            .body(http_body_util::Full::new(bytes::Bytes::from(json!({"model": "gpt-4o-mini", "messages": []}).to_string())))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
+            )))
             .unwrap();
         assert_eq!(client.request(request).await.unwrap().status(), 200);
     }
@@ -107,37 +179,82 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
     let admin_url = format!("http://127.0.0.1:{admin_port}");
     tokio::time::sleep(Duration::from_millis(300)).await; // one flush interval and more
     let out = warden()
-        .args(["query", "SELECT agent, calls FROM cost_by_agent", "--format", "csv", "--admin-url", &admin_url])
+        .args([
+            "query",
+            "SELECT agent, calls FROM cost_by_agent",
+            "--format",
+            "csv",
+            "--admin-url",
+            &admin_url,
+        ])
         .env("WARDEN_TOKEN", OPERATOR_TOKEN)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "agent,calls\nalpha,3\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "agent,calls\nalpha,3\n"
+    );
 
     let refused = warden()
-        .args(["query", "DELETE FROM calls", "--admin-url", &admin_url, "--token", OPERATOR_TOKEN])
+        .args([
+            "query",
+            "DELETE FROM calls",
+            "--admin-url",
+            &admin_url,
+            "--token",
+            OPERATOR_TOKEN,
+        ])
         .output()
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("read-only"));
-    let no_token = warden().args(["query", "SELECT 1", "--admin-url", &admin_url]).env_remove("WARDEN_TOKEN").output().unwrap();
+    let no_token = warden()
+        .args(["query", "SELECT 1", "--admin-url", &admin_url])
+        .env_remove("WARDEN_TOKEN")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&no_token.stderr).contains("WARDEN_TOKEN"));
 
     // One more call right before SIGTERM: the drain and final flush keep it.
     let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
         .header("authorization", format!("Bearer {AGENT_KEY}"))
-        .body(http_body_util::Full::new(bytes::Bytes::from(json!({"model": "gpt-4o-mini", "messages": []}).to_string())))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
+        )))
         .unwrap();
     assert_eq!(client.request(request).await.unwrap().status(), 200);
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let logs = String::from_utf8_lossy(&status.stderr);
-    assert!(!logs.contains(PROVIDER_KEY) && !logs.contains(AGENT_KEY), "secrets in the logs");
+    assert!(
+        !logs.contains(PROVIDER_KEY) && !logs.contains(AGENT_KEY),
+        "secrets in the logs"
+    );
 
     let conn = duckdb::Connection::open(&store).unwrap();
-    let count: i64 = conn.query_row("SELECT count(*) FROM calls", [], |r| r.get(0)).unwrap();
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(count, 4);
 }
 
@@ -145,9 +262,27 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
 fn demo_runs_offline_and_prints_the_cost_tables() {
     let out = warden().arg("demo").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for expected in ["Cost by agent", "Cost by model", "researcher", "writer", "claude-sonnet-4-5", "gpt-4o-mini", "Audit chain: intact"] {
-        assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "Cost by agent",
+        "Cost by model",
+        "researcher",
+        "writer",
+        "claude-sonnet-4-5",
+        "gpt-4o-mini",
+        "Audit chain: intact",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{stdout}"
+        );
     }
-    assert!(stdout.contains("(2 rows)"), "two agents in the cost table:\n{stdout}");
+    assert!(
+        stdout.contains("(2 rows)"),
+        "two agents in the cost table:\n{stdout}"
+    );
 }

@@ -17,14 +17,27 @@ fn python_with_sdks() -> PathBuf {
     if let Ok(python) = std::env::var("WARDEN_E2E_PYTHON") {
         return PathBuf::from(python);
     }
-    let target = PathBuf::from(env!("CARGO_BIN_EXE_warden")).parent().unwrap().parent().unwrap().to_path_buf();
+    let target = PathBuf::from(env!("CARGO_BIN_EXE_warden"))
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let venv = target.join("e2e-venv");
     let python = venv.join("bin/python");
     let has_sdks = |python: &PathBuf| {
-        Command::new(python).args(["-c", "import openai, anthropic"]).status().is_ok_and(|s| s.success())
+        Command::new(python)
+            .args(["-c", "import openai, anthropic"])
+            .status()
+            .is_ok_and(|s| s.success())
     };
     if !has_sdks(&python) {
-        let made = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().expect("python3 is needed");
+        let made = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed");
         assert!(made.success(), "could not create {}", venv.display());
         let pip = Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "openai", "anthropic"])
@@ -38,7 +51,11 @@ fn python_with_sdks() -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn official_sdks_work_unchanged_and_every_call_is_recorded() {
     let python = tokio::task::spawn_blocking(python_with_sdks).await.unwrap();
-    let sim = SimProvider::start(SimOptions { chunk_delay: std::time::Duration::ZERO }).await.unwrap();
+    let sim = SimProvider::start(SimOptions {
+        chunk_delay: std::time::Duration::ZERO,
+    })
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         r#"
@@ -65,26 +82,62 @@ key_sha256 = "{key}"
         anthropic = sim.anthropic_base_url(),
         key = sha256_hex(AGENT_KEY),
     );
-    let gateway = Gateway::start(Config::parse(&text, std::path::Path::new("e2e.toml")).unwrap()).await.unwrap();
+    let gateway = Gateway::start(Config::parse(&text, std::path::Path::new("e2e.toml")).unwrap())
+        .await
+        .unwrap();
     let url = format!("http://{}", gateway.proxy_addr());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/sdk_check.py");
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(python).arg(script).env("WARDEN_URL", url).env("WARDEN_AGENT_KEY", AGENT_KEY).output().unwrap()
+        Command::new(python)
+            .arg(script)
+            .env("WARDEN_URL", url)
+            .env("WARDEN_AGENT_KEY", AGENT_KEY)
+            .output()
+            .unwrap()
     })
     .await
     .unwrap();
-    assert!(output.status.success(), "sdk_check.py failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "sdk_check.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let results: Value = serde_json::from_slice(&output.stdout).unwrap();
 
     assert!(!results["chat"]["text"].as_str().unwrap().is_empty());
-    assert!(results["chat"]["cost"].as_str().is_some_and(|c| c.starts_with("0.0")), "{}", results["chat"]);
-    assert_eq!(results["chat_stream"]["chunks_without_choices"], 0, "the usage chunk Warden asked for is stripped");
+    assert!(
+        results["chat"]["cost"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("0.0")),
+        "{}",
+        results["chat"]
+    );
+    assert_eq!(
+        results["chat_stream"]["chunks_without_choices"], 0,
+        "the usage chunk Warden asked for is stripped"
+    );
     assert_eq!(results["chat_stream"]["usage_seen"], false);
-    assert!(results["chat_stream_usage"]["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        results["chat_stream_usage"]["usage"]["prompt_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     assert!(results["responses"]["input_tokens"].as_u64().unwrap() > 0);
-    assert!(results["responses_stream"]["types"].as_array().unwrap().iter().any(|t| t == "response.completed"));
+    assert!(
+        results["responses_stream"]["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "response.completed")
+    );
     assert!(results["messages"]["output_tokens"].as_u64().unwrap() > 0);
-    assert!(!results["messages_stream"]["text"].as_str().unwrap().is_empty());
+    assert!(
+        !results["messages_stream"]["text"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
     assert!(results["count_tokens"]["input_tokens"].as_u64().unwrap() > 0);
     assert_eq!(results["errors"]["openai_bad_key"], 401);
     assert_eq!(results["errors"]["anthropic_bad_key"], 401);
@@ -102,7 +155,11 @@ key_sha256 = "{key}"
     .await
     .unwrap()
     .unwrap();
-    let ok: Vec<Vec<String>> = rows.rows.iter().map(|r| r.iter().map(|v| v.clone().unwrap_or_default()).collect()).collect();
+    let ok: Vec<Vec<String>> = rows
+        .rows
+        .iter()
+        .map(|r| r.iter().map(|v| v.clone().unwrap_or_default()).collect())
+        .collect();
     let shape: Vec<(String, String)> = ok.iter().map(|r| (r[0].clone(), r[1].clone())).collect();
     let expected = [
         ("/v1/chat/completions", "false"),
@@ -123,12 +180,21 @@ key_sha256 = "{key}"
     let chat_call = results["chat"]["call_id"].as_str().unwrap().to_owned();
     let reader = gateway.reader().clone();
     let tokens = tokio::task::spawn_blocking(move || {
-        reader.query(&format!("SELECT input_tokens, output_tokens FROM calls WHERE call_id = '{chat_call}'"), 1)
+        reader.query(
+            &format!("SELECT input_tokens, output_tokens FROM calls WHERE call_id = '{chat_call}'"),
+            1,
+        )
     })
     .await
     .unwrap()
     .unwrap();
-    assert_eq!(tokens.rows[0][0].as_deref(), Some(results["chat"]["prompt_tokens"].to_string().as_str()));
-    assert_eq!(tokens.rows[0][1].as_deref(), Some(results["chat"]["completion_tokens"].to_string().as_str()));
+    assert_eq!(
+        tokens.rows[0][0].as_deref(),
+        Some(results["chat"]["prompt_tokens"].to_string().as_str())
+    );
+    assert_eq!(
+        tokens.rows[0][1].as_deref(),
+        Some(results["chat"]["completion_tokens"].to_string().as_str())
+    );
     gateway.shutdown().await;
 }

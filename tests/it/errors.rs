@@ -12,7 +12,11 @@ use crate::common::*;
 
 async fn last_call(warden: &TestWarden) -> Vec<Option<String>> {
     warden.wait_for_calls(1).await;
-    let rows = warden.query("SELECT outcome, status_code, agent, error FROM calls ORDER BY ts_start DESC LIMIT 1").await;
+    let rows = warden
+        .query(
+            "SELECT outcome, status_code, agent, error FROM calls ORDER BY ts_start DESC LIMIT 1",
+        )
+        .await;
     rows.rows[0].clone()
 }
 
@@ -20,7 +24,10 @@ fn assert_openai_error(answer: &Answer, status: u16, code: &str) {
     assert_eq!(answer.status, status, "{}", answer.text());
     let body = answer.json();
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().len() > 20, "a message that explains: {body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().len() > 20,
+        "a message that explains: {body}"
+    );
     assert!(body["error"]["type"].is_string());
     assert!(answer.header("x-warden-call-id").is_some());
 }
@@ -36,15 +43,26 @@ fn assert_anthropic_error(answer: &Answer, status: u16, kind: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_key_gets_401_in_each_callers_format_and_is_recorded() {
     let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
-    let answer = warden.post("/v1/chat/completions", "wk_not_a_real_key", json!({"model": "gpt-4o"}).to_string()).await;
+    let answer = warden
+        .post(
+            "/v1/chat/completions",
+            "wk_not_a_real_key",
+            json!({"model": "gpt-4o"}).to_string(),
+        )
+        .await;
     assert_openai_error(&answer, 401, "invalid_api_key");
     let request = warden
         .request("/v1/messages", None)
         .header("x-api-key", "wk_wrong")
-        .body(Full::new(Bytes::from(json!({"model": "claude-sonnet-4-5"}).to_string())))
+        .body(Full::new(Bytes::from(
+            json!({"model": "claude-sonnet-4-5"}).to_string(),
+        )))
         .unwrap();
     assert_anthropic_error(&warden.send(request).await, 401, "authentication_error");
-    let missing = warden.request("/v1/chat/completions", None).body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+    let missing = warden
+        .request("/v1/chat/completions", None)
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
     assert_eq!(warden.send(missing).await.status, 401);
     assert!(warden.upstream.requests().is_empty());
     warden.wait_for_calls(3).await;
@@ -54,13 +72,29 @@ async fn unknown_key_gets_401_in_each_callers_format_and_is_recorded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_json_gets_400_and_is_recorded() {
     let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
-    let answer = warden.post("/v1/chat/completions", AGENT_KEY, "{\"model\": \"gpt-4o\", ").await;
+    let answer = warden
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            "{\"model\": \"gpt-4o\", ",
+        )
+        .await;
     assert_openai_error(&answer, 400, "invalid_json");
     let call = last_call(&warden).await;
-    assert_eq!(call[..3], [Some("error".into()), Some("400".into()), Some("alpha".into())]);
+    assert_eq!(
+        call[..3],
+        [
+            Some("error".into()),
+            Some("400".into()),
+            Some("alpha".into())
+        ]
+    );
     assert!(call[3].as_deref().unwrap().contains("not valid JSON"));
 
-    let request = warden.request("/v1/messages", Some(AGENT_KEY)).body(Full::new(Bytes::from_static(b"{\"messages\": []}"))).unwrap();
+    let request = warden
+        .request("/v1/messages", Some(AGENT_KEY))
+        .body(Full::new(Bytes::from_static(b"{\"messages\": []}")))
+        .unwrap();
     assert_anthropic_error(&warden.send(request).await, 400, "invalid_request_error");
     assert!(warden.upstream.requests().is_empty());
 }
@@ -68,29 +102,60 @@ async fn malformed_json_gets_400_and_is_recorded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_model_gets_404_model_not_found_and_is_recorded() {
     let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
-    let answer = warden.post("/v1/chat/completions", AGENT_KEY, json!({"model": "gemini-pro", "messages": []}).to_string()).await;
+    let answer = warden
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "gemini-pro", "messages": []}).to_string(),
+        )
+        .await;
     assert_openai_error(&answer, 404, "model_not_found");
-    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("gemini-pro"));
+    assert!(
+        answer.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gemini-pro")
+    );
     let call = last_call(&warden).await;
     assert_eq!(call[..2], [Some("error".into()), Some("404".into())]);
     // A Claude model asked for in OpenAI's format is not silently translated.
-    let answer = warden.post("/v1/chat/completions", AGENT_KEY, json!({"model": "claude-sonnet-4-5", "messages": []}).to_string()).await;
+    let answer = warden
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "claude-sonnet-4-5", "messages": []}).to_string(),
+        )
+        .await;
     assert_openai_error(&answer, 400, "wrong_api_format");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_body_gets_413_whether_announced_or_streamed() {
-    let options = Options { max_body_bytes: 1024, ..Options::default() };
-    let warden = TestWarden::start_with(options, |_| Reply::json(fixture("openai/chat_completion.json"))).await;
-    let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(4096)}]}).to_string();
-    let answer = warden.post("/v1/chat/completions", AGENT_KEY, big.clone()).await;
+    let options = Options {
+        max_body_bytes: 1024,
+        ..Options::default()
+    };
+    let warden = TestWarden::start_with(options, |_| {
+        Reply::json(fixture("openai/chat_completion.json"))
+    })
+    .await;
+    let big =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(4096)}]})
+            .to_string();
+    let answer = warden
+        .post("/v1/chat/completions", AGENT_KEY, big.clone())
+        .await;
     assert_openai_error(&answer, 413, "request_too_large");
 
     // Chunked, no content-length: the limit still holds while reading.
-    let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
-        big.as_bytes().chunks(100).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+    let chunks: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = big
+        .as_bytes()
+        .chunks(100)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
     let body = StreamBody::new(futures_util::stream::iter(chunks));
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
     let request = http::Request::post(format!("{}/v1/messages", warden.base()))
         .header("x-api-key", AGENT_KEY)
         .body(body)
@@ -98,7 +163,13 @@ async fn oversized_body_gets_413_whether_announced_or_streamed() {
     let response = client.request(request).await.unwrap();
     assert_eq!(response.status(), 413);
     warden.wait_for_calls(2).await;
-    assert_eq!(warden.scalar("SELECT count(*) FROM calls WHERE status_code = 413").await.as_deref(), Some("2"));
+    assert_eq!(
+        warden
+            .scalar("SELECT count(*) FROM calls WHERE status_code = 413")
+            .await
+            .as_deref(),
+        Some("2")
+    );
     assert!(warden.upstream.requests().is_empty());
 }
 
@@ -108,31 +179,68 @@ async fn unreachable_upstream_gets_502() {
     unsafe { std::env::set_var(PROVIDER_KEY_ENV, PROVIDER_KEY) };
     // A config whose upstream port has nobody listening.
     let dir = tempfile::tempdir().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let text = config_text(&format!("http://{closed}/v1"), &format!("http://{closed}"), &dir.path().join("w.duckdb"), &Options::default());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = config_text(
+        &format!("http://{closed}/v1"),
+        &format!("http://{closed}"),
+        &dir.path().join("w.duckdb"),
+        &Options::default(),
+    );
     let config = warden::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
     let gateway = warden::gateway::Gateway::start(config).await.unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let request = http::Request::post(format!("http://{}/v1/messages", gateway.proxy_addr()))
         .header("x-api-key", AGENT_KEY)
-        .body(Full::new(Bytes::from(json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}).to_string())))
+        .body(Full::new(Bytes::from(
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}).to_string(),
+        )))
         .unwrap();
     let response = client.request(request).await.unwrap();
     assert_eq!(response.status(), 502);
-    let body: serde_json::Value = serde_json::from_slice(&http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes()).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(
+        &http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .unwrap();
     assert_eq!(body["error"]["type"], "api_error");
-    assert!(body["error"]["message"].as_str().unwrap().contains("cannot reach the upstream `anthropic-main`"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the upstream `anthropic-main`")
+    );
     gateway.flush().await;
-    let rows = gateway.reader().query("SELECT outcome, status_code FROM calls", 10).unwrap();
-    assert_eq!(rows.rows[0], [Some("error".to_owned()), Some("502".to_owned())]);
+    let rows = gateway
+        .reader()
+        .query("SELECT outcome, status_code FROM calls", 10)
+        .unwrap();
+    assert_eq!(
+        rows.rows[0],
+        [Some("error".to_owned()), Some("502".to_owned())]
+    );
     gateway.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_upstream_gets_504_after_the_configured_timeout() {
-    let options = Options { upstream_timeout_secs: 1, ..Options::default() };
+    let options = Options {
+        upstream_timeout_secs: 1,
+        ..Options::default()
+    };
     let warden = TestWarden::start_with(options, |_| Reply::Hang).await;
-    let answer = warden.post("/v1/chat/completions", AGENT_KEY, json!({"model": "gpt-4o", "messages": []}).to_string()).await;
+    let answer = warden
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "gpt-4o", "messages": []}).to_string(),
+        )
+        .await;
     assert_openai_error(&answer, 504, "upstream_timeout");
     let call = last_call(&warden).await;
     assert_eq!(call[..2], [Some("error".into()), Some("504".into())]);
@@ -148,16 +256,35 @@ async fn upstream_errors_pass_through_and_are_recorded_without_their_message() {
         }
     })
     .await;
-    let answer = warden.post("/v1/chat/completions", AGENT_KEY, json!({"model": "gpt-4o", "messages": []}).to_string()).await;
+    let answer = warden
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "gpt-4o", "messages": []}).to_string(),
+        )
+        .await;
     assert_eq!(answer.status, 429);
-    assert_eq!(answer.body, fixture("openai/error_rate_limit.json"), "the SDK sees the provider's own error");
+    assert_eq!(
+        answer.body,
+        fixture("openai/error_rate_limit.json"),
+        "the SDK sees the provider's own error"
+    );
     let call = last_call(&warden).await;
     assert_eq!(call[..2], [Some("error".into()), Some("429".into())]);
-    assert_eq!(call[3].as_deref(), Some("upstream answered 429: requests rate_limit_exceeded"));
+    assert_eq!(
+        call[3].as_deref(),
+        Some("upstream answered 429: requests rate_limit_exceeded")
+    );
 
     // The provider refusing Warden's own key is not the agent's fault, and
     // the provider's echo of that key never reaches the agent.
-    let answer = warden.post("/v1/responses", AGENT_KEY, json!({"model": "gpt-4o", "input": "x"}).to_string()).await;
+    let answer = warden
+        .post(
+            "/v1/responses",
+            AGENT_KEY,
+            json!({"model": "gpt-4o", "input": "x"}).to_string(),
+        )
+        .await;
     assert_openai_error(&answer, 502, "upstream_auth_failed");
     assert!(!answer.text().contains("sk-"));
 }
@@ -169,14 +296,20 @@ async fn unknown_endpoint_gets_404_in_openai_format() {
     assert_openai_error(&answer, 404, "unknown_endpoint");
     let call = last_call(&warden).await;
     assert_eq!(call[1].as_deref(), Some("404"));
-    assert_eq!(warden.scalar("SELECT endpoint FROM calls").await.as_deref(), Some("/v1/assistants"));
+    assert_eq!(
+        warden.scalar("SELECT endpoint FROM calls").await.as_deref(),
+        Some("/v1/assistants")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_hanging_up_before_the_answer_is_recorded_as_cancelled() {
     let warden = TestWarden::start(|_| Reply::Hang).await;
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "a question that never gets an answer"}]}).to_string();
-    let request = warden.request("/v1/chat/completions", Some(AGENT_KEY)).body(Full::new(Bytes::from(body))).unwrap();
+    let request = warden
+        .request("/v1/chat/completions", Some(AGENT_KEY))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
     let client = warden.client.clone();
     let pending = tokio::spawn(async move { client.request(request).await });
     // Wait until the call reached the upstream, then hang up.
@@ -190,6 +323,15 @@ async fn agent_hanging_up_before_the_answer_is_recorded_as_cancelled() {
     pending.abort();
     let _ = pending.await;
     warden.wait_for_calls(1).await;
-    let row = warden.query("SELECT outcome, usage_source, input_tokens > 0 FROM calls").await;
-    assert_eq!(row.rows[0], [Some("cancelled".into()), Some("estimated".into()), Some("true".into())]);
+    let row = warden
+        .query("SELECT outcome, usage_source, input_tokens > 0 FROM calls")
+        .await;
+    assert_eq!(
+        row.rows[0],
+        [
+            Some("cancelled".into()),
+            Some("estimated".into()),
+            Some("true".into())
+        ]
+    );
 }

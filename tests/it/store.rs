@@ -21,15 +21,31 @@ fn an_older_store_file_is_upgraded_in_place() {
     }
     let store = Store::open(&path).unwrap();
     assert_eq!(store.schema_version().unwrap(), schema::latest_version());
-    let rows = store.query("SELECT call_id, cost_usd FROM calls", 10).unwrap();
-    assert_eq!(rows.rows[0][0].as_deref(), Some("old-call"), "the old rows survive the upgrade");
-    let views = store.query("SELECT agent, calls FROM cost_by_agent", 10).unwrap();
-    assert_eq!(views.rows[0], [Some("alpha".to_owned()), Some("1".to_owned())]);
+    let rows = store
+        .query("SELECT call_id, cost_usd FROM calls", 10)
+        .unwrap();
+    assert_eq!(
+        rows.rows[0][0].as_deref(),
+        Some("old-call"),
+        "the old rows survive the upgrade"
+    );
+    let views = store
+        .query("SELECT agent, calls FROM cost_by_agent", 10)
+        .unwrap();
+    assert_eq!(
+        views.rows[0],
+        [Some("alpha".to_owned()), Some("1".to_owned())]
+    );
     drop(store);
     // Opening again applies nothing and changes nothing.
     let store = Store::open(&path).unwrap();
-    let versions = store.query("SELECT count(*) FROM schema_version", 10).unwrap();
-    assert_eq!(versions.rows[0][0].as_deref(), Some(schema::latest_version().to_string().as_str()));
+    let versions = store
+        .query("SELECT count(*) FROM schema_version", 10)
+        .unwrap();
+    assert_eq!(
+        versions.rows[0][0].as_deref(),
+        Some(schema::latest_version().to_string().as_str())
+    );
 }
 
 #[test]
@@ -39,24 +55,39 @@ fn a_store_from_a_newer_warden_is_refused() {
     drop(Store::open(&path).unwrap());
     {
         let conn = duckdb::Connection::open(&path).unwrap();
-        conn.execute_batch("INSERT INTO schema_version (version, description) VALUES (999, 'future')").unwrap();
+        conn.execute_batch(
+            "INSERT INTO schema_version (version, description) VALUES (999, 'future')",
+        )
+        .unwrap();
     }
     let err = Store::open(&path).err().expect("refused").to_string();
-    assert!(err.contains("999") && err.contains("upgrade Warden"), "{err}");
+    assert!(
+        err.contains("999") && err.contains("upgrade Warden"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_commits_every_call_and_the_audit_chain_verifies_then_detects_tampering() {
-    let mut warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let mut warden =
+        TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
     for _ in 0..25 {
-        let answer = warden.post("/v1/chat/completions", AGENT_KEY, json!({"model": "gpt-4o-mini", "messages": []}).to_string()).await;
+        let answer = warden
+            .post(
+                "/v1/chat/completions",
+                AGENT_KEY,
+                json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
+            )
+            .await;
         assert_eq!(answer.status, 200);
     }
     // No flush: shutdown alone must commit what the writer holds.
     warden.stop().await;
     let path = warden.store_path();
     let conn = duckdb::Connection::open(&path).unwrap();
-    let count: i64 = conn.query_row("SELECT count(*) FROM calls", [], |r| r.get(0)).unwrap();
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(count, 25);
     let kinds: Vec<String> = conn
         .prepare("SELECT kind FROM audit_log ORDER BY seq")
@@ -70,8 +101,12 @@ async fn shutdown_commits_every_call_and_the_audit_chain_verifies_then_detects_t
         Verification::Intact { rows, .. } => assert_eq!(rows, 2),
         broken => panic!("{broken:?}"),
     }
-    conn.execute_batch("UPDATE audit_log SET actor = 'mallory' WHERE seq = 1").unwrap();
-    assert!(matches!(warden::store::audit::verify(&conn).unwrap(), Verification::Broken { seq: 1, .. }));
+    conn.execute_batch("UPDATE audit_log SET actor = 'mallory' WHERE seq = 1")
+        .unwrap();
+    assert!(matches!(
+        warden::store::audit::verify(&conn).unwrap(),
+        Verification::Broken { seq: 1, .. }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -84,11 +119,34 @@ async fn secrets_never_reach_the_store() {
         }
     })
     .await;
-    warden.post("/v1/chat/completions", AGENT_KEY, json!({"model": "gpt-4o", "messages": []}).to_string()).await;
-    warden.post("/v1/responses", AGENT_KEY, json!({"model": "gpt-4o", "input": "x"}).to_string()).await;
-    warden.post("/v1/chat/completions", "wk_guessed_key", json!({"model": "gpt-4o"}).to_string()).await;
     warden
-        .admin_request(http::Method::POST, "/admin/v1/query", Some(OPERATOR_TOKEN), Some(json!({"sql": "SELECT 1"})))
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "gpt-4o", "messages": []}).to_string(),
+        )
+        .await;
+    warden
+        .post(
+            "/v1/responses",
+            AGENT_KEY,
+            json!({"model": "gpt-4o", "input": "x"}).to_string(),
+        )
+        .await;
+    warden
+        .post(
+            "/v1/chat/completions",
+            "wk_guessed_key",
+            json!({"model": "gpt-4o"}).to_string(),
+        )
+        .await;
+    warden
+        .admin_request(
+            http::Method::POST,
+            "/admin/v1/query",
+            Some(OPERATOR_TOKEN),
+            Some(json!({"sql": "SELECT 1"})),
+        )
         .await;
     warden.stop().await;
     let conn = duckdb::Connection::open(warden.store_path()).unwrap();
@@ -100,7 +158,13 @@ async fn secrets_never_reach_the_store() {
         )
         .unwrap();
     assert!(dump.contains("alpha"), "the dump is the real store content");
-    for secret in [AGENT_KEY, "wk_guessed_key", PROVIDER_KEY, OPERATOR_TOKEN, "sk-abc"] {
+    for secret in [
+        AGENT_KEY,
+        "wk_guessed_key",
+        PROVIDER_KEY,
+        OPERATOR_TOKEN,
+        "sk-abc",
+    ] {
         assert!(!dump.contains(secret), "{secret} is in the store");
     }
 }

@@ -11,7 +11,10 @@ use tokio::sync::Notify;
 use crate::common::*;
 
 fn without_usage_chunk(stream: &[u8]) -> String {
-    String::from_utf8_lossy(stream).split_inclusive("\n\n").filter(|e| !e.contains("\"choices\":[]")).collect()
+    String::from_utf8_lossy(stream)
+        .split_inclusive("\n\n")
+        .filter(|e| !e.contains("\"choices\":[]"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -20,15 +23,24 @@ async fn openai_stream_gets_usage_from_upstream_but_agent_sees_no_extra_chunk() 
     let reply = stream.clone();
     let warden = TestWarden::start(move |_| Reply::sse_events(&reply)).await;
     let request = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    let response = warden.open("/v1/chat/completions", AGENT_KEY, request.to_string()).await;
+    let response = warden
+        .open("/v1/chat/completions", AGENT_KEY, request.to_string())
+        .await;
     assert_eq!(response.status(), 200);
     assert!(response.headers().contains_key("x-warden-call-id"));
-    assert!(!response.headers().contains_key("x-warden-cost-usd"), "a stream's cost is not known at its start");
+    assert!(
+        !response.headers().contains_key("x-warden-cost-usd"),
+        "a stream's cost is not known at its start"
+    );
     let body = read_all(response.into_body()).await;
     assert_eq!(String::from_utf8_lossy(&body), without_usage_chunk(&stream));
 
-    let upstream_body: serde_json::Value = serde_json::from_slice(&warden.upstream.requests()[0].body).unwrap();
-    assert_eq!(upstream_body["stream_options"]["include_usage"], true, "Warden asked the upstream for usage");
+    let upstream_body: serde_json::Value =
+        serde_json::from_slice(&warden.upstream.requests()[0].body).unwrap();
+    assert_eq!(
+        upstream_body["stream_options"]["include_usage"], true,
+        "Warden asked the upstream for usage"
+    );
 
     warden.wait_for_calls(1).await;
     let row = warden.query("SELECT stream, outcome, usage_source, input_tokens, output_tokens, cost_usd IS NOT NULL, ttft_ms IS NOT NULL FROM calls").await;
@@ -45,12 +57,20 @@ async fn openai_stream_keeps_the_usage_chunk_when_the_agent_asked() {
     let reply = stream.clone();
     let warden = TestWarden::start(move |_| Reply::sse_events(&reply)).await;
     let request = json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
-    let response = warden.open("/v1/chat/completions", AGENT_KEY, request.to_string()).await;
+    let response = warden
+        .open("/v1/chat/completions", AGENT_KEY, request.to_string())
+        .await;
     let body = read_all(response.into_body()).await;
     assert_eq!(body, stream, "byte for byte");
-    assert_eq!(warden.upstream.requests()[0].body, Bytes::from(request.to_string()), "nothing to rewrite");
+    assert_eq!(
+        warden.upstream.requests()[0].body,
+        Bytes::from(request.to_string()),
+        "nothing to rewrite"
+    );
     warden.wait_for_calls(1).await;
-    let row = warden.query("SELECT input_tokens, output_tokens, cached_input_tokens FROM calls").await;
+    let row = warden
+        .query("SELECT input_tokens, output_tokens, cached_input_tokens FROM calls")
+        .await;
     assert_eq!(row.rows[0], ["81", "17", "64"].map(|s| Some(s.to_owned())));
 }
 
@@ -60,7 +80,11 @@ async fn anthropic_and_responses_streams_pass_through_byte_for_byte() {
     let responses = fixture("openai/responses_stream.sse");
     let (a, r) = (anthropic.clone(), responses.clone());
     let warden = TestWarden::start(move |seen| {
-        if seen.path == "/v1/messages" { Reply::sse_events(&a) } else { Reply::sse_events(&r) }
+        if seen.path == "/v1/messages" {
+            Reply::sse_events(&a)
+        } else {
+            Reply::sse_events(&r)
+        }
     })
     .await;
     let body = read_all(
@@ -71,11 +95,24 @@ async fn anthropic_and_responses_streams_pass_through_byte_for_byte() {
     )
     .await;
     assert_eq!(body, anthropic);
-    let body = read_all(warden.open("/v1/responses", AGENT_KEY, json!({"model": "gpt-4.1", "stream": true, "input": "x"}).to_string()).await.into_body()).await;
+    let body = read_all(
+        warden
+            .open(
+                "/v1/responses",
+                AGENT_KEY,
+                json!({"model": "gpt-4.1", "stream": true, "input": "x"}).to_string(),
+            )
+            .await
+            .into_body(),
+    )
+    .await;
     assert_eq!(body, responses);
     warden.wait_for_calls(2).await;
     let rows = warden.query("SELECT endpoint, outcome, usage_source, input_tokens, output_tokens, cached_input_tokens FROM calls ORDER BY endpoint").await;
-    assert_eq!(rows.rows[0][..6], ["/v1/messages", "ok", "provider", "2183", "31", "2048"].map(|s| Some(s.to_owned())));
+    assert_eq!(
+        rows.rows[0][..6],
+        ["/v1/messages", "ok", "provider", "2183", "31", "2048"].map(|s| Some(s.to_owned()))
+    );
     assert_eq!(rows.rows[1][1].as_deref(), Some("ok"));
     assert_eq!(rows.rows[1][2].as_deref(), Some("provider"));
 }
@@ -92,18 +129,38 @@ async fn the_first_chunk_reaches_the_agent_before_the_upstream_has_finished() {
         ],
     })
     .await;
-    let response = warden.open("/v1/chat/completions", AGENT_KEY, json!({"model": "gpt-4o", "stream": true, "messages": []}).to_string()).await;
+    let response = warden
+        .open(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "gpt-4o", "stream": true, "messages": []}).to_string(),
+        )
+        .await;
     let mut body = response.into_body();
     // The upstream is parked until we release it: this chunk can only come
     // through if Warden forwards without waiting for the end.
     let first = next_chunk(&mut body).await;
     assert!(String::from_utf8_lossy(&first).contains("Hel"));
-    assert_eq!(warden.scalar("SELECT count(*) FROM calls").await.as_deref(), Some("0"), "still in flight");
+    assert_eq!(
+        warden.scalar("SELECT count(*) FROM calls").await.as_deref(),
+        Some("0"),
+        "still in flight"
+    );
     go_on.notify_one();
     let rest = read_all(body).await;
-    assert_eq!(String::from_utf8_lossy(&rest), "data: [DONE]\n\n", "the usage chunk is stripped");
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "data: [DONE]\n\n",
+        "the usage chunk is stripped"
+    );
     warden.wait_for_calls(1).await;
-    assert_eq!(warden.scalar("SELECT input_tokens || '/' || output_tokens FROM calls").await.as_deref(), Some("3/1"));
+    assert_eq!(
+        warden
+            .scalar("SELECT input_tokens || '/' || output_tokens FROM calls")
+            .await
+            .as_deref(),
+        Some("3/1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -119,7 +176,9 @@ async fn stream_cut_by_client_cancels_upstream_and_is_recorded_as_cancelled() {
     })
     .await;
     let request = json!({"model": "claude-sonnet-4-5", "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "tell me a story"}]});
-    let response = warden.open("/v1/messages", AGENT_KEY, request.to_string()).await;
+    let response = warden
+        .open("/v1/messages", AGENT_KEY, request.to_string())
+        .await;
     let mut body = response.into_body();
     let mut received = Vec::new();
     while !String::from_utf8_lossy(&received).contains("lazy dog") {
@@ -127,16 +186,28 @@ async fn stream_cut_by_client_cancels_upstream_and_is_recorded_as_cancelled() {
     }
     drop(body); // the agent hangs up
 
-    tokio::time::timeout(Duration::from_secs(10), warden.upstream.client_gone.notified())
-        .await
-        .expect("the upstream connection was not closed after the agent left");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        warden.upstream.client_gone.notified(),
+    )
+    .await
+    .expect("the upstream connection was not closed after the agent left");
     warden.wait_for_calls(1).await;
-    let row = warden.query("SELECT outcome, usage_source, input_tokens, output_tokens, cost_usd > 0 FROM calls").await;
+    let row = warden
+        .query("SELECT outcome, usage_source, input_tokens, output_tokens, cost_usd > 0 FROM calls")
+        .await;
     let values: Vec<_> = row.rows[0].iter().map(|v| v.clone().unwrap()).collect();
     assert_eq!(values[0], "cancelled");
     assert_eq!(values[1], "estimated");
-    assert_eq!(values[2], "120", "the input count the provider sent is kept");
-    assert!(values[3].parse::<u64>().unwrap() >= 8, "output estimated from the streamed text: {}", values[3]);
+    assert_eq!(
+        values[2], "120",
+        "the input count the provider sent is kept"
+    );
+    assert!(
+        values[3].parse::<u64>().unwrap() >= 8,
+        "output estimated from the streamed text: {}",
+        values[3]
+    );
     assert_eq!(values[4], "true");
 }
 
@@ -151,15 +222,26 @@ async fn upstream_dying_mid_stream_ends_with_a_provider_error_event_and_is_recor
     })
     .await;
     let request = json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hello there"}]});
-    let body = read_all(warden.open("/v1/chat/completions", AGENT_KEY, request.to_string()).await.into_body()).await;
+    let body = read_all(
+        warden
+            .open("/v1/chat/completions", AGENT_KEY, request.to_string())
+            .await
+            .into_body(),
+    )
+    .await;
     let text = String::from_utf8_lossy(&body);
     assert!(text.starts_with("data: {\"id\":\"c\""), "{text}");
     let last = text.trim_end().rsplit("\n\n").next().unwrap();
-    let event: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "upstream_error", "{text}");
 
     warden.wait_for_calls(1).await;
-    let row = warden.query("SELECT outcome, usage_source, input_tokens > 0, output_tokens > 0, error FROM calls").await;
+    let row = warden
+        .query(
+            "SELECT outcome, usage_source, input_tokens > 0, output_tokens > 0, error FROM calls",
+        )
+        .await;
     let values: Vec<_> = row.rows[0].iter().map(|v| v.clone().unwrap()).collect();
     assert_eq!(values[..4], ["error", "estimated", "true", "true"]);
     assert!(values[4].contains("broke off"), "{}", values[4]);
@@ -170,11 +252,23 @@ async fn anthropic_error_event_mid_stream_reaches_the_agent_and_is_recorded() {
     let stream = fixture("anthropic/message_stream_error_midway.sse");
     let reply = stream.clone();
     let warden = TestWarden::start(move |_| Reply::sse_events(&reply)).await;
-    let request = json!({"model": "claude-sonnet-4-5", "stream": true, "max_tokens": 10, "messages": []});
-    let body = read_all(warden.open("/v1/messages", AGENT_KEY, request.to_string()).await.into_body()).await;
-    assert_eq!(body, stream, "the provider's own error event is passed through");
+    let request =
+        json!({"model": "claude-sonnet-4-5", "stream": true, "max_tokens": 10, "messages": []});
+    let body = read_all(
+        warden
+            .open("/v1/messages", AGENT_KEY, request.to_string())
+            .await
+            .into_body(),
+    )
+    .await;
+    assert_eq!(
+        body, stream,
+        "the provider's own error event is passed through"
+    );
     warden.wait_for_calls(1).await;
-    let row = warden.query("SELECT outcome, usage_source, input_tokens, output_tokens, error FROM calls").await;
+    let row = warden
+        .query("SELECT outcome, usage_source, input_tokens, output_tokens, error FROM calls")
+        .await;
     let values: Vec<_> = row.rows[0].iter().map(|v| v.clone().unwrap()).collect();
     assert_eq!(values[..3], ["error", "estimated", "472"]);
     assert!(values[3].parse::<u64>().unwrap() > 0);
@@ -187,8 +281,21 @@ async fn upstream_closing_a_stream_early_is_an_error_for_the_agent() {
         chunks: vec![Chunk::Data(Bytes::from_static(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"cut\"},\"finish_reason\":null}]}\n\n"))],
     })
     .await;
-    let body = read_all(warden.open("/v1/chat/completions", AGENT_KEY, json!({"model": "gpt-4o", "stream": true, "messages": []}).to_string()).await.into_body()).await;
+    let body = read_all(
+        warden
+            .open(
+                "/v1/chat/completions",
+                AGENT_KEY,
+                json!({"model": "gpt-4o", "stream": true, "messages": []}).to_string(),
+            )
+            .await
+            .into_body(),
+    )
+    .await;
     assert!(String::from_utf8_lossy(&body).contains("closed the stream before it finished"));
     warden.wait_for_calls(1).await;
-    assert_eq!(warden.scalar("SELECT outcome FROM calls").await.as_deref(), Some("error"));
+    assert_eq!(
+        warden.scalar("SELECT outcome FROM calls").await.as_deref(),
+        Some("error")
+    );
 }

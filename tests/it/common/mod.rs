@@ -33,7 +33,13 @@ pub const PROVIDER_KEY: &str = "sk-test-provider-key-must-never-leak";
 pub const PROVIDER_KEY_ENV: &str = "WARDEN_TEST_PROVIDER_KEY";
 
 pub fn fixture(path: &str) -> Bytes {
-    Bytes::from(std::fs::read(format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap())
+    Bytes::from(
+        std::fs::read(format!(
+            "{}/tests/fixtures/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
 }
 
 /// One step of a scripted upstream body.
@@ -50,25 +56,42 @@ pub enum Chunk {
 /// What the scripted upstream answers.
 #[derive(Clone)]
 pub enum Reply {
-    Body { status: StatusCode, content_type: &'static str, body: Bytes },
-    Stream { chunks: Vec<Chunk> },
+    Body {
+        status: StatusCode,
+        content_type: &'static str,
+        body: Bytes,
+    },
+    Stream {
+        chunks: Vec<Chunk>,
+    },
     /// Never answer.
     Hang,
 }
 
 impl Reply {
     pub fn json(body: Bytes) -> Reply {
-        Reply::Body { status: StatusCode::OK, content_type: "application/json", body }
+        Reply::Body {
+            status: StatusCode::OK,
+            content_type: "application/json",
+            body,
+        }
     }
 
     pub fn status(status: u16, body: Bytes) -> Reply {
-        Reply::Body { status: StatusCode::from_u16(status).unwrap(), content_type: "application/json", body }
+        Reply::Body {
+            status: StatusCode::from_u16(status).unwrap(),
+            content_type: "application/json",
+            body,
+        }
     }
 
     /// An SSE fixture sent one event per chunk.
     pub fn sse_events(body: &[u8]) -> Reply {
         let text = String::from_utf8_lossy(body).into_owned();
-        let chunks = text.split_inclusive("\n\n").map(|e| Chunk::Data(Bytes::from(e.to_owned()))).collect();
+        let chunks = text
+            .split_inclusive("\n\n")
+            .map(|e| Chunk::Data(Bytes::from(e.to_owned())))
+            .collect();
         Reply::Stream { chunks }
     }
 }
@@ -101,7 +124,9 @@ impl FakeUpstream {
         let (seen2, gone2) = (seen.clone(), client_gone.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (script, seen, gone) = (script.clone(), seen2.clone(), gone2.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
@@ -114,7 +139,12 @@ impl FakeUpstream {
                 });
             }
         });
-        FakeUpstream { addr, seen, client_gone, task }
+        FakeUpstream {
+            addr,
+            seen,
+            client_gone,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -134,18 +164,34 @@ impl Drop for FakeUpstream {
 
 type FakeBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
-async fn serve(request: Request<Incoming>, script: Script, seen: Arc<Mutex<Vec<Seen>>>, gone: Arc<Notify>) -> Response<FakeBody> {
+async fn serve(
+    request: Request<Incoming>,
+    script: Script,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    gone: Arc<Notify>,
+) -> Response<FakeBody> {
     let path = request.uri().path().to_owned();
     let headers = request.headers().clone();
     let body = request.into_body().collect().await.unwrap().to_bytes();
-    let entry = Seen { path, headers, body };
+    let entry = Seen {
+        path,
+        headers,
+        body,
+    };
     let reply = script(&entry);
     seen.lock().unwrap().push(entry);
     match reply {
-        Reply::Body { status, content_type, body } => {
-            let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+        Reply::Body {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut response =
+                Response::new(Full::new(body).map_err(|never| match never {}).boxed());
             *response.status_mut() = status;
-            response.headers_mut().insert("content-type", content_type.parse().unwrap());
+            response
+                .headers_mut()
+                .insert("content-type", content_type.parse().unwrap());
             response
         }
         Reply::Hang => {
@@ -179,7 +225,10 @@ async fn serve(request: Request<Incoming>, script: Script, seen: Arc<Mutex<Vec<S
             });
             let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
             let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-            response.headers_mut().insert("content-type", "text/event-stream; charset=utf-8".parse().unwrap());
+            response.headers_mut().insert(
+                "content-type",
+                "text/event-stream; charset=utf-8".parse().unwrap(),
+            );
             response
         }
     }
@@ -193,11 +242,20 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_body_bytes: 1 << 20, upstream_timeout_secs: 30, extra: String::new() }
+        Options {
+            max_body_bytes: 1 << 20,
+            upstream_timeout_secs: 30,
+            extra: String::new(),
+        }
     }
 }
 
-pub fn config_text(openai_base: &str, anthropic_base: &str, store: &Path, options: &Options) -> String {
+pub fn config_text(
+    openai_base: &str,
+    anthropic_base: &str,
+    store: &Path,
+    options: &Options,
+) -> String {
     format!(
         r#"
 [server]
@@ -268,7 +326,8 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn text(&self) -> String {
@@ -276,7 +335,9 @@ impl Answer {
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned())
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
     }
 }
 
@@ -285,15 +346,28 @@ impl TestWarden {
         TestWarden::start_with(Options::default(), script).await
     }
 
-    pub async fn start_with(options: Options, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> TestWarden {
+    pub async fn start_with(
+        options: Options,
+        script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> TestWarden {
         // SAFETY: every test sets the same value; nothing reads it concurrently in a conflicting way.
         unsafe { std::env::set_var(PROVIDER_KEY_ENV, PROVIDER_KEY) };
         let upstream = FakeUpstream::start(script).await;
         let dir = tempfile::tempdir().unwrap();
-        let text = config_text(&format!("{}/v1", upstream.url()), &upstream.url(), &dir.path().join("warden.duckdb"), &options);
+        let text = config_text(
+            &format!("{}/v1", upstream.url()),
+            &upstream.url(),
+            &dir.path().join("warden.duckdb"),
+            &options,
+        );
         let config = Config::parse(&text, Path::new("test.toml")).unwrap();
         let gateway = Gateway::start(config).await.unwrap();
-        TestWarden { gateway: Some(gateway), upstream, dir, client: Client::builder(TokioExecutor::new()).build_http() }
+        TestWarden {
+            gateway: Some(gateway),
+            upstream,
+            dir,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
     }
 
     pub fn gateway(&self) -> &Gateway {
@@ -313,7 +387,8 @@ impl TestWarden {
     }
 
     pub fn request(&self, path: &str, key: Option<&str>) -> http::request::Builder {
-        let mut builder = Request::post(format!("{}{path}", self.base())).header("content-type", "application/json");
+        let mut builder = Request::post(format!("{}{path}", self.base()))
+            .header("content-type", "application/json");
         if let Some(key) = key {
             builder = builder.header("authorization", format!("Bearer {key}"));
         }
@@ -324,7 +399,11 @@ impl TestWarden {
         let response = self.client.request(request).await.unwrap();
         let (parts, body) = response.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        Answer { status: parts.status, headers: parts.headers, body }
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     }
 
     pub async fn post(&self, path: &str, key: &str, body: impl Into<Bytes>) -> Answer {
@@ -344,13 +423,21 @@ impl TestWarden {
         self.gateway().flush().await;
         let reader = self.gateway().reader().clone();
         let sql = sql.to_owned();
-        tokio::task::spawn_blocking(move || reader.query(&sql, 10_000)).await.unwrap().unwrap()
+        tokio::task::spawn_blocking(move || reader.query(&sql, 10_000))
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     /// The single value of a one-row, one-column query.
     pub async fn scalar(&self, sql: &str) -> Option<String> {
         let result = self.query(sql).await;
-        assert_eq!(result.rows.len(), 1, "{sql} returned {} rows", result.rows.len());
+        assert_eq!(
+            result.rows.len(),
+            1,
+            "{sql} returned {} rows",
+            result.rows.len()
+        );
         result.rows[0][0].clone()
     }
 
@@ -359,7 +446,12 @@ impl TestWarden {
     /// read the last byte.
     pub async fn wait_for_calls(&self, n: usize) {
         for _ in 0..200 {
-            let count: usize = self.scalar("SELECT count(*) FROM calls").await.unwrap().parse().unwrap();
+            let count: usize = self
+                .scalar("SELECT count(*) FROM calls")
+                .await
+                .unwrap()
+                .parse()
+                .unwrap();
             if count >= n {
                 return;
             }
@@ -368,8 +460,16 @@ impl TestWarden {
         panic!("the store never reached {n} calls");
     }
 
-    pub async fn admin_request(&self, method: http::Method, path: &str, token: Option<&str>, body: Option<serde_json::Value>) -> Answer {
-        let mut builder = Request::builder().method(method).uri(format!("{}{path}", self.admin()));
+    pub async fn admin_request(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Answer {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.admin()));
         if let Some(token) = token {
             builder = builder.header("authorization", format!("Bearer {token}"));
         }
@@ -409,4 +509,3 @@ pub async fn next_chunk(body: &mut Incoming) -> Bytes {
         }
     }
 }
-
