@@ -76,7 +76,7 @@ impl Store {
         store
             .conn
             .execute_batch(
-                "SET threads = 1; SET memory_limit = '256MB'; SET enable_external_access = false; SET lock_configuration = true;",
+                "SET threads = 1; SET memory_limit = '64MB'; SET enable_external_access = false; SET lock_configuration = true;",
             )
             .map_err(open_err)?;
         Ok(store)
