@@ -16,3 +16,13 @@ pub mod money;
 pub mod providers;
 pub mod proxy;
 pub mod store;
+
+/// Provider wire-format fixtures for unit tests (`tests/fixtures/`).
+#[cfg(test)]
+pub(crate) fn test_fixture(path: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture exists")
+}

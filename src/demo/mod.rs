@@ -36,8 +36,9 @@ pub enum DemoError {
     Io(#[from] std::io::Error),
 }
 
-const RESEARCHER_KEY: &str = "wk_demo_researcher_key_not_secret";
-const WRITER_KEY: &str = "wk_demo_writer_key_not_secret";
+/// The demo agents' keys: they exist only inside the demo and its tests.
+pub const RESEARCHER_KEY: &str = "wk_demo_researcher_key_not_secret";
+pub const WRITER_KEY: &str = "wk_demo_writer_key_not_secret";
 
 /// The demo's configuration: both upstreams point at the simulated provider.
 pub fn demo_config(sim: &sim::SimProvider, store: &Path) -> Config {

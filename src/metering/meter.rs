@@ -421,13 +421,7 @@ fn on_anthropic_event(report: &mut MeterReport, event: &SseEvent<'_>) {
 mod tests {
     use super::*;
 
-    fn fixture(path: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/tests/fixtures/{path}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
-    }
+    use crate::test_fixture as fixture;
 
     fn meter_all(endpoint: Endpoint, bytes: &[u8], chunk: usize) -> MeterReport {
         let mut meter = StreamMeter::new(endpoint, false);

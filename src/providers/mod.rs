@@ -323,13 +323,7 @@ pub fn stream_error_event(
 mod tests {
     use super::*;
 
-    fn fixture(path: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/tests/fixtures/{path}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
-    }
+    use crate::test_fixture as fixture;
 
     #[test]
     fn reads_request_facts_without_touching_the_rest() {

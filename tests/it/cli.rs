@@ -101,6 +101,15 @@ fn serve_names_a_missing_provider_key_variable() {
     );
 }
 
+fn chat_request(port: u16) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {AGENT_KEY}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
+        )))
+        .unwrap()
+}
+
 /// Picks a free port for a child process to bind.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -167,13 +176,10 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
         );
     }
     for _ in 0..3 {
-        let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
-            .header("authorization", format!("Bearer {AGENT_KEY}"))
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
-            )))
-            .unwrap();
-        assert_eq!(client.request(request).await.unwrap().status(), 200);
+        assert_eq!(
+            client.request(chat_request(port)).await.unwrap().status(),
+            200
+        );
     }
 
     let admin_url = format!("http://127.0.0.1:{admin_port}");
@@ -221,13 +227,10 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
     assert!(String::from_utf8_lossy(&no_token.stderr).contains("WARDEN_TOKEN"));
 
     // One more call right before SIGTERM: the drain and final flush keep it.
-    let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .header("authorization", format!("Bearer {AGENT_KEY}"))
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            json!({"model": "gpt-4o-mini", "messages": []}).to_string(),
-        )))
-        .unwrap();
-    assert_eq!(client.request(request).await.unwrap().status(), 200);
+    assert_eq!(
+        client.request(chat_request(port)).await.unwrap().status(),
+        200
+    );
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")

@@ -7,11 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
-use warden::config::{Config, sha256_hex};
 use warden::demo::sim::{SimOptions, SimProvider};
 use warden::gateway::Gateway;
-
-use crate::common::*;
 
 fn python_with_sdks() -> PathBuf {
     if let Ok(python) = std::env::var("WARDEN_E2E_PYTHON") {
@@ -57,41 +54,15 @@ async fn official_sdks_work_unchanged_and_every_call_is_recorded() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-store = "{store}"
-[[upstreams]]
-name = "sim-openai"
-kind = "openai"
-base_url = "{openai}"
-models = ["gpt-*"]
-[[upstreams]]
-name = "sim-anthropic"
-kind = "anthropic"
-base_url = "{anthropic}"
-models = ["claude-*"]
-[[agents]]
-name = "sdk-agent"
-key_sha256 = "{key}"
-"#,
-        store = dir.path().join("w.duckdb").display(),
-        openai = sim.openai_base_url(),
-        anthropic = sim.anthropic_base_url(),
-        key = sha256_hex(AGENT_KEY),
-    );
-    let gateway = Gateway::start(Config::parse(&text, std::path::Path::new("e2e.toml")).unwrap())
-        .await
-        .unwrap();
+    let config = warden::demo::demo_config(&sim, &dir.path().join("w.duckdb"));
+    let gateway = Gateway::start(config).await.unwrap();
     let url = format!("http://{}", gateway.proxy_addr());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/sdk_check.py");
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
             .env("WARDEN_URL", url)
-            .env("WARDEN_AGENT_KEY", AGENT_KEY)
+            .env("WARDEN_AGENT_KEY", warden::demo::RESEARCHER_KEY)
             .output()
             .unwrap()
     })
