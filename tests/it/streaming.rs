@@ -299,3 +299,96 @@ async fn upstream_closing_a_stream_early_is_an_error_for_the_agent() {
         Some("error")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_lets_an_in_flight_stream_finish_and_records_it() {
+    let go_on = Arc::new(Notify::new());
+    let release = go_on.clone();
+    let stream = fixture("openai/chat_stream_include_usage.sse");
+    let text = String::from_utf8_lossy(&stream).into_owned();
+    let mut events: Vec<Chunk> = text
+        .split_inclusive("\n\n")
+        .map(|e| Chunk::Data(Bytes::from(e.to_owned())))
+        .collect();
+    events.insert(1, Chunk::Wait(release.clone()));
+    let mut warden = TestWarden::start(move |_| Reply::Stream {
+        chunks: events.clone(),
+    })
+    .await;
+    let request = json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
+    let mut body = warden
+        .open("/v1/chat/completions", AGENT_KEY, request.to_string())
+        .await
+        .into_body();
+    let first = next_chunk(&mut body).await;
+
+    // SIGTERM's path: stop accepting, drain, flush. The stream is mid-way.
+    let gateway = warden.gateway.take().unwrap();
+    let stopping = tokio::spawn(gateway.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !stopping.is_finished(),
+        "shutdown waits for the in-flight stream"
+    );
+    go_on.notify_one();
+    let rest = read_all(body).await;
+    let mut received = first.to_vec();
+    received.extend_from_slice(&rest);
+    assert_eq!(
+        received, stream,
+        "the stream finished intact during shutdown"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown finished")
+        .unwrap();
+
+    let conn = duckdb::Connection::open(warden.store_path()).unwrap();
+    let (outcome, source): (String, String) = conn
+        .query_row("SELECT outcome, usage_source FROM calls", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((outcome.as_str(), source.as_str()), ("ok", "provider"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_completions_stream_is_metered_and_its_usage_chunk_stripped() {
+    let chunk = |text: &str, finish: &str| {
+        format!(
+            "data: {{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":1,\"model\":\"gpt-3.5-turbo-instruct\",\"choices\":[{{\"text\":\"{text}\",\"index\":0,\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n"
+        )
+    };
+    let usage = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"created\":1,\"model\":\"gpt-3.5-turbo-instruct\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n";
+    let agent_view = format!(
+        "{}{}data: [DONE]\n\n",
+        chunk("Hello", "null"),
+        chunk(" there", "\"stop\"")
+    );
+    let upstream = format!(
+        "{}{}{usage}data: [DONE]\n\n",
+        chunk("Hello", "null"),
+        chunk(" there", "\"stop\"")
+    );
+    let warden = TestWarden::start(move |_| Reply::sse_events(upstream.as_bytes())).await;
+    let request = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Say hello", "stream": true});
+    let body = read_all(
+        warden
+            .open("/v1/completions", AGENT_KEY, request.to_string())
+            .await
+            .into_body(),
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&body), agent_view);
+    let sent: serde_json::Value =
+        serde_json::from_slice(&warden.upstream.requests()[0].body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    warden.wait_for_calls(1).await;
+    let row = warden
+        .query("SELECT endpoint, input_tokens, output_tokens, usage_source FROM calls")
+        .await;
+    assert_eq!(
+        row.rows[0],
+        ["/v1/completions", "5", "2", "provider"].map(|s| Some(s.to_owned()))
+    );
+}
