@@ -335,3 +335,76 @@ async fn agent_hanging_up_before_the_answer_is_recorded_as_cancelled() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_with_an_untrusted_certificate_is_refused() {
+    // An https upstream whose certificate no public root vouches for: a
+    // verifying client must refuse it (502), never send the key to it.
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let completed = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            if acceptor.accept(stream).await.is_ok() {
+                completed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+
+    // SAFETY: every test sets the same value.
+    unsafe { std::env::set_var(PROVIDER_KEY_ENV, PROVIDER_KEY) };
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &format!("https://{addr}/v1"),
+        &format!("https://{addr}"),
+        &dir.path().join("w.duckdb"),
+        &Options::default(),
+    );
+    let gateway = warden::gateway::Gateway::start(
+        warden::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let request = http::Request::post(format!(
+        "http://{}/v1/chat/completions",
+        gateway.proxy_addr()
+    ))
+    .header("authorization", format!("Bearer {AGENT_KEY}"))
+    .body(Full::new(Bytes::from(
+        json!({"model": "gpt-4o", "messages": []}).to_string(),
+    )))
+    .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = serde_json::from_slice(
+        &http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("certificate"), "{message}");
+    assert_eq!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no TLS session was established"
+    );
+    gateway.shutdown().await;
+}
