@@ -175,39 +175,25 @@ async fn oversized_body_gets_413_whether_announced_or_streamed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_upstream_gets_502() {
-    // SAFETY: every test sets the same value.
-    unsafe { std::env::set_var(PROVIDER_KEY_ENV, PROVIDER_KEY) };
-    // A config whose upstream port has nobody listening.
+    // Upstreams on a port nobody listens on.
     let dir = tempfile::tempdir().unwrap();
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let text = config_text(
+    let gateway = gateway_for(
         &format!("http://{closed}/v1"),
         &format!("http://{closed}"),
-        &dir.path().join("w.duckdb"),
-        &Options::default(),
-    );
-    let config = warden::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
-    let gateway = warden::gateway::Gateway::start(config).await.unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let request = http::Request::post(format!("http://{}/v1/messages", gateway.proxy_addr()))
-        .header("x-api-key", AGENT_KEY)
-        .body(Full::new(Bytes::from(
-            json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}).to_string(),
-        )))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    assert_eq!(response.status(), 502);
-    let body: serde_json::Value = serde_json::from_slice(
-        &http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .unwrap()
-            .to_bytes(),
+        dir.path(),
     )
-    .unwrap();
+    .await;
+    let (status, body) = post_json(
+        &gateway,
+        "/v1/messages",
+        json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}),
+    )
+    .await;
+    assert_eq!(status, 502);
     assert_eq!(body["error"]["type"], "api_error");
     assert!(
         body["error"]["message"]
@@ -365,40 +351,20 @@ async fn an_upstream_with_an_untrusted_certificate_is_refused() {
         }
     });
 
-    // SAFETY: every test sets the same value.
-    unsafe { std::env::set_var(PROVIDER_KEY_ENV, PROVIDER_KEY) };
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
+    let gateway = gateway_for(
         &format!("https://{addr}/v1"),
         &format!("https://{addr}"),
-        &dir.path().join("w.duckdb"),
-        &Options::default(),
-    );
-    let gateway = warden::gateway::Gateway::start(
-        warden::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap(),
+        dir.path(),
     )
-    .await
-    .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let request = http::Request::post(format!(
-        "http://{}/v1/chat/completions",
-        gateway.proxy_addr()
-    ))
-    .header("authorization", format!("Bearer {AGENT_KEY}"))
-    .body(Full::new(Bytes::from(
-        json!({"model": "gpt-4o", "messages": []}).to_string(),
-    )))
-    .unwrap();
-    let response = client.request(request).await.unwrap();
-    assert_eq!(response.status(), 502);
-    let body: serde_json::Value = serde_json::from_slice(
-        &http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .unwrap()
-            .to_bytes(),
+    .await;
+    let (status, body) = post_json(
+        &gateway,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": []}),
     )
-    .unwrap();
+    .await;
+    assert_eq!(status, 502);
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("certificate"), "{message}");
     assert_eq!(

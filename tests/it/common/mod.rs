@@ -509,3 +509,38 @@ pub async fn next_chunk(body: &mut Incoming) -> Bytes {
         }
     }
 }
+
+/// A Warden in front of upstreams at the given base URLs (no scripted
+/// provider), with its store in `dir`.
+pub async fn gateway_for(openai_base: &str, anthropic_base: &str, dir: &Path) -> Gateway {
+    // SAFETY: every test sets the same value.
+    unsafe { std::env::set_var(PROVIDER_KEY_ENV, PROVIDER_KEY) };
+    let text = config_text(
+        openai_base,
+        anthropic_base,
+        &dir.join("warden.duckdb"),
+        &Options::default(),
+    );
+    Gateway::start(Config::parse(&text, Path::new("test.toml")).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Posts a JSON body to a gateway as the test agent; returns the status and
+/// the JSON answer.
+pub async fn post_json(
+    gateway: &Gateway,
+    path: &str,
+    body: serde_json::Value,
+) -> (StatusCode, serde_json::Value) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = Request::post(format!("http://{}{path}", gateway.proxy_addr()))
+        .header("authorization", format!("Bearer {AGENT_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
