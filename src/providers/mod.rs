@@ -41,6 +41,26 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    pub const ALL: [Endpoint; 7] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Responses,
+        Endpoint::Embeddings,
+        Endpoint::Completions,
+        Endpoint::Models,
+        Endpoint::Messages,
+        Endpoint::CountTokens,
+    ];
+
+    /// Position in `ALL`, for tables built once per upstream.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether the provider charges for calls here; counting tokens is free.
+    pub fn is_billed(self) -> bool {
+        !matches!(self, Endpoint::CountTokens | Endpoint::Models)
+    }
+
     /// Maps a method and path to an endpoint; `None` for anything else.
     pub fn from_request(method: &http::Method, path: &str) -> Option<Endpoint> {
         let path = path.strip_suffix('/').unwrap_or(path);

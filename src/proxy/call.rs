@@ -134,6 +134,11 @@ impl Call {
         self.raw_path = Some(path.chars().take(200).collect());
     }
 
+    /// The upstream's name for messages; "upstream" before routing.
+    pub fn upstream_name(&self) -> Arc<str> {
+        self.upstream.clone().unwrap_or_else(|| "upstream".into())
+    }
+
     /// The upstream's first byte (headers, or the first chunk of a stream).
     pub fn mark_first_byte(&mut self) {
         if self.ttft_ms.is_none() {
@@ -176,15 +181,19 @@ impl Call {
     }
 
     /// Records a call that reached the upstream. Returns the exact cost when
-    /// the provider reported usage and the model has a price.
+    /// it is known now: free endpoints and calls that used no tokens (upstream
+    /// errors) cost zero; otherwise the provider's usage at the model's price.
+    /// Estimated calls are priced by the writer.
     pub fn settle(mut self, settlement: Settlement) -> Option<Usd> {
         let exact = settlement.input_known && settlement.output_known;
-        let cost = if exact {
-            self.price.as_ref().map(|p| p.cost(&settlement.usage))
-        } else {
-            None
+        let free = !self.endpoint.is_none_or(Endpoint::is_billed)
+            || (exact && settlement.usage == Usage::default());
+        let cost = match (free, exact) {
+            (true, _) => Some(Usd::ZERO),
+            (false, true) => self.price.as_ref().map(|p| p.cost(&settlement.usage)),
+            (false, false) => None,
         };
-        if self.price.is_none() && settlement.outcome == Outcome::Ok {
+        if !free && self.price.is_none() {
             self.state.metrics.unpriced_calls.inc();
             tracing::warn!(call_id = %self.id, model = self.model.as_deref().unwrap_or(""), "no price for this model; cost recorded as NULL");
         }
@@ -195,7 +204,7 @@ impl Call {
                 output_text: settlement.output_text,
                 output_overflow: settlement.output_overflow,
                 output_known: settlement.output_known,
-                price: self.price.clone(),
+                price: self.price.clone().filter(|_| !free),
             })
         });
         self.record(CallEnd {

@@ -263,7 +263,7 @@ async fn respond(
         // The agent's key was fine; Warden's provider key was not. Saying so
         // keeps the agent from blaming its own key, and keeps the provider's
         // echo of the key out of the agent's hands.
-        let upstream_name = call.upstream.as_deref().unwrap_or("upstream").to_owned();
+        let upstream_name = call.upstream_name();
         return call.refuse(Refusal::new(
             ErrorKind::UpstreamFailed,
             "upstream_auth_failed",
@@ -289,7 +289,7 @@ async fn respond(
     let bytes = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
-            let upstream_name = call.upstream.as_deref().unwrap_or("upstream").to_owned();
+            let upstream_name = call.upstream_name();
             return call.refuse(Refusal::new(
                 ErrorKind::UpstreamFailed,
                 "upstream_error",
@@ -308,10 +308,6 @@ async fn respond(
             }
             None => report.text = crate::metering::meter::output_text_of_body(&bytes),
         }
-        if endpoint == Endpoint::CountTokens {
-            // Counting tokens is free; only the input count is meaningful.
-            report.output_known = true;
-        }
         Settlement::from_report(status, Outcome::Ok, report, None)
     } else {
         let mut report = MeterReport {
@@ -322,14 +318,8 @@ async fn respond(
         report.error = Some(upstream_error_summary(status, &bytes));
         Settlement::from_report(status, Outcome::Error, report, None)
     };
-    let free = endpoint == Endpoint::CountTokens || !status.is_success();
     let cost = call.settle(settlement);
-    let shown_cost = if free {
-        Some(crate::money::Usd::ZERO)
-    } else {
-        cost
-    };
-    if let Some(value) = shown_cost.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
+    if let Some(value) = cost.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
         parts.headers.insert(COST_HEADER, value);
     }
     Response::from_parts(parts, ProxyBody::full(bytes))

@@ -375,5 +375,7 @@ fn complete_estimate(record: &mut CallRecord) {
     if estimated {
         record.usage_source = UsageSource::Estimated;
     }
-    record.cost = pending.price.map(|price| price.cost(&record.usage));
+    if let Some(price) = pending.price {
+        record.cost = Some(price.cost(&record.usage));
+    }
 }

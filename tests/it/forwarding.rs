@@ -179,6 +179,11 @@ async fn responses_embeddings_and_count_tokens_are_metered() {
     );
     assert_eq!(rows.rows[1][1].as_deref(), Some("8"));
     assert_eq!(rows.rows[2][1].as_deref(), Some("42"));
+    // Counting tokens is free in the store too, not only in the header.
+    let free = warden
+        .scalar("SELECT cost_usd = 0 FROM calls WHERE endpoint = '/v1/messages/count_tokens'")
+        .await;
+    assert_eq!(free.as_deref(), Some("true"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
