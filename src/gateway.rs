@@ -75,15 +75,12 @@ impl Gateway {
         // own SO_REUSEPORT listener and upstream pool: a call's request,
         // upstream exchange and response never hop between threads.
         let workers = config.server.workers();
+        let first = ProxyState::new(&config, prices.clone(), recorder.clone(), metrics.clone())?;
         let mut proxy_states = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            proxy_states.push(Arc::new(ProxyState::new(
-                &config,
-                prices.clone(),
-                recorder.clone(),
-                metrics.clone(),
-            )?));
+        for _ in 1..workers {
+            proxy_states.push(Arc::new(first.for_worker()?));
         }
+        proxy_states.push(Arc::new(first));
         let admin_state = Arc::new(AdminState::new(
             &config,
             reader.clone(),

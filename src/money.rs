@@ -6,8 +6,7 @@
 //! dollars, which is also what a DuckDB `DECIMAL(38, 18)` column stores.
 
 use std::fmt;
-use std::iter::Sum;
-use std::ops::{Add, AddAssign, Sub};
+use std::ops::{Add, AddAssign};
 
 /// Decimal places kept; matches the store's `DECIMAL(38, 18)`.
 pub const SCALE: u32 = 18;
@@ -153,19 +152,6 @@ impl Add for Usd {
 impl AddAssign for Usd {
     fn add_assign(&mut self, rhs: Usd) {
         self.0 = self.0.saturating_add(rhs.0);
-    }
-}
-
-impl Sub for Usd {
-    type Output = Usd;
-    fn sub(self, rhs: Usd) -> Usd {
-        Usd(self.0.saturating_sub(rhs.0))
-    }
-}
-
-impl Sum for Usd {
-    fn sum<I: Iterator<Item = Usd>>(iter: I) -> Usd {
-        iter.fold(Usd::ZERO, |a, b| a + b)
     }
 }
 

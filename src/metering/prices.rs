@@ -87,23 +87,6 @@ impl ModelPrice {
             + output.times(usage.output_tokens - reasoned)
             + reasoning.times(reasoned)
     }
-
-    /// The highest price a token of this call could be billed at; used for
-    /// upper-bound estimates.
-    pub fn max_per_token(&self) -> Usd {
-        [
-            Some(self.input),
-            Some(self.output),
-            self.reasoning,
-            self.input_long,
-            self.output_long,
-            self.cache_write,
-        ]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or_default()
-    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -2,6 +2,7 @@
 //! upstream streams passed through chunk by chunk while the meter reads them.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -73,7 +74,7 @@ pub struct MeteredStream {
     call: Option<Call>,
     status: StatusCode,
     protocol: ProviderKind,
-    upstream_name: String,
+    upstream_name: Arc<str>,
     tail: Option<Bytes>,
     finished: bool,
 }
@@ -86,7 +87,7 @@ impl MeteredStream {
         status: StatusCode,
     ) -> MeteredStream {
         let protocol = call.protocol;
-        let upstream_name = call.upstream.as_deref().unwrap_or("upstream").to_owned();
+        let upstream_name = call.upstream_name();
         MeteredStream {
             upstream,
             meter,

@@ -70,20 +70,13 @@ impl AgentDirectory {
         let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
         self.by_digest.get(&digest)
     }
-
-    pub fn len(&self) -> usize {
-        self.by_digest.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
-    }
 }
 
-/// Everything the request path reads, built once at start.
+/// Everything the request path reads, built once at start. Each proxy
+/// worker has its own (its own upstream connection pool); the rest is shared.
 pub struct ProxyState {
-    pub agents: AgentDirectory,
-    pub router: Router,
+    pub agents: Arc<AgentDirectory>,
+    pub router: Arc<Router>,
     pub prices: Arc<PriceTable>,
     pub client: HttpClient,
     pub recorder: Recorder,
@@ -109,8 +102,8 @@ impl ProxyState {
         let router = Router::new(upstreams);
         let (models_openai, models_anthropic) = model_listings(&router, &prices);
         Ok(ProxyState {
-            agents: AgentDirectory::from_config(config),
-            router,
+            agents: Arc::new(AgentDirectory::from_config(config)),
+            router: Arc::new(router),
             prices,
             client: upstream::build_client()?,
             recorder,
@@ -119,6 +112,23 @@ impl ProxyState {
             upstream_timeout: Duration::from_secs(config.server.upstream_timeout_secs),
             models_openai,
             models_anthropic,
+        })
+    }
+
+    /// The state for another proxy worker: the same agents, routes and
+    /// prices, a connection pool of its own.
+    pub fn for_worker(&self) -> Result<ProxyState, UpstreamError> {
+        Ok(ProxyState {
+            agents: self.agents.clone(),
+            router: self.router.clone(),
+            prices: self.prices.clone(),
+            client: upstream::build_client()?,
+            recorder: self.recorder.clone(),
+            metrics: self.metrics.clone(),
+            max_body_bytes: self.max_body_bytes,
+            upstream_timeout: self.upstream_timeout,
+            models_openai: self.models_openai.clone(),
+            models_anthropic: self.models_anthropic.clone(),
         })
     }
 

@@ -42,21 +42,12 @@ pub enum UpstreamError {
     Tls(String),
 }
 
-const ENDPOINTS: [Endpoint; 7] = [
-    Endpoint::ChatCompletions,
-    Endpoint::Responses,
-    Endpoint::Embeddings,
-    Endpoint::Completions,
-    Endpoint::Models,
-    Endpoint::Messages,
-    Endpoint::CountTokens,
-];
-
 pub struct Upstream {
     pub name: Arc<str>,
     pub kind: ProviderKind,
     models: Vec<String>,
-    urls: Vec<(Endpoint, Uri)>,
+    /// Indexed by `Endpoint::index`.
+    urls: Vec<Uri>,
     /// `authorization: Bearer …` or `x-api-key: …`, marked sensitive.
     auth: Option<(HeaderName, HeaderValue)>,
 }
@@ -94,17 +85,15 @@ impl Upstream {
             }
         };
         let base = api_root(upstream.base_url.get_ref());
-        let urls = ENDPOINTS
+        let urls = Endpoint::ALL
             .iter()
             .map(|&endpoint| {
                 let url = format!("{base}{}", endpoint.upstream_path());
-                url.parse::<Uri>()
-                    .map(|uri| (endpoint, uri))
-                    .map_err(|e| UpstreamError::BadUrl {
-                        upstream: name.clone(),
-                        url: upstream.base_url.get_ref().clone(),
-                        message: e.to_string(),
-                    })
+                url.parse::<Uri>().map_err(|e| UpstreamError::BadUrl {
+                    upstream: name.clone(),
+                    url: upstream.base_url.get_ref().clone(),
+                    message: e.to_string(),
+                })
             })
             .collect::<Result<_, _>>()?;
         Ok(Upstream {
@@ -121,12 +110,7 @@ impl Upstream {
     }
 
     pub fn url(&self, endpoint: Endpoint) -> &Uri {
-        &self
-            .urls
-            .iter()
-            .find(|(e, _)| *e == endpoint)
-            .expect("every endpoint has a URL")
-            .1
+        &self.urls[endpoint.index()]
     }
 
     pub fn auth_header(&self) -> Option<&(HeaderName, HeaderValue)> {

@@ -107,16 +107,8 @@ impl Store {
         Ok(())
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn schema_version(&self) -> Result<i32, StoreError> {
         schema::current_version(&self.conn).map_err(|e| StoreError::Sql(e.to_string()))
-    }
-
-    pub fn verify_audit(&self) -> Result<audit::Verification, StoreError> {
-        audit::verify(&self.conn).map_err(|e| StoreError::Sql(e.to_string()))
     }
 
     pub fn query(
