@@ -76,10 +76,33 @@ key_sha256 = "$KEY_SHA"
 name = "bench"
 token_sha256 = "$TOKEN_SHA"
 TOML
+# The same Warden with limits: an agent and a global rate limit, an agent
+# and a global budget, all far above what the run spends.
+sed -e 's/18083/18085/; s/18084/18086/; s#warden.duckdb#warden-limits.duckdb#' "$WORK/warden.toml" \
+    | sed '/^key_sha256/a requests_per_minute = 100000000\ntokens_per_minute = 100000000000' > "$WORK/warden-limits.toml"
+cat >> "$WORK/warden-limits.toml" <<TOML
+
+[limits]
+requests_per_minute = 100000000
+
+[[budgets]]
+scope = "agent:load"
+limit_usd = "1000000"
+period = "day"
+
+[[budgets]]
+scope = "global"
+limit_usd = "1000000"
+period = "month"
+TOML
 "$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
 echo $! > "$WORK/warden.pid"
 WARDEN_PID="$(cat "$WORK/warden.pid")"
-for _ in $(seq 100); do curl -fs http://127.0.0.1:18084/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+"$WARDEN" serve --config "$WORK/warden-limits.toml" 2>"$WORK/warden-limits.log" &
+echo $! > "$WORK/warden-limits.pid"
+for port in 18084 18086; do
+    for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+done
 
 cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
@@ -102,6 +125,7 @@ to_ms() { case "$1" in *us) echo "${1%us} / 1000" | bc -l;; *ms) echo "${1%ms}";
 
 # Warm up connections and code paths.
 wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18083/v1/chat/completions >/dev/null
+wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18085/v1/chat/completions >/dev/null
 wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18082/v1/chat/completions >/dev/null
 BEFORE="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
 
@@ -110,6 +134,7 @@ printf '%-22s %12s %10s %10s %10s\n' target "req/s" p50 p99 requests
 run nginx_static http://127.0.0.1:18081/v1/chat/completions
 run nginx_proxy_pass http://127.0.0.1:18082/v1/chat/completions
 run warden http://127.0.0.1:18083/v1/chat/completions
+run warden_limits http://127.0.0.1:18085/v1/chat/completions
 
 sleep 1 # one flush interval and more
 AFTER="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
@@ -118,10 +143,13 @@ SENT="$(cut -d' ' -f4 "$WORK/warden.res")"
 RSS_KB="$(awk '/VmHWM/ {print $2}' /proc/"$WARDEN_PID"/status)"
 DROPPED="$(curl -fs http://127.0.0.1:18084/metrics | awk '/^warden_store_records_dropped_total/ {print $2}')"
 
+LIMITED_ADMITTED="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome <> 'ok') || ' refused' FROM calls" --format csv --admin-url http://127.0.0.1:18086 | tail -1)"
+read -r L_RPS _ L_P99 _ < "$WORK/warden_limits.res"
 read -r W_RPS W_P50 W_P99 _ < "$WORK/warden.res"
 read -r N_RPS N_P50 N_P99 _ < "$WORK/nginx_proxy_pass.res"
 echo
 printf 'warden / nginx proxy_pass throughput: %.2f\n' "$(echo "$W_RPS / $N_RPS" | bc -l)"
 printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99") / $(to_ms "$N_P99")" | bc -l)"
+printf 'warden with limits / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$L_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$L_P99") / $(to_ms "$N_P99")" | bc -l)" "$LIMITED_ADMITTED"
 echo "calls recorded by warden: $RECORDED of $SENT answered by wrk (dropped records: $DROPPED)"
 echo "warden peak RSS: $((RSS_KB / 1024)) MB"

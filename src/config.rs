@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::limits::{BudgetScope, BudgetSpec, LimitScope, LimitValues, OnExceed, Period};
+use crate::money::Usd;
 use crate::providers::ProviderKind;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
@@ -48,6 +50,12 @@ pub struct Config {
     pub operators: Vec<OperatorConfig>,
     #[serde(default)]
     pub prices: PricesConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub budgets: Vec<BudgetConfig>,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// Where the file was read from, for error messages and relative paths.
     #[serde(skip)]
     pub source: PathBuf,
@@ -120,6 +128,71 @@ pub struct AgentConfig {
     pub role: String,
     #[serde(default)]
     pub capabilities: Vec<String>,
+    pub requests_per_minute: Option<Spanned<u32>>,
+    pub tokens_per_minute: Option<Spanned<u64>>,
+}
+
+/// `[limits]`: global rate limits, and per-model ones in `[[limits.models]]`
+/// (the first entry whose glob matches a call's model applies).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub requests_per_minute: Option<Spanned<u32>>,
+    pub tokens_per_minute: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub models: Vec<ModelLimitConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimitConfig {
+    pub model: Spanned<String>,
+    pub requests_per_minute: Option<Spanned<u32>>,
+    pub tokens_per_minute: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub scope: Spanned<String>,
+    pub limit_usd: Spanned<Amount>,
+    pub period: Spanned<String>,
+    #[serde(default)]
+    pub on_exceed: Option<Spanned<String>>,
+}
+
+/// A dollar amount as written: `"12.50"` (exact) or a TOML number, read
+/// through its shortest decimal form.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Amount {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+}
+
+impl Amount {
+    pub fn to_usd(&self) -> Result<Usd, String> {
+        let text = match self {
+            Amount::Text(text) => text.clone(),
+            Amount::Integer(n) => n.to_string(),
+            Amount::Float(f) => f.to_string(),
+        };
+        match Usd::parse(&text) {
+            Ok(usd) if usd >= Usd::ZERO => Ok(usd),
+            Ok(_) => Err(format!(
+                "`{text}` is negative; a limit is zero or more dollars"
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// A Slack-compatible incoming webhook that receives every alert.
+    pub webhook: Option<Spanned<String>>,
 }
 
 fn default_role() -> String {
@@ -271,6 +344,60 @@ impl Config {
                 ));
             }
         }
+        for agent in &self.agents {
+            check_rates(
+                agent.requests_per_minute.as_ref(),
+                agent.tokens_per_minute.as_ref(),
+            )?;
+        }
+        check_rates(
+            self.limits.requests_per_minute.as_ref(),
+            self.limits.tokens_per_minute.as_ref(),
+        )?;
+        for entry in &self.limits.models {
+            if entry.model.get_ref().is_empty() {
+                return Err((
+                    entry.model.span(),
+                    "limits.models: model is empty; write a model glob like \"gpt-4o*\"".to_owned(),
+                ));
+            }
+            check_rates(
+                entry.requests_per_minute.as_ref(),
+                entry.tokens_per_minute.as_ref(),
+            )?;
+        }
+        let mut budgets = HashSet::new();
+        for budget in &self.budgets {
+            let spec = budget_spec(budget)?;
+            if let BudgetScope::Agent(name) = &spec.scope
+                && !agent_names.contains(name.as_str())
+            {
+                return Err((
+                    budget.scope.span(),
+                    format!("budget scope `agent:{name}` names no configured agent"),
+                ));
+            }
+            if !budgets.insert((spec.scope.clone(), spec.period)) {
+                return Err((
+                    budget.scope.span(),
+                    format!(
+                        "a budget for `{}` per {} is configured twice; keep one",
+                        spec.scope, spec.period
+                    ),
+                ));
+            }
+        }
+        if let Some(webhook) = &self.alerts.webhook {
+            let url = webhook.get_ref();
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.parse::<http::Uri>().is_err()
+            {
+                return Err((
+                    webhook.span(),
+                    format!("alerts.webhook `{url}` is not an http:// or https:// URL"),
+                ));
+            }
+        }
         let mut operator_names = HashSet::new();
         for operator in &self.operators {
             let name = operator.name.get_ref();
@@ -286,6 +413,114 @@ impl Config {
             )?;
         }
         Ok(())
+    }
+}
+
+fn check_rates(
+    requests: Option<&Spanned<u32>>,
+    tokens: Option<&Spanned<u64>>,
+) -> Result<(), (Range<usize>, String)> {
+    if let Some(rpm) = requests
+        && *rpm.get_ref() == 0
+    {
+        return Err((
+            rpm.span(),
+            "requests_per_minute must be above 0; leave it out for no limit".to_owned(),
+        ));
+    }
+    if let Some(tpm) = tokens
+        && *tpm.get_ref() == 0
+    {
+        return Err((
+            tpm.span(),
+            "tokens_per_minute must be above 0; leave it out for no limit".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn budget_spec(budget: &BudgetConfig) -> Result<BudgetSpec, (Range<usize>, String)> {
+    let scope = BudgetScope::parse(budget.scope.get_ref())
+        .map_err(|e| (budget.scope.span(), format!("budget scope: {e}")))?;
+    let period = Period::parse(budget.period.get_ref()).ok_or_else(|| {
+        (
+            budget.period.span(),
+            format!(
+                "budget period `{}` is not one of hour, day, week, month, total",
+                budget.period.get_ref()
+            ),
+        )
+    })?;
+    let limit = budget
+        .limit_usd
+        .get_ref()
+        .to_usd()
+        .map_err(|e| (budget.limit_usd.span(), format!("budget limit_usd: {e}")))?;
+    let on_exceed = match &budget.on_exceed {
+        None => OnExceed::Deny,
+        Some(text) => OnExceed::parse(text.get_ref()).ok_or_else(|| {
+            (
+                text.span(),
+                format!(
+                    "budget on_exceed `{}` is not one of deny, require_approval, halt, alert",
+                    text.get_ref()
+                ),
+            )
+        })?,
+    };
+    Ok(BudgetSpec {
+        scope,
+        period,
+        limit,
+        on_exceed,
+    })
+}
+
+fn rate_values(requests: Option<&Spanned<u32>>, tokens: Option<&Spanned<u64>>) -> LimitValues {
+    LimitValues {
+        requests_per_minute: requests.map(|r| *r.get_ref()),
+        tokens_per_minute: tokens.map(|t| *t.get_ref()),
+    }
+}
+
+impl Config {
+    /// The configured budgets (validated at load).
+    pub fn budget_specs(&self) -> Vec<BudgetSpec> {
+        self.budgets
+            .iter()
+            .filter_map(|b| budget_spec(b).ok())
+            .collect()
+    }
+
+    /// The configured rate limits, scope by scope.
+    pub fn rate_limits(&self) -> Vec<(LimitScope, LimitValues)> {
+        let mut limits = vec![(
+            LimitScope::Global,
+            rate_values(
+                self.limits.requests_per_minute.as_ref(),
+                self.limits.tokens_per_minute.as_ref(),
+            ),
+        )];
+        for agent in &self.agents {
+            limits.push((
+                LimitScope::Agent(agent.name.get_ref().clone()),
+                rate_values(
+                    agent.requests_per_minute.as_ref(),
+                    agent.tokens_per_minute.as_ref(),
+                ),
+            ));
+        }
+        for entry in &self.limits.models {
+            limits.push((
+                LimitScope::Model(entry.model.get_ref().clone()),
+                rate_values(
+                    entry.requests_per_minute.as_ref(),
+                    entry.tokens_per_minute.as_ref(),
+                ),
+            ));
+        }
+        limits.retain(|(_, values)| !values.is_empty());
+        limits
     }
 }
 
@@ -369,6 +604,8 @@ name = "agent-1"
 key_sha256 = "{agent_key_sha256}"
 role = "worker"
 capabilities = []
+# requests_per_minute = 60
+# tokens_per_minute = 200000
 
 # Operators authenticate to the admin API with `Authorization: Bearer <token>`.
 [[operators]]
@@ -379,6 +616,21 @@ token_sha256 = "{operator_token_sha256}"
 # A file in LiteLLM's model_prices_and_context_window.json format overrides
 # the built-in price table, model by model.
 # file = "prices.json"
+
+# Rate limits for all agents together; [[limits.models]] per model glob.
+# [limits]
+# requests_per_minute = 1000
+# tokens_per_minute = 2000000
+
+# Budgets: scope global | agent:NAME | model:NAME | workflow:NAME | run,
+# period hour | day | week | month | total (UTC), on_exceed deny | alert | ...
+# [[budgets]]
+# scope = "global"
+# limit_usd = "50.00"
+# period = "day"
+
+# [alerts]
+# webhook = "https://hooks.slack.com/services/..."
 "#
     )
 }
@@ -462,6 +714,60 @@ mod tests {
         let config = Config::load(path).unwrap();
         assert_eq!(config.upstreams.len(), 3);
         assert!(config.operators.iter().any(|o| o.read_only));
+    }
+
+    #[test]
+    fn budgets_and_limits_are_read_and_checked() {
+        let text = format!(
+            "[[agents]]\nname = \"a\"\nkey_sha256 = \"{DIGEST}\"\nrequests_per_minute = 60\n\n[limits]\ntokens_per_minute = 1000\n[[limits.models]]\nmodel = \"gpt-4o*\"\nrequests_per_minute = 5\n\n[[budgets]]\nscope = \"agent:a\"\nlimit_usd = 0.1\nperiod = \"day\"\n\n[[budgets]]\nscope = \"global\"\nlimit_usd = \"12.345\"\nperiod = \"month\"\non_exceed = \"alert\"\n"
+        );
+        let config = parse(&text).unwrap();
+        let budgets = config.budget_specs();
+        assert_eq!(
+            budgets[0].limit,
+            Usd::parse("0.1").unwrap(),
+            "a TOML float keeps its decimal value"
+        );
+        assert_eq!(budgets[1].on_exceed, OnExceed::Alert);
+        assert_eq!(config.rate_limits().len(), 3);
+
+        for (bad, line, words) in [
+            (
+                "[[budgets]]\nscope = \"agent:nobody\"\nlimit_usd = 1\nperiod = \"day\"\n",
+                2,
+                "names no configured agent",
+            ),
+            (
+                "[[budgets]]\nscope = \"global\"\nlimit_usd = 1\nperiod = \"fortnight\"\n",
+                4,
+                "fortnight",
+            ),
+            (
+                "[[budgets]]\nscope = \"global\"\nlimit_usd = \"-3\"\nperiod = \"day\"\n",
+                3,
+                "negative",
+            ),
+            (
+                "[[budgets]]\nscope = \"team:x\"\nlimit_usd = 1\nperiod = \"day\"\n",
+                2,
+                "not a scope",
+            ),
+            ("[limits]\nrequests_per_minute = 0\n", 2, "above 0"),
+            ("[alerts]\nwebhook = \"slack\"\n", 2, "not an http"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("warden.toml:{line}: ")) && err.contains(words),
+                "{err}"
+            );
+        }
+        let twice = "[[budgets]]\nscope = \"global\"\nlimit_usd = 1\nperiod = \"day\"\n[[budgets]]\nscope = \"global\"\nlimit_usd = 2\nperiod = \"day\"\n";
+        assert!(
+            parse(twice)
+                .unwrap_err()
+                .to_string()
+                .contains("configured twice")
+        );
     }
 
     #[test]

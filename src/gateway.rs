@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
+use crate::alerts::AlertSink;
 use crate::config::{Config, ConfigError};
+use crate::limits::{Limits, RestoreError};
 use crate::metering::PriceTable;
 use crate::metering::prices::PriceError;
 use crate::metrics::Metrics;
@@ -30,6 +32,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Prices(#[from] PriceError),
+    #[error(transparent)]
+    Limits(#[from] RestoreError),
     #[error(
         "cannot listen on {addr} ({what}): {source}; is another process using it? change [server] {what}"
     )]
@@ -47,6 +51,7 @@ pub struct Gateway {
     listeners: Vec<JoinHandle<()>>,
     proxy_workers: Vec<std::thread::JoinHandle<()>>,
     recorder: Recorder,
+    background: Vec<JoinHandle<()>>,
     writer: Option<WriterHandle>,
     reader: StoreReader,
     metrics: Arc<Metrics>,
@@ -71,11 +76,37 @@ impl Gateway {
             config.server.record_queue,
             metrics.clone(),
         )?;
+        let webhook = config
+            .alerts
+            .webhook
+            .as_ref()
+            .and_then(|url| url.get_ref().parse::<http::Uri>().ok());
+        let (alerts, webhook_delivery) = AlertSink::new(recorder.clone(), webhook);
+        let mut background = Vec::new();
+        if let Some(delivery) = webhook_delivery {
+            background.push(tokio::spawn(delivery.run()));
+        }
+        let limits = {
+            let config = config.clone();
+            let reader = reader.clone();
+            tokio::task::spawn_blocking(move || {
+                reader.with_connection(|conn| Limits::restore(&config, conn, alerts))
+            })
+            .await
+            .map_err(|e| StoreError::Sql(e.to_string()))??
+        };
+        let limits = Arc::new(limits);
         // One proxy worker per core, each a single-threaded runtime with its
         // own SO_REUSEPORT listener and upstream pool: a call's request,
         // upstream exchange and response never hop between threads.
         let workers = config.server.workers();
-        let first = ProxyState::new(&config, prices.clone(), recorder.clone(), metrics.clone())?;
+        let first = ProxyState::new(
+            &config,
+            prices.clone(),
+            limits.clone(),
+            recorder.clone(),
+            metrics.clone(),
+        )?;
         let mut proxy_states = Vec::with_capacity(workers);
         for _ in 1..workers {
             proxy_states.push(Arc::new(first.for_worker()?));
@@ -86,6 +117,7 @@ impl Gateway {
             reader.clone(),
             recorder.clone(),
             metrics.clone(),
+            limits.clone(),
         ));
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -184,6 +216,7 @@ impl Gateway {
             listeners: vec![admin_task],
             proxy_workers,
             recorder,
+            background,
             writer: Some(writer),
             reader,
             metrics,
@@ -225,6 +258,10 @@ impl Gateway {
             }
         })
         .await;
+        // Undelivered webhook posts stay in `alerts` with delivered = false.
+        for task in self.background.drain(..) {
+            task.abort();
+        }
         self.recorder
             .audit("warden", "warden_stopped", None, json!({}));
         self.recorder.shutdown().await;

@@ -2,14 +2,17 @@
 //!
 //! Agents point their model base URL at Warden; Warden forwards each call to
 //! the real model API, meters its tokens and cost (streamed or not) and
-//! records it in an embedded DuckDB store. See `DESIGN.md` for the contract.
+//! records it in an embedded DuckDB store, holding every agent to its rate
+//! limits and budgets. See `DESIGN.md` for the contract.
 
 pub mod admin;
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod http_server;
+pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod money;

@@ -6,7 +6,7 @@
 //! dollars, which is also what a DuckDB `DECIMAL(38, 18)` column stores.
 
 use std::fmt;
-use std::ops::{Add, AddAssign};
+use std::ops::{Add, AddAssign, Sub, SubAssign};
 
 /// Decimal places kept; matches the store's `DECIMAL(38, 18)`.
 pub const SCALE: u32 = 18;
@@ -152,6 +152,19 @@ impl Add for Usd {
 impl AddAssign for Usd {
     fn add_assign(&mut self, rhs: Usd) {
         self.0 = self.0.saturating_add(rhs.0);
+    }
+}
+
+impl Sub for Usd {
+    type Output = Usd;
+    fn sub(self, rhs: Usd) -> Usd {
+        Usd(self.0.saturating_sub(rhs.0))
+    }
+}
+
+impl SubAssign for Usd {
+    fn sub_assign(&mut self, rhs: Usd) {
+        self.0 = self.0.saturating_sub(rhs.0);
     }
 }
 

@@ -1,7 +1,7 @@
 //! The operator-facing listener: `/healthz`, `/metrics`, and the admin API
 //! under `/admin/v1/` behind operator tokens.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,10 +13,14 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
+use crate::limits::rate::RateLimits;
+use crate::limits::{BudgetScope, BudgetSpec, LimitScope, LimitValues, Limits, OnExceed, Period};
 use crate::metrics::Metrics;
+use crate::money::Usd;
 use crate::proxy::body::ProxyBody;
 use crate::store::audit::Verification;
 use crate::store::query::QueryError;
+use crate::store::record::{SettingChange, now_micros};
 use crate::store::{Recorder, StoreReader};
 
 /// Rows returned by one query at most; `warden query` says when it cut.
@@ -31,9 +35,11 @@ pub struct Operator {
 
 pub struct AdminState {
     operators: HashMap<[u8; 32], Operator>,
+    agents: HashSet<String>,
     reader: StoreReader,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
 }
 
 impl AdminState {
@@ -42,6 +48,7 @@ impl AdminState {
         reader: StoreReader,
         recorder: Recorder,
         metrics: Arc<Metrics>,
+        limits: Arc<Limits>,
     ) -> AdminState {
         let operators = config
             .operators
@@ -60,9 +67,15 @@ impl AdminState {
             .collect();
         AdminState {
             operators,
+            agents: config
+                .agents
+                .iter()
+                .map(|a| a.name.get_ref().clone())
+                .collect(),
             reader,
             recorder,
             metrics,
+            limits,
         }
     }
 
@@ -146,29 +159,41 @@ async fn admin_api(
             StatusCode::OK,
             json!({"operator": operator.name, "read_only": operator.read_only}),
         ),
-        (Method::POST, "/admin/v1/query") => {
-            let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY)
-                .collect()
-                .await
+        (Method::GET, "/admin/v1/budgets") => json_response(
+            StatusCode::OK,
+            json!({"budgets": state.limits.budgets().status(now_micros())}),
+        ),
+        (Method::POST, "/admin/v1/budgets") => {
+            if let Some(refused) = refuse_read_only(&operator) {
+                return refused;
+            }
+            match read_json::<BudgetChange>(
+                request,
+                r#"{"scope": "agent:NAME", "limit_usd": "5.00", "period": "day"}"#,
+            )
+            .await
             {
-                Ok(body) => body.to_bytes(),
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_body",
-                        format!("could not read the body: {e}"),
-                    );
-                }
-            };
-            let query: QueryRequest = match serde_json::from_slice(&body) {
+                Ok(change) => set_budget(state, &operator, change).await,
+                Err(response) => response,
+            }
+        }
+        (Method::GET, "/admin/v1/limits") => json_response(
+            StatusCode::OK,
+            json!({"limits": limits_status(&state.limits.rates())}),
+        ),
+        (Method::POST, "/admin/v1/limits") => {
+            if let Some(refused) = refuse_read_only(&operator) {
+                return refused;
+            }
+            match read_json::<LimitChange>(request, r#"{"scope": "agent:NAME", "requests_per_minute": 60, "tokens_per_minute": 100000}"#).await {
+                Ok(change) => set_limit(state, &operator, change).await,
+                Err(response) => response,
+            }
+        }
+        (Method::POST, "/admin/v1/query") => {
+            let query: QueryRequest = match read_json(request, r#"{"sql": "..."}"#).await {
                 Ok(query) => query,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_body",
-                        format!("expected {{\"sql\": \"...\"}}: {e}"),
-                    );
-                }
+                Err(response) => return response,
             };
             let max_rows = query.max_rows.unwrap_or(MAX_QUERY_ROWS).min(MAX_QUERY_ROWS);
             state
@@ -218,4 +243,211 @@ async fn admin_api(
             format!("no admin endpoint at {p}"),
         ),
     }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+    example: &str,
+) -> Result<T, Response<ProxyBody>> {
+    let body = Limited::new(request.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("could not read the body: {e}"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("expected JSON like {example}: {e}"),
+        )
+    })
+}
+
+fn refuse_read_only(operator: &Operator) -> Option<Response<ProxyBody>> {
+    operator.read_only.then(|| {
+        error(
+            StatusCode::FORBIDDEN,
+            "read_only_operator",
+            format!(
+                "operator `{}` is read-only (read_only = true in [[operators]]); ask an operator who may change settings",
+                operator.name
+            ),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetChange {
+    scope: String,
+    limit_usd: crate::config::Amount,
+    period: Option<String>,
+    on_exceed: Option<String>,
+}
+
+async fn set_budget(
+    state: &AdminState,
+    operator: &Operator,
+    change: BudgetChange,
+) -> Response<ProxyBody> {
+    let bad = |message: String| error(StatusCode::BAD_REQUEST, "invalid_budget", message);
+    let scope = match BudgetScope::parse(&change.scope) {
+        Ok(scope) => scope,
+        Err(e) => return bad(e.to_string()),
+    };
+    if let BudgetScope::Agent(name) = &scope
+        && !state.agents.contains(name)
+    {
+        return bad(format!("no agent named `{name}` is configured"));
+    }
+    let limit: Usd = match change.limit_usd.to_usd() {
+        Ok(limit) => limit,
+        Err(e) => return bad(format!("limit_usd: {e}")),
+    };
+    let existing: Vec<BudgetSpec> = state
+        .limits
+        .budgets()
+        .budgets()
+        .iter()
+        .filter(|b| b.scope == scope)
+        .map(|b| b.spec())
+        .collect();
+    let period = match change.period.as_deref() {
+        Some(text) => match Period::parse(text) {
+            Some(period) => period,
+            None => {
+                return bad(format!(
+                    "period `{text}` is not one of hour, day, week, month, total"
+                ));
+            }
+        },
+        None => match existing.as_slice() {
+            [] => Period::Day,
+            [only] => only.period,
+            _ => {
+                return bad(format!(
+                    "`{scope}` has budgets for several periods; say which with period (--period)"
+                ));
+            }
+        },
+    };
+    let on_exceed = match change.on_exceed.as_deref() {
+        Some(text) => match OnExceed::parse(text) {
+            Some(on_exceed) => on_exceed,
+            None => {
+                return bad(format!(
+                    "on_exceed `{text}` is not one of deny, require_approval, halt, alert"
+                ));
+            }
+        },
+        None => existing
+            .iter()
+            .find(|b| b.period == period)
+            .map_or(OnExceed::Deny, |b| b.on_exceed),
+    };
+    let spec = BudgetSpec {
+        scope,
+        period,
+        limit,
+        on_exceed,
+    };
+    // Durable first: the change is committed before it is reported done.
+    state.recorder.setting(SettingChange::Budget {
+        operator: operator.name.clone(),
+        scope: spec.scope.to_string(),
+        period: spec.period.as_str(),
+        limit_usd: spec.limit,
+        on_exceed: spec.on_exceed.as_str(),
+    });
+    state.recorder.audit(
+        &operator.name,
+        "budget_set",
+        Some(&spec.scope.to_string()),
+        json!({"period": spec.period.as_str(), "limit_usd": spec.limit.to_string(), "on_exceed": spec.on_exceed.as_str()}),
+    );
+    state.recorder.flush().await;
+    let created = state.limits.budgets().set(&spec, now_micros());
+    let scope_text = spec.scope.to_string();
+    let status: Vec<_> = state
+        .limits
+        .budgets()
+        .status(now_micros())
+        .into_iter()
+        .filter(|b| b.scope == scope_text && b.period == spec.period)
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"created": created, "budgets": status}),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitChange {
+    scope: String,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u64>,
+}
+
+async fn set_limit(
+    state: &AdminState,
+    operator: &Operator,
+    change: LimitChange,
+) -> Response<ProxyBody> {
+    let bad = |message: String| error(StatusCode::BAD_REQUEST, "invalid_limit", message);
+    let scope = match LimitScope::parse(&change.scope) {
+        Ok(scope) => scope,
+        Err(e) => return bad(e.to_string()),
+    };
+    if let LimitScope::Agent(name) = &scope
+        && !state.agents.contains(name)
+    {
+        return bad(format!("no agent named `{name}` is configured"));
+    }
+    if change.requests_per_minute == Some(0) || change.tokens_per_minute == Some(0) {
+        return bad("a limit must be above 0; send null (or leave it out) for no limit".into());
+    }
+    let values = LimitValues {
+        requests_per_minute: change.requests_per_minute,
+        tokens_per_minute: change.tokens_per_minute,
+    };
+    state.recorder.setting(SettingChange::Limit {
+        operator: operator.name.clone(),
+        scope: scope.to_string(),
+        requests_per_minute: values.requests_per_minute,
+        tokens_per_minute: values.tokens_per_minute,
+    });
+    state.recorder.audit(
+        &operator.name,
+        "limit_set",
+        Some(&scope.to_string()),
+        json!({"requests_per_minute": values.requests_per_minute, "tokens_per_minute": values.tokens_per_minute}),
+    );
+    state.recorder.flush().await;
+    state.limits.set_rate(scope, values);
+    json_response(
+        StatusCode::OK,
+        json!({"limits": limits_status(&state.limits.rates())}),
+    )
+}
+
+fn limits_status(rates: &RateLimits) -> serde_json::Value {
+    rates
+        .all()
+        .iter()
+        .map(|limit| {
+            json!({
+                "scope": limit.scope.to_string(),
+                "requests_per_minute": limit.values.requests_per_minute,
+                "tokens_per_minute": limit.values.tokens_per_minute,
+                "tokens_available": RateLimits::tokens_available(limit),
+            })
+        })
+        .collect()
 }

@@ -2,6 +2,7 @@
 //! this one parses arguments and dispatches.
 
 mod admin_client;
+mod budgets;
 mod demo;
 mod init;
 mod query;
@@ -72,6 +73,57 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Spend, reserved and remaining per budget; `budgets set` changes one.
+    Budgets {
+        #[command(subcommand)]
+        action: Option<BudgetsAction>,
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Rate limits per scope; `limits set` changes one.
+    Limits {
+        #[command(subcommand)]
+        action: Option<LimitsAction>,
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BudgetsAction {
+    /// Change a budget's limit, or add a budget (kept across restarts).
+    Set {
+        /// `global`, `agent:NAME`, `model:NAME`, `workflow:NAME` or `run`.
+        scope: String,
+        /// The new limit in dollars, e.g. 25 or 0.50.
+        #[arg(long)]
+        limit_usd: String,
+        /// hour, day, week, month or total; needed when the scope has
+        /// budgets for several periods (a new budget defaults to day).
+        #[arg(long)]
+        period: Option<String>,
+        /// deny, require_approval, halt or alert (default: unchanged, or deny).
+        #[arg(long)]
+        on_exceed: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LimitsAction {
+    /// Set a scope's rate limits (kept across restarts); a limit left out
+    /// is removed.
+    Set {
+        /// `global`, `agent:NAME` or `model:GLOB`.
+        scope: String,
+        #[arg(long)]
+        requests_per_minute: Option<u32>,
+        #[arg(long)]
+        tokens_per_minute: Option<u64>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -81,6 +133,39 @@ pub fn main() -> ExitCode {
         Command::Demo { store } => demo::run(store),
         Command::Init { path, force } => init::run(&path, force),
         Command::Query { sql, format, admin } => query::run(&sql, format, &admin),
+        Command::Budgets {
+            action,
+            format,
+            admin,
+        } => match action {
+            None => budgets::show_budgets(format, &admin),
+            Some(BudgetsAction::Set {
+                scope,
+                limit_usd,
+                period,
+                on_exceed,
+            }) => budgets::set_budget(
+                budgets::BudgetChange {
+                    scope: &scope,
+                    limit_usd: &limit_usd,
+                    period: period.as_deref(),
+                    on_exceed: on_exceed.as_deref(),
+                },
+                &admin,
+            ),
+        },
+        Command::Limits {
+            action,
+            format,
+            admin,
+        } => match action {
+            None => budgets::show_limits(format, &admin),
+            Some(LimitsAction::Set {
+                scope,
+                requests_per_minute,
+                tokens_per_minute,
+            }) => budgets::set_limit(&scope, requests_per_minute, tokens_per_minute, &admin),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,6 +51,28 @@ pub struct ModelPrice {
 }
 
 impl ModelPrice {
+    /// The most `input` and `output` tokens can cost: every input token at
+    /// the dearest input price (a cache write can cost more than a plain
+    /// read), every output token at the dearest output price (reasoning).
+    /// `cost` of any usage within these counts is never above it.
+    pub fn upper_bound_cost(&self, input: u64, output: u64) -> Usd {
+        let long = input > LONG_CONTEXT_TOKENS;
+        let mut input_price = self.input.max(self.cache_write.unwrap_or(Usd::ZERO));
+        let mut output_price = self.output.max(self.reasoning.unwrap_or(Usd::ZERO));
+        if long {
+            for price in [self.input_long, self.cache_write_long]
+                .into_iter()
+                .flatten()
+            {
+                input_price = input_price.max(price);
+            }
+            if let Some(price) = self.output_long {
+                output_price = output_price.max(price);
+            }
+        }
+        input_price.times(input) + output_price.times(output)
+    }
+
     /// The exact cost of `usage` (see `Usage` for what each count includes).
     pub fn cost(&self, usage: &Usage) -> Usd {
         let long = usage.input_tokens > LONG_CONTEXT_TOKENS;
@@ -218,6 +240,43 @@ fn strip_date_suffix(model: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upper_bound_is_never_below_the_cost_of_usage_within_it() {
+        let table = PriceTable::builtin();
+        for model in [
+            "gpt-4o",
+            "claude-sonnet-4-5",
+            "o3",
+            "claude-3-7-sonnet-20250219",
+        ] {
+            let Some(price) = table.lookup(model) else {
+                continue;
+            };
+            let bound = price.upper_bound_cost(1_000, 500);
+            for usage in [
+                Usage {
+                    input_tokens: 1_000,
+                    output_tokens: 500,
+                    ..Usage::default()
+                },
+                Usage {
+                    input_tokens: 1_000,
+                    cache_write_tokens: 1_000,
+                    output_tokens: 500,
+                    reasoning_tokens: 500,
+                    ..Usage::default()
+                },
+                Usage {
+                    input_tokens: 10,
+                    output_tokens: 1,
+                    ..Usage::default()
+                },
+            ] {
+                assert!(price.cost(&usage) <= bound, "{model}: {usage:?}");
+            }
+        }
+    }
 
     fn usd(text: &str) -> Usd {
         Usd::parse(text).unwrap()

@@ -14,6 +14,8 @@ fn error_type(kind: ErrorKind) -> &'static str {
         ErrorKind::InvalidRequest => "invalid_request_error",
         ErrorKind::NotFound => "not_found_error",
         ErrorKind::TooLarge => "request_too_large",
+        ErrorKind::Forbidden => "permission_error",
+        ErrorKind::RateLimited => "rate_limit_error",
         ErrorKind::UpstreamFailed => "api_error",
         ErrorKind::UpstreamTimeout => "timeout_error",
     }

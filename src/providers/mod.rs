@@ -300,6 +300,10 @@ pub enum ErrorKind {
     InvalidRequest,
     NotFound,
     TooLarge,
+    /// A policy or an operator said no (403).
+    Forbidden,
+    /// A rate limit or a budget (429).
+    RateLimited,
     UpstreamFailed,
     UpstreamTimeout,
 }
@@ -312,6 +316,8 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }

@@ -12,6 +12,8 @@ fn error_type(kind: ErrorKind) -> &'static str {
         | ErrorKind::InvalidRequest
         | ErrorKind::NotFound
         | ErrorKind::TooLarge => "invalid_request_error",
+        ErrorKind::Forbidden => "permission_error",
+        ErrorKind::RateLimited => "rate_limit_exceeded",
         ErrorKind::UpstreamFailed | ErrorKind::UpstreamTimeout => "api_error",
     }
 }

@@ -11,6 +11,7 @@ use http::{HeaderValue, Response, StatusCode};
 
 use super::ProxyState;
 use super::body::ProxyBody;
+use crate::limits::Admission;
 use crate::metering::MeterReport;
 use crate::metering::prices::ModelPrice;
 use crate::money::Usd;
@@ -20,6 +21,8 @@ use crate::store::record::{CallRecord, Outcome, PendingEstimate, UsageSource, no
 pub const CALL_ID_HEADER: &str = "x-warden-call-id";
 pub const COST_HEADER: &str = "x-warden-cost-usd";
 
+pub const BUDGET_REMAINING_HEADER: &str = "x-warden-budget-remaining";
+
 /// A refusal or failure, answered in the caller's format and recorded.
 #[derive(Debug)]
 pub struct Refusal {
@@ -27,6 +30,8 @@ pub struct Refusal {
     pub code: &'static str,
     pub message: String,
     pub outcome: Outcome,
+    /// Extra response headers (`retry-after`, `x-ratelimit-*`).
+    pub headers: Option<Box<http::HeaderMap>>,
 }
 
 impl Refusal {
@@ -41,8 +46,27 @@ impl Refusal {
             code,
             message: message.into(),
             outcome,
+            headers: None,
         }
     }
+
+    pub fn with_outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
+    pub fn with_headers(mut self, headers: http::HeaderMap) -> Self {
+        self.headers = Some(Box::new(headers));
+        self
+    }
+}
+
+/// What settling a call found: its exact cost when known now, and what is
+/// left of its tightest budget.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Settled {
+    pub cost: Option<Usd>,
+    pub budget_remaining: Option<Usd>,
 }
 
 /// How a call that reached the upstream ended.
@@ -95,6 +119,8 @@ pub struct Call {
     pub step_id: Option<String>,
     pub request_body: Bytes,
     pub price: Option<Arc<ModelPrice>>,
+    /// Rate-limit and budget charges, settled when the call ends.
+    pub admission: Option<Admission>,
     ttft_ms: Option<f64>,
     recorded: bool,
 }
@@ -125,6 +151,7 @@ impl Call {
             step_id: None,
             request_body: Bytes::new(),
             price: None,
+            admission: None,
             ttft_ms: None,
             recorded: false,
         }
@@ -160,6 +187,8 @@ impl Call {
             providers::error_body(self.protocol, refusal.kind, refusal.code, &refusal.message);
         tracing::info!(call_id = %self.id, code = refusal.code, status = refusal.kind.status().as_u16(), "call refused");
         let status = refusal.kind.status();
+        // A refused call used nothing: its charges are given back.
+        self.admission = None;
         self.record(CallEnd {
             status,
             outcome: refusal.outcome,
@@ -177,14 +206,17 @@ impl Call {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(CALL_ID_HEADER, self.id_header.clone());
+        if let Some(extra) = refusal.headers {
+            headers.extend(*extra);
+        }
         response
     }
 
     /// Records a call that reached the upstream. Returns the exact cost when
     /// it is known now: free endpoints and calls that used no tokens (upstream
     /// errors) cost zero; otherwise the provider's usage at the model's price.
-    /// Estimated calls are priced by the writer.
-    pub fn settle(mut self, settlement: Settlement) -> Option<Usd> {
+    /// Estimated calls are priced (and their charges settled) by the writer.
+    pub fn settle(mut self, settlement: Settlement) -> Settled {
         let exact = settlement.input_known && settlement.output_known;
         let free = !self.endpoint.is_none_or(Endpoint::is_billed)
             || (exact && settlement.usage == Usage::default());
@@ -205,8 +237,13 @@ impl Call {
                 output_overflow: settlement.output_overflow,
                 output_known: settlement.output_known,
                 price: self.price.clone().filter(|_| !free),
+                admission: self.admission.take(),
             })
         });
+        let budget_remaining = match self.admission.take() {
+            Some(admission) => admission.settle(&settlement.usage, cost),
+            None => None,
+        };
         self.record(CallEnd {
             status: settlement.status,
             outcome: settlement.outcome,
@@ -216,7 +253,10 @@ impl Call {
             error: settlement.error,
             pending,
         });
-        cost
+        Settled {
+            cost,
+            budget_remaining,
+        }
     }
 
     /// Records a call Warden answered itself (the model list).
@@ -297,6 +337,7 @@ impl Drop for Call {
             output_overflow: 0,
             output_known: true,
             price: self.price.clone(),
+            admission: self.admission.take(),
         });
         self.record(CallEnd {
             status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),

@@ -17,6 +17,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
+use crate::limits::Limits;
 use crate::metering::PriceTable;
 use crate::metrics::Metrics;
 use crate::providers::ProviderKind;
@@ -78,6 +79,7 @@ pub struct ProxyState {
     pub agents: Arc<AgentDirectory>,
     pub router: Arc<Router>,
     pub prices: Arc<PriceTable>,
+    pub limits: Arc<Limits>,
     pub client: HttpClient,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -91,6 +93,7 @@ impl ProxyState {
     pub fn new(
         config: &Config,
         prices: Arc<PriceTable>,
+        limits: Arc<Limits>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
     ) -> Result<ProxyState, UpstreamError> {
@@ -105,6 +108,7 @@ impl ProxyState {
             agents: Arc::new(AgentDirectory::from_config(config)),
             router: Arc::new(router),
             prices,
+            limits,
             client: upstream::build_client()?,
             recorder,
             metrics,
@@ -122,6 +126,7 @@ impl ProxyState {
             agents: self.agents.clone(),
             router: self.router.clone(),
             prices: self.prices.clone(),
+            limits: self.limits.clone(),
             client: upstream::build_client()?,
             recorder: self.recorder.clone(),
             metrics: self.metrics.clone(),

@@ -16,9 +16,11 @@ use tracing::Instrument;
 
 use super::ProxyState;
 use super::body::{MeteredStream, ProxyBody};
-use super::call::{COST_HEADER, Call, Refusal, Settlement};
+use super::call::{BUDGET_REMAINING_HEADER, COST_HEADER, Call, Refusal, Settlement};
 use super::headers;
 use super::upstream::{Route, Upstream};
+use crate::limits::rate::{HeaderNumbers, LimitedBy, RateHeaders, openai_duration};
+use crate::limits::{AdmitError, CallFacts, CallSubject};
 use crate::metering::{MeterReport, StreamMeter};
 use crate::providers::{self, Endpoint, ErrorKind, ProviderKind, RequestFacts, anthropic, openai};
 use crate::store::record::Outcome;
@@ -133,6 +135,24 @@ async fn serve(
     call.provider = Some(upstream.kind.as_str());
     call.price = state.prices.lookup(&facts.model);
 
+    // limit: requests, then the budget reservation, then tokens
+    let admission = state
+        .limits
+        .admit(&CallFacts {
+            subject: CallSubject {
+                agent: &agent.name,
+                model: &facts.model,
+                run_id: call.run_id.as_deref(),
+                workflow: None,
+            },
+            endpoint,
+            body: &body,
+            max_tokens: facts.max_tokens,
+            price: call.price.as_deref(),
+        })
+        .map_err(|e| admission_refusal(e, &facts.model))?;
+    call.admission = Some(admission);
+
     // forward
     let strip_usage_chunk = facts.stream
         && endpoint.takes_stream_options()
@@ -174,6 +194,102 @@ async fn serve(
         response,
         strip_usage_chunk,
     }))
+}
+
+/// A refused admission in the caller's format. Rate limits carry the
+/// headers the official SDKs read to wait (`retry-after-ms`, `retry-after`)
+/// and OpenAI's `x-ratelimit-*`; an exhausted budget says not to retry.
+fn admission_refusal(error: AdmitError, model: &str) -> Refusal {
+    match error {
+        AdmitError::Rate(refusal) => {
+            let mut headers = HeaderMap::new();
+            rate_headers(&mut headers, &refusal.headers);
+            let limit = match refusal.what {
+                LimitedBy::Requests => "requests per minute",
+                LimitedBy::Tokens { .. } => "tokens per minute",
+            };
+            let Some(wait) = refusal.retry_after else {
+                let asked = match refusal.what {
+                    LimitedBy::Tokens { asked } => asked,
+                    LimitedBy::Requests => 0,
+                };
+                return Refusal::new(
+                    ErrorKind::InvalidRequest,
+                    "request_exceeds_token_limit",
+                    format!(
+                        "this call may use up to {asked} tokens (its input and max_tokens), more than the {limit} limit of {} allows at once; lower max_tokens or shorten the input",
+                        refusal.scope
+                    ),
+                )
+                .with_outcome(Outcome::RateLimited)
+                .with_headers(headers);
+            };
+            let millis = wait.as_millis().max(1);
+            insert_header(&mut headers, "retry-after-ms", millis.to_string());
+            insert_header(&mut headers, "retry-after", wait.as_secs_f64().ceil().max(1.0).to_string());
+            Refusal::new(
+                ErrorKind::RateLimited,
+                "rate_limit_exceeded",
+                format!(
+                    "rate limit of {} reached ({limit}); retry in {}",
+                    refusal.scope,
+                    openai_duration(wait)
+                ),
+            )
+            .with_outcome(Outcome::RateLimited)
+            .with_headers(headers)
+        }
+        AdmitError::Budget(refusal) => {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            Refusal::new(ErrorKind::RateLimited, "budget_exceeded", refusal.message())
+                .with_outcome(Outcome::BudgetExceeded)
+                .with_headers(headers)
+        }
+        AdmitError::Unpriced => Refusal::new(
+            ErrorKind::Forbidden,
+            "model_not_priced",
+            format!(
+                "a budget counts this call, but Warden has no price for model `{model}` and cannot hold it to the budget; add the model to the [prices] file"
+            ),
+        )
+        .with_outcome(Outcome::BudgetExceeded),
+    }
+}
+
+fn rate_headers(headers: &mut HeaderMap, numbers: &RateHeaders) {
+    let mut put = |kind: &str, n: &HeaderNumbers| {
+        insert_header(
+            headers,
+            &format!("x-ratelimit-limit-{kind}"),
+            n.limit.to_string(),
+        );
+        insert_header(
+            headers,
+            &format!("x-ratelimit-remaining-{kind}"),
+            n.remaining.to_string(),
+        );
+        insert_header(
+            headers,
+            &format!("x-ratelimit-reset-{kind}"),
+            openai_duration(n.reset),
+        );
+    };
+    if let Some(n) = &numbers.requests {
+        put("requests", n);
+    }
+    if let Some(n) = &numbers.tokens {
+        put("tokens", n);
+    }
+}
+
+fn insert_header(headers: &mut HeaderMap, name: &str, value: String) {
+    if let (Ok(name), Ok(value)) = (
+        http::HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(&value),
+    ) {
+        headers.insert(name, value);
+    }
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -318,9 +434,14 @@ async fn respond(
         report.error = Some(upstream_error_summary(status, &bytes));
         Settlement::from_report(status, Outcome::Error, report, None)
     };
-    let cost = call.settle(settlement);
-    if let Some(value) = cost.and_then(|c| HeaderValue::from_str(&c.to_string()).ok()) {
-        parts.headers.insert(COST_HEADER, value);
+    let settled = call.settle(settlement);
+    for (name, amount) in [
+        (COST_HEADER, settled.cost),
+        (BUDGET_REMAINING_HEADER, settled.budget_remaining),
+    ] {
+        if let Some(value) = amount.and_then(|a| HeaderValue::from_str(&a.to_string()).ok()) {
+            parts.headers.insert(name, value);
+        }
     }
     Response::from_parts(parts, ProxyBody::full(bytes))
 }

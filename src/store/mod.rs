@@ -2,6 +2,7 @@
 //! audit chain and read-only queries.
 
 pub mod audit;
+pub mod ledger;
 pub mod query;
 pub mod record;
 pub mod schema;
@@ -171,6 +172,15 @@ impl StoreReader {
             .connection()
             .map_err(|e| query::QueryError::Sql(e.to_string()))?;
         query::run(&conn, sql, max_rows)
+    }
+
+    /// Runs `read` on a connection of its own; blocking.
+    pub fn with_connection<T, E: From<StoreError>>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let conn = self.connection()?;
+        read(&conn)
     }
 
     pub fn verify_audit(&self) -> Result<audit::Verification, StoreError> {

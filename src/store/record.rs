@@ -70,8 +70,9 @@ impl UsageSource {
 }
 
 /// What the writer still has to count because the provider did not say:
-/// tokenizing happens on the writer's thread, off the request path.
-#[derive(Debug, Clone)]
+/// tokenizing happens on the writer's thread, off the request path, and the
+/// call's rate-limit and budget charges are settled there once it is priced.
+#[derive(Debug)]
 pub struct PendingEstimate {
     pub request_body: Bytes,
     pub input_known: bool,
@@ -79,10 +80,11 @@ pub struct PendingEstimate {
     pub output_overflow: u64,
     pub output_known: bool,
     pub price: Option<Arc<ModelPrice>>,
+    pub admission: Option<crate::limits::Admission>,
 }
 
 /// One row of `calls`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CallRecord {
     pub call_id: String,
     pub ts_start_us: i64,
@@ -120,4 +122,34 @@ pub fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// One row of `alerts`.
+#[derive(Debug, Clone)]
+pub struct AlertRow {
+    pub alert_id: String,
+    pub ts_us: i64,
+    pub rule: String,
+    pub severity: &'static str,
+    pub subject: String,
+    pub message: String,
+}
+
+/// An operator's runtime change to a budget or a rate limit, kept so that
+/// it survives restarts (`budget_changes`, `limit_changes`).
+#[derive(Debug, Clone)]
+pub enum SettingChange {
+    Budget {
+        operator: String,
+        scope: String,
+        period: &'static str,
+        limit_usd: Usd,
+        on_exceed: &'static str,
+    },
+    Limit {
+        operator: String,
+        scope: String,
+        requests_per_minute: Option<u32>,
+        tokens_per_minute: Option<u64>,
+    },
 }

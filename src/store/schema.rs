@@ -114,6 +114,36 @@ SELECT CAST(date_trunc('day', ts_start) AS DATE) AS day, agent, model,
 FROM calls GROUP BY ALL ORDER BY day, cost_usd DESC NULLS LAST;
 "#,
     },
+    Migration {
+        version: 3,
+        description: "alerts and operators' runtime budget and limit changes",
+        sql: r#"
+CREATE TABLE alerts (
+    alert_id VARCHAR NOT NULL,
+    ts TIMESTAMP NOT NULL,
+    rule VARCHAR NOT NULL,
+    severity VARCHAR NOT NULL,
+    subject VARCHAR NOT NULL,
+    message VARCHAR NOT NULL,
+    delivered BOOLEAN NOT NULL
+);
+CREATE TABLE budget_changes (
+    ts TIMESTAMP NOT NULL,
+    operator VARCHAR NOT NULL,
+    scope VARCHAR NOT NULL,
+    period VARCHAR NOT NULL,
+    limit_usd DECIMAL(38, 18) NOT NULL,
+    on_exceed VARCHAR NOT NULL
+);
+CREATE TABLE limit_changes (
+    ts TIMESTAMP NOT NULL,
+    operator VARCHAR NOT NULL,
+    scope VARCHAR NOT NULL,
+    requests_per_minute INTEGER,
+    tokens_per_minute BIGINT
+);
+"#,
+    },
 ];
 
 pub fn latest_version() -> i32 {

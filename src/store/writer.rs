@@ -16,7 +16,7 @@ use duckdb::Connection;
 use duckdb::types::{TimeUnit, Value};
 
 use super::audit::{ChainFields, canonical_json, chain_hash, chain_head};
-use super::record::{AuditEntry, CallRecord, UsageSource, now_micros};
+use super::record::{AlertRow, AuditEntry, CallRecord, SettingChange, UsageSource, now_micros};
 use crate::metering::estimate;
 use crate::metrics::Metrics;
 use crate::money::Usd;
@@ -28,6 +28,9 @@ const MAX_BATCH: usize = 4096;
 pub enum StoreCommand {
     Call(Box<CallRecord>),
     Audit(AuditEntry),
+    Alert(AlertRow),
+    AlertDelivered(String),
+    Setting(SettingChange),
     /// Commit everything received so far, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Commit everything received so far and stop.
@@ -63,6 +66,19 @@ impl Recorder {
             subject: subject.map(str::to_owned),
             payload,
         }));
+    }
+
+    pub fn alert(&self, row: AlertRow) {
+        self.send(StoreCommand::Alert(row));
+    }
+
+    pub fn alert_delivered(&self, alert_id: String) {
+        self.send(StoreCommand::AlertDelivered(alert_id));
+    }
+
+    /// Records an operator's change; `flush` afterwards to know it is durable.
+    pub fn setting(&self, change: SettingChange) {
+        self.send(StoreCommand::Setting(change));
     }
 
     /// Waits until everything recorded before this call is committed.
@@ -171,6 +187,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     calls: Vec<CallRecord>,
     audits: Vec<AuditEntry>,
+    /// Alerts, deliveries and settings: rare, written one statement each.
+    others: Vec<StoreCommand>,
     acks: Vec<tokio::sync::oneshot::Sender<()>>,
     chain: Option<(i64, String)>,
     stopping: bool,
@@ -183,6 +201,7 @@ impl Writer {
             metrics,
             calls: Vec::new(),
             audits: Vec::new(),
+            others: Vec::new(),
             acks: Vec::new(),
             chain: None,
             stopping: false,
@@ -225,6 +244,9 @@ impl Writer {
             StoreCommand::Audit(entry) => self.audits.push(entry),
             StoreCommand::Flush(ack) => self.acks.push(ack),
             StoreCommand::Shutdown => self.stopping = true,
+            other @ (StoreCommand::Alert(_)
+            | StoreCommand::AlertDelivered(_)
+            | StoreCommand::Setting(_)) => self.others.push(other),
         }
     }
 
@@ -256,6 +278,12 @@ impl Writer {
                 tracing::error!(error = %e, rows = audits.len(), "could not write audit entries");
                 // Re-read the head: the failed rows never landed.
                 self.chain = None;
+            }
+        }
+        for command in std::mem::take(&mut self.others) {
+            if let Err(e) = self.write_other(&command) {
+                self.metrics.records_dropped.inc();
+                tracing::error!(error = %e, "could not write an alert or setting row");
             }
         }
         for ack in self.acks.drain(..) {
@@ -298,6 +326,53 @@ impl Writer {
             ])?;
         }
         appender.flush()
+    }
+
+    fn write_other(&self, command: &StoreCommand) -> duckdb::Result<()> {
+        match command {
+            StoreCommand::Alert(row) => self.conn.execute(
+                "INSERT INTO alerts (alert_id, ts, rule, severity, subject, message, delivered) VALUES (?, make_timestamp(?), ?, ?, ?, ?, false)",
+                duckdb::params![row.alert_id, row.ts_us, row.rule, row.severity, row.subject, row.message],
+            ),
+            StoreCommand::AlertDelivered(alert_id) => self.conn.execute(
+                "UPDATE alerts SET delivered = true WHERE alert_id = ?",
+                [alert_id],
+            ),
+            StoreCommand::Setting(SettingChange::Budget {
+                operator,
+                scope,
+                period,
+                limit_usd,
+                on_exceed,
+            }) => self.conn.execute(
+                "INSERT INTO budget_changes (ts, operator, scope, period, limit_usd, on_exceed) VALUES (make_timestamp(?), ?, ?, ?, ?, ?)",
+                duckdb::params![
+                    now_micros(),
+                    operator,
+                    scope,
+                    period,
+                    Value::Decimal(money_decimal(*limit_usd)?),
+                    on_exceed
+                ],
+            ),
+            StoreCommand::Setting(SettingChange::Limit {
+                operator,
+                scope,
+                requests_per_minute,
+                tokens_per_minute,
+            }) => self.conn.execute(
+                "INSERT INTO limit_changes (ts, operator, scope, requests_per_minute, tokens_per_minute) VALUES (make_timestamp(?), ?, ?, ?, ?)",
+                duckdb::params![
+                    now_micros(),
+                    operator,
+                    scope,
+                    requests_per_minute,
+                    tokens_per_minute.map(|t| t as i64)
+                ],
+            ),
+            _ => Ok(0),
+        }
+        .map(|_| ())
     }
 
     fn append_audits(&mut self, audits: &[AuditEntry]) -> duckdb::Result<()> {
@@ -377,5 +452,8 @@ fn complete_estimate(record: &mut CallRecord) {
     }
     if let Some(price) = pending.price {
         record.cost = Some(price.cost(&record.usage));
+    }
+    if let Some(admission) = pending.admission {
+        admission.settle(&record.usage, record.cost);
     }
 }

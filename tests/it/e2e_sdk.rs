@@ -10,7 +10,7 @@ use serde_json::Value;
 use warden::demo::sim::{SimOptions, SimProvider};
 use warden::gateway::Gateway;
 
-fn python_with_sdks() -> PathBuf {
+pub fn python_with_sdks() -> PathBuf {
     if let Ok(python) = std::env::var("WARDEN_E2E_PYTHON") {
         return PathBuf::from(python);
     }

@@ -313,6 +313,7 @@ read_only = true
 /// A real Warden in front of one scripted upstream that plays both formats.
 pub struct TestWarden {
     pub gateway: Option<Gateway>,
+    pub config_text: String,
     pub upstream: FakeUpstream,
     pub dir: tempfile::TempDir,
     pub client: Client<HttpConnector, Full<Bytes>>,
@@ -364,6 +365,7 @@ impl TestWarden {
         let gateway = Gateway::start(config).await.unwrap();
         TestWarden {
             gateway: Some(gateway),
+            config_text: text,
             upstream,
             dir,
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -481,6 +483,13 @@ impl TestWarden {
         if let Some(gateway) = self.gateway.take() {
             gateway.shutdown().await;
         }
+    }
+
+    /// Starts Warden again on the same config and store (after `stop`).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let config = Config::parse(&self.config_text, Path::new("test.toml")).unwrap();
+        self.gateway = Some(Gateway::start(config).await.unwrap());
     }
 }
 
