@@ -22,17 +22,21 @@ use warden::providers::{Endpoint, Usage};
 
 const BODY: &[u8] = br#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a careful research assistant."},{"role":"user","content":"Summarise the attached quarterly report in three bullet points."}],"max_tokens":256}"#;
 
-/// Limits that never refuse: a per-agent and a global rate limit, an agent
-/// and a global budget, all far above what the bench spends.
-fn limits() -> Limits {
+/// Limits that never refuse, far above what the bench spends: per-agent
+/// request and token limits and an agent budget; with `global`, the same
+/// again for everyone together.
+fn limits(global: bool) -> Limits {
     let generous = LimitValues {
         requests_per_minute: Some(u32::MAX),
         tokens_per_minute: Some(1 << 50),
     };
-    let rates = RateLimits::new([
-        (LimitScope::Agent("researcher".into()), generous),
-        (LimitScope::Global, generous),
-    ]);
+    let mut scopes = vec![(LimitScope::Agent("researcher".into()), generous)];
+    let mut budgets = vec![BudgetScope::Agent("researcher".into())];
+    if global {
+        scopes.push((LimitScope::Global, generous));
+        budgets.push(BudgetScope::Global);
+    }
+    let rates = RateLimits::new(scopes);
     let budget = |scope| BudgetSpec {
         scope,
         period: Period::Day,
@@ -40,10 +44,7 @@ fn limits() -> Limits {
         on_exceed: OnExceed::Deny,
     };
     let book = BudgetBook::new(
-        &[
-            budget(BudgetScope::Agent("researcher".into())),
-            budget(BudgetScope::Global),
-        ],
+        &budgets.into_iter().map(budget).collect::<Vec<_>>(),
         AlertSink::log_only(),
         warden::store::record::now_micros(),
     );
@@ -76,33 +77,15 @@ fn one_call(limits: &Limits, price: &warden::metering::prices::ModelPrice) {
 fn bench_admission(c: &mut Criterion) {
     let prices = PriceTable::builtin();
     let price = prices.lookup("gpt-4o-mini").unwrap();
-    let limits = Arc::new(limits());
-
-    let mut group = c.benchmark_group("admit+settle");
-    group.bench_function("1 thread", |b| b.iter(|| one_call(&limits, &price)));
-    group.bench_function("2 threads", |b| {
-        b.iter_custom(|iters| {
-            let start = Arc::new(Barrier::new(3));
-            let workers: Vec<_> = (0..2)
-                .map(|_| {
-                    let (limits, price, start) = (limits.clone(), price.clone(), start.clone());
-                    std::thread::spawn(move || {
-                        start.wait();
-                        for _ in 0..iters {
-                            one_call(&limits, &price);
-                        }
-                    })
-                })
-                .collect();
-            start.wait();
-            let began = Instant::now();
-            for worker in workers {
-                worker.join().unwrap();
-            }
-            began.elapsed()
-        })
-    });
-    group.finish();
+    for (name, global) in [("agent limits", false), ("agent and global limits", true)] {
+        let limits = Arc::new(limits(global));
+        let mut group = c.benchmark_group(format!("admit+settle, {name}"));
+        group.bench_function("1 thread", |b| b.iter(|| one_call(&limits, &price)));
+        group.bench_function("2 threads", |b| {
+            b.iter_custom(|iters| two_threads(&limits, &price, iters))
+        });
+        group.finish();
+    }
 
     let nothing = Limits::new(
         RateLimits::default(),
@@ -114,6 +97,32 @@ fn bench_admission(c: &mut Criterion) {
     c.bench_function("input upper bound (190-byte body)", |b| {
         b.iter(|| warden::limits::input_upper_bound(black_box(BODY)))
     });
+}
+
+/// `iters` calls on each of two threads at once; the wall time of both.
+fn two_threads(
+    limits: &Arc<Limits>,
+    price: &Arc<warden::metering::prices::ModelPrice>,
+    iters: u64,
+) -> Duration {
+    let start = Arc::new(Barrier::new(3));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (limits, price, start) = (limits.clone(), price.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..iters {
+                    one_call(&limits, &price);
+                }
+            })
+        })
+        .collect();
+    start.wait();
+    let began = Instant::now();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    began.elapsed()
 }
 
 criterion_group! {

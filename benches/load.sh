@@ -98,11 +98,8 @@ TOML
 "$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
 echo $! > "$WORK/warden.pid"
 WARDEN_PID="$(cat "$WORK/warden.pid")"
-"$WARDEN" serve --config "$WORK/warden-limits.toml" 2>"$WORK/warden-limits.log" &
-echo $! > "$WORK/warden-limits.pid"
-for port in 18084 18086; do
-    for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-done
+wait_healthy() { for _ in $(seq 100); do curl -fs "http://127.0.0.1:$1/healthz" >/dev/null 2>&1 && return; sleep 0.1; done; }
+wait_healthy 18084
 
 cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
@@ -125,7 +122,6 @@ to_ms() { case "$1" in *us) echo "${1%us} / 1000" | bc -l;; *ms) echo "${1%ms}";
 
 # Warm up connections and code paths.
 wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18083/v1/chat/completions >/dev/null
-wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18085/v1/chat/completions >/dev/null
 wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18082/v1/chat/completions >/dev/null
 BEFORE="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
 
@@ -134,7 +130,6 @@ printf '%-22s %12s %10s %10s %10s\n' target "req/s" p50 p99 requests
 run nginx_static http://127.0.0.1:18081/v1/chat/completions
 run nginx_proxy_pass http://127.0.0.1:18082/v1/chat/completions
 run warden http://127.0.0.1:18083/v1/chat/completions
-run warden_limits http://127.0.0.1:18085/v1/chat/completions
 
 sleep 1 # one flush interval and more
 AFTER="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
@@ -143,7 +138,16 @@ SENT="$(cut -d' ' -f4 "$WORK/warden.res")"
 RSS_KB="$(awk '/VmHWM/ {print $2}' /proc/"$WARDEN_PID"/status)"
 DROPPED="$(curl -fs http://127.0.0.1:18084/metrics | awk '/^warden_store_records_dropped_total/ {print $2}')"
 
-LIMITED_ADMITTED="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome <> 'ok') || ' refused' FROM calls" --format csv --admin-url http://127.0.0.1:18086 | tail -1)"
+# The second Warden runs alone: the first one stops (and stops writing).
+kill "$WARDEN_PID"; wait "$WARDEN_PID" 2>/dev/null || true
+"$WARDEN" serve --config "$WORK/warden-limits.toml" 2>"$WORK/warden-limits.log" &
+echo $! > "$WORK/warden-limits.pid"
+wait_healthy 18086
+wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18085/v1/chat/completions >/dev/null
+run warden_limits http://127.0.0.1:18085/v1/chat/completions
+sleep 1
+
+LIMITED_ADMITTED="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome IN ('rate_limited', 'budget_exceeded')) || ' refused by limits' FROM calls" --format csv --admin-url http://127.0.0.1:18086 | tail -1)"
 read -r L_RPS _ L_P99 _ < "$WORK/warden_limits.res"
 read -r W_RPS W_P50 W_P99 _ < "$WORK/warden.res"
 read -r N_RPS N_P50 N_P99 _ < "$WORK/nginx_proxy_pass.res"

@@ -116,11 +116,22 @@ impl BudgetState {
     }
 }
 
-#[derive(Debug)]
+/// A budget lives for the rest of the process once made (at start or by an
+/// operator): calls point at it without a shared reference count to bump.
 pub struct Budget {
     pub scope: BudgetScope,
     pub period: Period,
     state: Mutex<BudgetState>,
+    alerts: AlertSink,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("scope", &self.scope)
+            .field("period", &self.period)
+            .finish()
+    }
 }
 
 /// One budget's numbers, for operators and the remaining-budget header.
@@ -140,8 +151,13 @@ pub struct BudgetStatus {
 }
 
 impl Budget {
-    pub fn new(spec: &BudgetSpec, now_us: i64) -> Budget {
+    fn leak(spec: &BudgetSpec, alerts: &AlertSink, now_us: i64) -> &'static Budget {
+        Box::leak(Box::new(Budget::new(spec, alerts.clone(), now_us)))
+    }
+
+    fn new(spec: &BudgetSpec, alerts: AlertSink, now_us: i64) -> Budget {
         Budget {
+            alerts,
             scope: spec.scope.clone(),
             period: spec.period,
             state: Mutex::new(BudgetState {
@@ -254,7 +270,7 @@ impl BudgetRefusal {
 }
 
 struct Reservation {
-    budget: Arc<Budget>,
+    budget: &'static Budget,
     key: String,
     start_us: i64,
     amount: Usd,
@@ -265,7 +281,6 @@ struct Reservation {
 #[derive(Default)]
 pub struct BudgetHold {
     reservations: Vec<Reservation>,
-    alerts: Option<AlertSink>,
 }
 
 impl std::fmt::Debug for BudgetHold {
@@ -285,8 +300,8 @@ impl BudgetHold {
     /// remaining amount over the call's budgets.
     pub fn settle(mut self, cost: Usd, now_us: i64) -> Option<Usd> {
         let mut tightest: Option<Usd> = None;
-        let mut raised = Vec::new();
         for r in std::mem::take(&mut self.reservations) {
+            let mut raised = Vec::new();
             let mut state = r.budget.lock();
             let limit = state.limit;
             let period = r.budget.period;
@@ -310,13 +325,12 @@ impl BudgetHold {
                     ),
                 });
             }
-            crossed(&r.budget, &r.key, ledger, limit, &mut raised);
+            crossed(r.budget, &r.key, ledger, limit, &mut raised);
             let left = remaining(limit, ledger);
             tightest = Some(tightest.map_or(left, |t| t.min(left)));
-        }
-        if let Some(alerts) = &self.alerts {
+            drop(state);
             for alert in raised {
-                alerts.raise(alert);
+                r.budget.alerts.raise(alert);
             }
         }
         tightest
@@ -367,7 +381,7 @@ fn threshold_alert(budget: &Budget, key: &str, pct: u64, spent: Usd, limit: Usd)
 
 /// Every budget, swappable as a whole when an operator adds one.
 pub struct BudgetBook {
-    budgets: arc_swap::ArcSwap<Vec<Arc<Budget>>>,
+    budgets: arc_swap::ArcSwap<Vec<&'static Budget>>,
     alerts: AlertSink,
     /// Serialises operators' changes (never the request path).
     edit: Mutex<()>,
@@ -377,7 +391,7 @@ impl BudgetBook {
     pub fn new(specs: &[BudgetSpec], alerts: AlertSink, now_us: i64) -> BudgetBook {
         let budgets = specs
             .iter()
-            .map(|s| Arc::new(Budget::new(s, now_us)))
+            .map(|s| Budget::leak(s, &alerts, now_us))
             .collect();
         BudgetBook {
             budgets: arc_swap::ArcSwap::from_pointee(budgets),
@@ -386,7 +400,7 @@ impl BudgetBook {
         }
     }
 
-    pub fn budgets(&self) -> Arc<Vec<Arc<Budget>>> {
+    pub fn budgets(&self) -> Arc<Vec<&'static Budget>> {
         self.budgets.load_full()
     }
 
@@ -412,7 +426,6 @@ impl BudgetBook {
         let budgets = self.budgets.load();
         let mut hold = BudgetHold {
             reservations: Vec::new(),
-            alerts: Some(self.alerts.clone()),
         };
         for budget in budgets.iter() {
             let Some(key) = budget.scope.ledger_key(call) else {
@@ -458,7 +471,7 @@ impl BudgetBook {
             let start_us = ledger.start_us;
             drop(state);
             hold.reservations.push(Reservation {
-                budget: budget.clone(),
+                budget,
                 key: key.to_owned(),
                 start_us,
                 amount,
@@ -480,7 +493,7 @@ impl BudgetBook {
             return false;
         }
         let mut next = current.as_ref().clone();
-        next.push(Arc::new(Budget::new(spec, now_us)));
+        next.push(Budget::leak(spec, &self.alerts, now_us));
         self.budgets.store(Arc::new(next));
         true
     }

@@ -5,6 +5,11 @@
 //! admission and corrected once the provider has said what it used. The whole
 //! set is swapped atomically when an operator changes a limit at runtime; a
 //! scope whose limit did not change keeps its meters (and their state).
+//!
+//! Each scope's meters live for the rest of the process (`&'static`): they
+//! are made at start and by operators' changes, a few hundred bytes each,
+//! and a call can then point at them without touching a shared reference
+//! count on every admission and settlement.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -72,6 +77,11 @@ pub struct ScopeLimit {
 }
 
 impl ScopeLimit {
+    /// A scope's meters, kept for the rest of the process (see the module doc).
+    fn leak(scope: LimitScope, values: LimitValues) -> &'static ScopeLimit {
+        Box::leak(Box::new(ScopeLimit::new(scope, values)))
+    }
+
     pub fn new(scope: LimitScope, values: LimitValues) -> ScopeLimit {
         ScopeLimit {
             scope,
@@ -123,7 +133,7 @@ pub struct HeaderNumbers {
 /// Tokens charged at admission, to correct when the call's usage is known.
 #[derive(Debug, Default)]
 pub struct TokenCharge {
-    meters: Vec<Arc<ScopeLimit>>,
+    meters: [Option<&'static ScopeLimit>; 3],
     charged: u64,
 }
 
@@ -131,7 +141,7 @@ impl TokenCharge {
     /// Replaces the admission charge with what the call really used.
     pub fn settle(mut self, used: u64) {
         let meters = std::mem::take(&mut self.meters);
-        for scope in &meters {
+        for scope in meters.into_iter().flatten() {
             let Some(meter) = &scope.tokens else { continue };
             if used <= self.charged {
                 meter.refund(self.charged - used);
@@ -153,7 +163,7 @@ impl TokenCharge {
 
 impl Drop for TokenCharge {
     fn drop(&mut self) {
-        for scope in self.meters.drain(..) {
+        for scope in self.meters.iter_mut().filter_map(Option::take) {
             if let Some(meter) = &scope.tokens {
                 meter.refund(self.charged);
             }
@@ -164,16 +174,16 @@ impl Drop for TokenCharge {
 /// Every configured rate limit.
 #[derive(Debug, Default)]
 pub struct RateLimits {
-    global: Option<Arc<ScopeLimit>>,
-    agents: HashMap<Arc<str>, Arc<ScopeLimit>>,
-    models: Vec<Arc<ScopeLimit>>,
+    global: Option<&'static ScopeLimit>,
+    agents: HashMap<Arc<str>, &'static ScopeLimit>,
+    models: Vec<&'static ScopeLimit>,
 }
 
 impl RateLimits {
     pub fn new(limits: impl IntoIterator<Item = (LimitScope, LimitValues)>) -> RateLimits {
         let mut set = RateLimits::default();
         for (scope, values) in limits {
-            set.put(Arc::new(ScopeLimit::new(scope, values)));
+            set.put(ScopeLimit::leak(scope, values));
         }
         set
     }
@@ -182,7 +192,7 @@ impl RateLimits {
         self.global.is_none() && self.agents.is_empty() && self.models.is_empty()
     }
 
-    fn put(&mut self, limit: Arc<ScopeLimit>) {
+    fn put(&mut self, limit: &'static ScopeLimit) {
         let empty = limit.values.is_empty();
         match &limit.scope {
             LimitScope::Global => self.global = (!empty).then_some(limit),
@@ -211,33 +221,36 @@ impl RateLimits {
     /// `values` is empty); every other scope keeps its meters.
     pub fn with(&self, scope: LimitScope, values: LimitValues) -> RateLimits {
         let mut next = RateLimits {
-            global: self.global.clone(),
+            global: self.global,
             agents: self.agents.clone(),
             models: self.models.clone(),
         };
-        next.put(Arc::new(ScopeLimit::new(scope, values)));
+        next.put(ScopeLimit::leak(scope, values));
         next
     }
 
-    pub fn all(&self) -> Vec<Arc<ScopeLimit>> {
-        let mut all: Vec<_> = self.global.iter().cloned().collect();
-        let mut agents: Vec<_> = self.agents.values().cloned().collect();
+    pub fn all(&self) -> Vec<&'static ScopeLimit> {
+        let mut all: Vec<_> = self.global.iter().copied().collect();
+        let mut agents: Vec<_> = self.agents.values().copied().collect();
         agents.sort_by_key(|a| a.scope.to_string());
         all.extend(agents);
-        all.extend(self.models.iter().cloned());
+        all.extend(self.models.iter().copied());
         all
     }
 
     /// The scopes that apply to a call: its agent's, the first model entry
     /// matching its model, and the global one.
-    fn applicable(&self, agent: &str, model: &str) -> [Option<&Arc<ScopeLimit>>; 3] {
+    fn applicable(&self, agent: &str, model: &str) -> [Option<&'static ScopeLimit>; 3] {
         [
-            self.agents.get(agent),
-            self.models.iter().find(|m| match &m.scope {
-                LimitScope::Model(glob) => glob_match(glob, model),
-                _ => false,
-            }),
-            self.global.as_ref(),
+            self.agents.get(agent).copied(),
+            self.models
+                .iter()
+                .find(|m| match &m.scope {
+                    LimitScope::Model(glob) => glob_match(glob, model),
+                    _ => false,
+                })
+                .copied(),
+            self.global,
         ]
     }
 
@@ -293,13 +306,14 @@ impl RateLimits {
         tokens: u64,
     ) -> Result<TokenCharge, Box<RateRefusal>> {
         let mut charge = TokenCharge {
-            meters: Vec::new(),
+            meters: [None; 3],
             charged: tokens,
         };
-        for scope in self.applicable(agent, model).into_iter().flatten() {
+        for (slot, scope) in self.applicable(agent, model).into_iter().enumerate() {
+            let Some(scope) = scope else { continue };
             let Some(meter) = &scope.tokens else { continue };
             match meter.try_charge(tokens) {
-                Ok(()) => charge.meters.push(scope.clone()),
+                Ok(()) => charge.meters[slot] = Some(scope),
                 Err(refused) => {
                     let (remaining, reset) = meter.snapshot();
                     let retry_after = match refused {
