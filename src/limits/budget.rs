@@ -230,10 +230,27 @@ impl Budget {
         out
     }
 
-    fn set(&self, spec: &BudgetSpec) {
-        let mut state = self.lock();
-        state.limit = spec.limit;
-        state.on_exceed = spec.on_exceed;
+    /// A new limit can put spend past a threshold without any new call:
+    /// those alerts are raised now.
+    fn set(&self, spec: &BudgetSpec, now_us: i64) {
+        let mut raised = Vec::new();
+        {
+            let mut state = self.lock();
+            state.limit = spec.limit;
+            state.on_exceed = spec.on_exceed;
+            let keys: Vec<String> = if self.scope == BudgetScope::Run {
+                state.runs.keys().cloned().collect()
+            } else {
+                vec![String::new()]
+            };
+            for key in keys {
+                let ledger = state.ledger(self.period, &key, now_us);
+                crossed(self, &key, ledger, spec.limit, &mut raised);
+            }
+        }
+        for alert in raised {
+            self.alerts.raise(alert);
+        }
     }
 }
 
@@ -489,7 +506,7 @@ impl BudgetBook {
             .iter()
             .find(|b| b.scope == spec.scope && b.period == spec.period)
         {
-            budget.set(spec);
+            budget.set(spec, now_us);
             return false;
         }
         let mut next = current.as_ref().clone();
@@ -644,7 +661,7 @@ mod tests {
 
     #[test]
     fn a_budget_edited_at_runtime_applies_at_once() {
-        let (book, _inbox) = book(&[("agent:a", "1", Period::Day, OnExceed::Deny)]);
+        let (book, inbox) = book(&[("agent:a", "1", Period::Day, OnExceed::Deny)]);
         book.reserve(&call("a", None), usd("1"), NOW)
             .unwrap()
             .settle(usd("1"), NOW);
@@ -657,11 +674,30 @@ mod tests {
         };
         assert!(!book.set(&raised, NOW));
         book.reserve(&call("a", None), usd("0.5"), NOW).unwrap();
+        // Lowering a limit under the spend raises the alerts it crossed.
+        let model = |limit: &str| BudgetSpec {
+            scope: BudgetScope::Model("gpt-*".into()),
+            period: Period::Day,
+            limit: usd(limit),
+            on_exceed: OnExceed::Deny,
+        };
+        book.set(&model("10"), NOW);
+        book.reserve(&call("b", None), usd("6"), NOW)
+            .unwrap()
+            .settle(usd("6"), NOW);
+        inbox.drain();
+        book.set(&model("7"), NOW);
+        let rules: Vec<String> = inbox.drain().into_iter().map(|a| a.rule).collect();
+        assert_eq!(
+            rules,
+            ["budget_80"],
+            "50 % was alerted already, 100 % is not reached"
+        );
         let added = BudgetSpec {
             period: Period::Month,
             ..raised
         };
         assert!(book.set(&added, NOW));
-        assert_eq!(book.status(NOW).len(), 2);
+        assert_eq!(book.status(NOW).len(), 3);
     }
 }
