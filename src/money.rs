@@ -43,6 +43,16 @@ impl Usd {
         Usd(self.0.saturating_mul(count as i128))
     }
 
+    /// An n-th of the amount, rounded toward zero.
+    pub fn divided_by(self, n: u64) -> Self {
+        Usd(self.0 / (n.max(1) as i128))
+    }
+
+    /// An amount of whole nano-dollars.
+    pub fn from_nanos(nanos: i64) -> Self {
+        Usd(nanos as i128 * 1_000_000_000)
+    }
+
     pub fn is_zero(self) -> bool {
         self.0 == 0
     }

@@ -7,10 +7,12 @@
 //! provider bills more than the upper bound; that is logged and alerted.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use super::Padded;
 use super::period::{Period, format_utc};
 use super::scope::{BudgetScope, CallSubject};
 use crate::alerts::{Alert, AlertSink, Severity};
@@ -69,6 +71,9 @@ struct Ledger {
     end_us: i64,
     spent: Usd,
     reserved: Usd,
+    /// Handed to shards (allowance, and what they reserved and spent from
+    /// it); only the main ledger leases.
+    leased: Usd,
     /// Bit i set: THRESHOLDS[i] has been alerted this period.
     alerted: u8,
 }
@@ -81,13 +86,46 @@ impl Ledger {
             end_us: period.end_of(start_us),
             spent: Usd::ZERO,
             reserved: Usd::ZERO,
+            leased: Usd::ZERO,
             alerted: 0,
         }
     }
 
-    fn roll(&mut self, period: Period, now_us: i64) {
-        if now_us >= self.end_us {
+    /// Starts a new period if `now_us` is past this one; says whether it did.
+    fn roll(&mut self, period: Period, now_us: i64) -> bool {
+        let rolled = now_us >= self.end_us;
+        if rolled {
             *self = Ledger::new(period, now_us);
+        }
+        rolled
+    }
+
+    /// Spent, reserved and leased: what the limit must cover.
+    fn committed(&self) -> Usd {
+        self.spent + self.reserved + self.leased
+    }
+}
+
+/// One worker's slice of a budget's main ledger: an allowance leased from
+/// the budget, and what this worker's calls reserved and spent from it.
+/// While a call fits the allowance, admission and settlement touch only
+/// the shard, so workers serving the same agent do not contend (the
+/// budget's own lock is taken to lease more, or when a threshold is near).
+#[derive(Debug, Clone, Copy, Default)]
+struct Shard {
+    start_us: i64,
+    end_us: i64,
+    allowance: Usd,
+    reserved: Usd,
+    spent: Usd,
+}
+
+impl Shard {
+    fn for_period(ledger: &Ledger) -> Shard {
+        Shard {
+            start_us: ledger.start_us,
+            end_us: ledger.end_us,
+            ..Shard::default()
         }
     }
 }
@@ -102,18 +140,20 @@ struct BudgetState {
     runs: HashMap<String, Ledger>,
 }
 
-impl BudgetState {
-    fn ledger(&mut self, period: Period, key: &str, now_us: i64) -> &mut Ledger {
-        let ledger = if key.is_empty() {
-            &mut self.main
-        } else {
-            self.runs
-                .entry(key.to_owned())
-                .or_insert_with(|| Ledger::new(period, now_us))
-        };
-        ledger.roll(period, now_us);
-        ledger
-    }
+/// Flags and figures read on every call and written rarely, kept on their
+/// own cache line.
+#[derive(Debug, Default)]
+struct Hot {
+    /// Two workers met on the budget's lock: from now on its main ledger
+    /// is leased out to shards (like `LongAdder` growing cells).
+    leasing: AtomicBool,
+    /// The committed amount has reached a threshold not yet alerted: every
+    /// settlement checks the exact spend.
+    watch: AtomicBool,
+    /// limit − committed, in whole nano-dollars, as of the last visit to
+    /// the budget's lock; with a shard's allowance, the remaining amount a
+    /// leased settlement reports.
+    free_nanos: AtomicI64,
 }
 
 /// A budget lives for the rest of the process once made (at start or by an
@@ -121,8 +161,10 @@ impl BudgetState {
 pub struct Budget {
     pub scope: BudgetScope,
     pub period: Period,
-    state: Mutex<BudgetState>,
     alerts: AlertSink,
+    hot: Padded<Hot>,
+    state: Padded<Mutex<BudgetState>>,
+    shards: Box<[Padded<Mutex<Shard>>]>,
 }
 
 impl std::fmt::Debug for Budget {
@@ -150,27 +192,66 @@ pub struct BudgetStatus {
     pub remaining_usd: String,
 }
 
+/// A ledger's exact spend and reservations, shards included, and the
+/// allowance shards hold unused.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    spent: Usd,
+    reserved: Usd,
+    unused_allowance: Usd,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The shard of the calling thread: threads are dealt shards in turn, so
+/// a pool's workers spread over them evenly.
+fn shard_index(shards: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    MINE.with(|mine| *mine % shards)
+}
+
+fn shard_count() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(4, |n| n.get())
+            .clamp(1, 64)
+    })
+}
+
 impl Budget {
     fn leak(spec: &BudgetSpec, alerts: &AlertSink, now_us: i64) -> &'static Budget {
         Box::leak(Box::new(Budget::new(spec, alerts.clone(), now_us)))
     }
 
     fn new(spec: &BudgetSpec, alerts: AlertSink, now_us: i64) -> Budget {
-        Budget {
+        let main = Ledger::new(spec.period, now_us);
+        let budget = Budget {
             alerts,
             scope: spec.scope.clone(),
             period: spec.period,
-            state: Mutex::new(BudgetState {
+            hot: Padded(Hot::default()),
+            state: Padded(Mutex::new(BudgetState {
                 limit: spec.limit,
                 on_exceed: spec.on_exceed,
-                main: Ledger::new(spec.period, now_us),
+                main,
                 runs: HashMap::new(),
-            }),
-        }
+            })),
+            shards: (0..shard_count())
+                .map(|_| Padded(Mutex::new(Shard::for_period(&main))))
+                .collect(),
+        };
+        budget.publish(&lock(&budget.state));
+        budget
     }
 
     fn lock(&self) -> MutexGuard<'_, BudgetState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// `scope (period)`, or `run RUN (period)` for a run's ledger.
@@ -192,16 +273,95 @@ impl Budget {
         }
     }
 
+    /// The ledger of `key`, rolled to the period of `now_us`. When the main
+    /// ledger rolls, its shards start the new period empty.
+    fn ledger<'s>(&self, state: &'s mut BudgetState, key: &str, now_us: i64) -> &'s mut Ledger {
+        if key.is_empty() {
+            if state.main.roll(self.period, now_us) {
+                for shard in self.shards.iter() {
+                    *lock(shard) = Shard::for_period(&state.main);
+                }
+            }
+            return &mut state.main;
+        }
+        let period = self.period;
+        let ledger = state
+            .runs
+            .entry(key.to_owned())
+            .or_insert_with(|| Ledger::new(period, now_us));
+        ledger.roll(period, now_us);
+        ledger
+    }
+
+    /// Exact figures of a ledger, its shards' included (taken under the
+    /// budget's lock; shards are locked after it, never the other way).
+    fn totals(&self, state: &BudgetState, key: &str) -> Totals {
+        let ledger = if key.is_empty() {
+            &state.main
+        } else {
+            match state.runs.get(key) {
+                Some(ledger) => ledger,
+                None => return Totals::default(),
+            }
+        };
+        let mut totals = Totals {
+            spent: ledger.spent,
+            reserved: ledger.reserved,
+            unused_allowance: Usd::ZERO,
+        };
+        if key.is_empty() && ledger.leased > Usd::ZERO {
+            for shard in self.shards.iter() {
+                let shard = lock(shard);
+                if shard.start_us == ledger.start_us {
+                    totals.spent += shard.spent;
+                    totals.reserved += shard.reserved;
+                    totals.unused_allowance += shard.allowance;
+                }
+            }
+        }
+        totals
+    }
+
+    /// Takes every shard's unused allowance (but `except`'s, locked by the
+    /// caller) back into the main ledger.
+    fn reclaim(&self, state: &mut BudgetState, except: Option<usize>) {
+        for (i, shard) in self.shards.iter().enumerate() {
+            if Some(i) == except {
+                continue;
+            }
+            let mut shard = lock(shard);
+            if shard.start_us == state.main.start_us {
+                state.main.leased -= shard.allowance;
+                shard.allowance = Usd::ZERO;
+            }
+        }
+    }
+
+    /// Refreshes what calls read without the lock: whether a threshold is
+    /// near and how much is free.
+    fn publish(&self, state: &BudgetState) {
+        let committed = state.main.committed();
+        let near = THRESHOLDS.iter().enumerate().any(|(i, pct)| {
+            state.main.alerted & (1 << i) == 0
+                && committed > Usd::ZERO
+                && committed.times(100) >= state.limit.times(*pct)
+        });
+        self.hot.watch.store(near, Ordering::SeqCst);
+        let free = (state.limit - committed).max(Usd::ZERO);
+        self.hot.free_nanos.store(free.nanos(), Ordering::Relaxed);
+    }
+
     /// Sets the spend of a ledger from the store (at start).
     pub fn restore(&self, key: &str, spent: Usd, alerted_percents: &[u64], now_us: i64) {
         let mut state = self.lock();
-        let ledger = state.ledger(self.period, key, now_us);
+        let ledger = self.ledger(&mut state, key, now_us);
         ledger.spent = spent;
         for (i, pct) in THRESHOLDS.iter().enumerate() {
             if alerted_percents.contains(pct) {
                 ledger.alerted |= 1 << i;
             }
         }
+        self.publish(&state);
     }
 
     pub fn status(&self, now_us: i64) -> Vec<BudgetStatus> {
@@ -214,17 +374,18 @@ impl Budget {
             keys = vec![String::new()];
         }
         for key in keys {
-            let ledger = *state.ledger(period, &key, now_us);
+            let start_us = self.ledger(&mut state, &key, now_us).start_us;
+            let totals = self.totals(&state, &key);
             out.push(BudgetStatus {
                 scope: self.scope.to_string(),
                 run: (!key.is_empty()).then_some(key),
                 period,
-                period_start: format_utc(ledger.start_us),
+                period_start: format_utc(start_us),
                 on_exceed,
                 limit_usd: limit.to_string(),
-                spent_usd: ledger.spent.to_string(),
-                reserved_usd: ledger.reserved.to_string(),
-                remaining_usd: remaining(limit, &ledger).to_string(),
+                spent_usd: totals.spent.to_string(),
+                reserved_usd: totals.reserved.to_string(),
+                remaining_usd: remaining(limit, &totals).to_string(),
             });
         }
         out
@@ -244,18 +405,258 @@ impl Budget {
                 vec![String::new()]
             };
             for key in keys {
-                let ledger = state.ledger(self.period, &key, now_us);
-                crossed(self, &key, ledger, spec.limit, &mut raised);
+                self.ledger(&mut state, &key, now_us);
+                self.check_thresholds(&mut state, &key, &mut raised);
             }
+            self.publish(&state);
         }
         for alert in raised {
             self.alerts.raise(alert);
         }
     }
+
+    /// Marks the thresholds the ledger's exact spend has reached and not
+    /// yet alerted. Returns the ledger's totals.
+    fn check_thresholds(
+        &self,
+        state: &mut BudgetState,
+        key: &str,
+        raised: &mut Vec<Alert>,
+    ) -> Totals {
+        let totals = self.totals(state, key);
+        let limit = state.limit;
+        let ledger = if key.is_empty() {
+            &mut state.main
+        } else {
+            match state.runs.get_mut(key) {
+                Some(ledger) => ledger,
+                None => return totals,
+            }
+        };
+        for (i, pct) in THRESHOLDS.iter().enumerate() {
+            let bit = 1u8 << i;
+            if ledger.alerted & bit != 0 {
+                continue;
+            }
+            if totals.spent.times(100) >= limit.times(*pct) && totals.spent > Usd::ZERO {
+                ledger.alerted |= bit;
+                raised.push(threshold_alert(self, key, *pct, totals.spent, limit));
+            }
+        }
+        totals
+    }
+
+    /// Reserves `amount` in the ledger of `key`: from this worker's shard
+    /// when it holds enough allowance, otherwise under the budget's lock.
+    fn reserve(
+        &'static self,
+        key: &str,
+        amount: Usd,
+        now_us: i64,
+    ) -> Result<Reservation, BudgetRefusal> {
+        let leasing = key.is_empty() && self.hot.leasing.load(Ordering::Relaxed);
+        if leasing {
+            let index = shard_index(self.shards.len());
+            let mut shard = lock(&self.shards[index]);
+            if now_us < shard.end_us && shard.allowance >= amount {
+                shard.allowance -= amount;
+                shard.reserved += amount;
+                return Ok(Reservation {
+                    budget: self,
+                    key: String::new(),
+                    start_us: shard.start_us,
+                    amount,
+                    shard: Some(index),
+                });
+            }
+        }
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if key.is_empty() {
+                    self.hot.leasing.store(true, Ordering::Relaxed);
+                }
+                self.lock()
+            }
+        };
+        let leasing = key.is_empty() && self.hot.leasing.load(Ordering::Relaxed);
+        let (limit, on_exceed) = (state.limit, state.on_exceed);
+        let ledger = self.ledger(&mut state, key, now_us);
+        let (start_us, committed) = (ledger.start_us, ledger.committed());
+        // Shards are locked after the budget, never the other way round.
+        let index = shard_index(self.shards.len());
+        let mut shard = leasing.then(|| lock(&self.shards[index]));
+        let held = shard.as_ref().map_or(Usd::ZERO, |s| s.allowance);
+        let mut need = (amount - held).max(Usd::ZERO);
+        let mut free = limit - committed;
+        if on_exceed != OnExceed::Alert
+            && free < need
+            && key.is_empty()
+            && state.main.leased > Usd::ZERO
+        {
+            // Not enough unleased: take back what other workers hold
+            // unused, so a refusal means the budget itself is exhausted.
+            if let Some(shard) = shard.as_mut() {
+                state.main.leased -= shard.allowance;
+                shard.allowance = Usd::ZERO;
+            }
+            self.reclaim(&mut state, Some(index));
+            free = limit - state.main.committed();
+            need = amount;
+        }
+        if on_exceed != OnExceed::Alert && free < need {
+            drop(shard);
+            let totals = self.totals(&state, key);
+            let refusal = BudgetRefusal {
+                subject: self.subject(key),
+                limit,
+                spent: totals.spent,
+                reserved: totals.reserved,
+                asked: amount,
+                on_exceed,
+            };
+            // The budget is exhausted for calls like this one: that is its
+            // 100 % alert, once per period.
+            let exhausted = 1u8 << (THRESHOLDS.len() - 1);
+            let ledger = self.ledger(&mut state, key, now_us);
+            let alert = (ledger.alerted & exhausted == 0).then(|| {
+                ledger.alerted |= exhausted;
+                Alert {
+                    rule: "budget_100".into(),
+                    severity: Severity::Critical,
+                    subject: self.subject(key),
+                    message: format!(
+                        "budget {} is exhausted: a call was refused (spent ${}, reserved ${}, limit ${limit})",
+                        self.subject(key),
+                        totals.spent,
+                        totals.reserved
+                    ),
+                }
+            });
+            self.publish(&state);
+            drop(state);
+            if let Some(alert) = alert {
+                self.alerts.raise(alert);
+            }
+            return Err(refusal);
+        }
+        let reservation = if let Some(mut shard) = shard {
+            // Lease a slice of what is free, so the next calls on this
+            // worker need not come back; slices shrink as the limit nears.
+            let slice = free.max(Usd::ZERO).divided_by(4 * self.shards.len() as u64);
+            let grant = need.max(slice);
+            state.main.leased += grant;
+            shard.allowance += grant;
+            shard.allowance -= amount;
+            shard.reserved += amount;
+            Reservation {
+                budget: self,
+                key: String::new(),
+                start_us,
+                amount,
+                shard: Some(index),
+            }
+        } else {
+            self.ledger(&mut state, key, now_us).reserved += amount;
+            Reservation {
+                budget: self,
+                key: key.to_owned(),
+                start_us,
+                amount,
+                shard: None,
+            }
+        };
+        self.publish(&state);
+        Ok(reservation)
+    }
+
+    /// Replaces a reservation with the call's exact cost; returns what is
+    /// left of the budget (`None` when the period closed meanwhile).
+    fn settle(
+        &self,
+        r: &Reservation,
+        cost: Usd,
+        now_us: i64,
+        raised: &mut Vec<Alert>,
+    ) -> Option<Usd> {
+        let mut overrun_beyond_allowance = Usd::ZERO;
+        if let Some(index) = r.shard {
+            let mut shard = lock(&self.shards[index]);
+            if shard.start_us != r.start_us {
+                // The period rolled while the call ran: it counts in the
+                // period it started in, which is closed.
+                return None;
+            }
+            shard.reserved -= r.amount;
+            shard.spent += cost;
+            if cost <= r.amount {
+                shard.allowance += r.amount - cost;
+            } else {
+                let extra = cost - r.amount;
+                let covered = extra.min(shard.allowance);
+                shard.allowance -= covered;
+                overrun_beyond_allowance = extra - covered;
+            }
+            let allowance = shard.allowance;
+            drop(shard);
+            if cost <= r.amount && !self.hot.watch.load(Ordering::SeqCst) {
+                let free = Usd::from_nanos(self.hot.free_nanos.load(Ordering::Relaxed));
+                return Some(free + allowance);
+            }
+        }
+        let mut state = self.lock();
+        let limit = state.limit;
+        let ledger = self.ledger(&mut state, &r.key, now_us);
+        if ledger.start_us != r.start_us {
+            return None;
+        }
+        if r.shard.is_some() {
+            // Billed past the shard's allowance: the excess is spend the
+            // budget did not lease out.
+            ledger.leased += overrun_beyond_allowance;
+        } else {
+            ledger.reserved -= r.amount;
+            ledger.spent += cost;
+        }
+        if cost > r.amount {
+            tracing::warn!(budget = %self.subject(&r.key), reserved = %r.amount, billed = %cost, "a provider billed more than the call's upper bound");
+            raised.push(Alert {
+                rule: "budget_overrun".into(),
+                severity: Severity::Critical,
+                subject: self.subject(&r.key),
+                message: format!(
+                    "a call cost ${cost}, more than the ${} it reserved (its upper bound); the budget's spend may pass its limit",
+                    r.amount
+                ),
+            });
+        }
+        let totals = self.check_thresholds(&mut state, &r.key, raised);
+        self.publish(&state);
+        Some(remaining(limit, &totals))
+    }
+
+    /// Gives back the reservation of a call that never ran.
+    fn release(&self, r: &Reservation) {
+        if let Some(index) = r.shard {
+            let mut shard = lock(&self.shards[index]);
+            if shard.start_us == r.start_us {
+                shard.reserved -= r.amount;
+                shard.allowance += r.amount;
+            }
+            return;
+        }
+        let mut state = self.lock();
+        let ledger = self.ledger(&mut state, &r.key, r.start_us);
+        if ledger.start_us == r.start_us {
+            ledger.reserved -= r.amount;
+        }
+        self.publish(&state);
+    }
 }
 
-fn remaining(limit: Usd, ledger: &Ledger) -> Usd {
-    let left = limit - ledger.spent - ledger.reserved;
+fn remaining(limit: Usd, totals: &Totals) -> Usd {
+    let left = limit - totals.spent - totals.reserved;
     left.max(Usd::ZERO)
 }
 
@@ -291,6 +692,8 @@ struct Reservation {
     key: String,
     start_us: i64,
     amount: Usd,
+    /// The shard it was reserved from, or `None` for the budget's ledger.
+    shard: Option<usize>,
 }
 
 /// The reservations of one admitted call. Dropping it unsettled releases
@@ -319,33 +722,9 @@ impl BudgetHold {
         let mut tightest: Option<Usd> = None;
         for r in std::mem::take(&mut self.reservations) {
             let mut raised = Vec::new();
-            let mut state = r.budget.lock();
-            let limit = state.limit;
-            let period = r.budget.period;
-            let ledger = state.ledger(period, &r.key, now_us);
-            if ledger.start_us != r.start_us {
-                // The period rolled while the call ran: it counts in the
-                // period it started in, which is closed.
-                continue;
+            if let Some(left) = r.budget.settle(&r, cost, now_us, &mut raised) {
+                tightest = Some(tightest.map_or(left, |t| t.min(left)));
             }
-            ledger.reserved -= r.amount;
-            ledger.spent += cost;
-            if cost > r.amount {
-                tracing::warn!(budget = %r.budget.subject(&r.key), reserved = %r.amount, billed = %cost, "a provider billed more than the call's upper bound");
-                raised.push(Alert {
-                    rule: "budget_overrun".into(),
-                    severity: Severity::Critical,
-                    subject: r.budget.subject(&r.key),
-                    message: format!(
-                        "a call cost ${cost}, more than the ${} it reserved (its upper bound); the budget's spend may pass its limit",
-                        r.amount
-                    ),
-                });
-            }
-            crossed(r.budget, &r.key, ledger, limit, &mut raised);
-            let left = remaining(limit, ledger);
-            tightest = Some(tightest.map_or(left, |t| t.min(left)));
-            drop(state);
             for alert in raised {
                 r.budget.alerts.raise(alert);
             }
@@ -357,25 +736,7 @@ impl BudgetHold {
 impl Drop for BudgetHold {
     fn drop(&mut self) {
         for r in self.reservations.drain(..) {
-            let mut state = r.budget.lock();
-            let ledger = state.ledger(r.budget.period, &r.key, r.start_us);
-            if ledger.start_us == r.start_us {
-                ledger.reserved -= r.amount;
-            }
-        }
-    }
-}
-
-/// Marks the thresholds the ledger's spend has reached and not yet alerted.
-fn crossed(budget: &Budget, key: &str, ledger: &mut Ledger, limit: Usd, raised: &mut Vec<Alert>) {
-    for (i, pct) in THRESHOLDS.iter().enumerate() {
-        let bit = 1u8 << i;
-        if ledger.alerted & bit != 0 {
-            continue;
-        }
-        if ledger.spent.times(100) >= limit.times(*pct) && ledger.spent > Usd::ZERO {
-            ledger.alerted |= bit;
-            raised.push(threshold_alert(budget, key, *pct, ledger.spent, limit));
+            r.budget.release(&r);
         }
     }
 }
@@ -448,51 +809,8 @@ impl BudgetBook {
             let Some(key) = budget.scope.ledger_key(call) else {
                 continue;
             };
-            let mut state = budget.lock();
-            let (limit, on_exceed) = (state.limit, state.on_exceed);
-            let ledger = state.ledger(budget.period, key, now_us);
-            if on_exceed != OnExceed::Alert && ledger.spent + ledger.reserved + amount > limit {
-                let refusal = BudgetRefusal {
-                    subject: budget.subject(key),
-                    limit,
-                    spent: ledger.spent,
-                    reserved: ledger.reserved,
-                    asked: amount,
-                    on_exceed,
-                };
-                // The budget is exhausted for calls like this one: that is
-                // its 100 % alert, once per period.
-                let exhausted = 1u8 << (THRESHOLDS.len() - 1);
-                let alert = (ledger.alerted & exhausted == 0).then(|| {
-                    ledger.alerted |= exhausted;
-                    Alert {
-                        rule: "budget_100".into(),
-                        severity: Severity::Critical,
-                        subject: budget.subject(key),
-                        message: format!(
-                            "budget {} is exhausted: a call was refused (spent ${}, reserved ${}, limit ${limit})",
-                            budget.subject(key),
-                            ledger.spent,
-                            ledger.reserved
-                        ),
-                    }
-                });
-                drop(state);
-                if let Some(alert) = alert {
-                    self.alerts.raise(alert);
-                }
-                // `hold` drops here and releases what was reserved so far.
-                return Err(refusal);
-            }
-            ledger.reserved += amount;
-            let start_us = ledger.start_us;
-            drop(state);
-            hold.reservations.push(Reservation {
-                budget,
-                key: key.to_owned(),
-                start_us,
-                amount,
-            });
+            // On a refusal `hold` drops and releases what was reserved so far.
+            hold.reservations.push(budget.reserve(key, amount, now_us)?);
         }
         Ok(hold)
     }
@@ -699,5 +1017,93 @@ mod tests {
         };
         assert!(book.set(&added, NOW));
         assert_eq!(book.status(NOW).len(), 3);
+    }
+
+    /// Budgets whose workers have met on the lock lease to shards; every
+    /// property above must hold there too.
+    fn leasing(book: &BudgetBook) {
+        for budget in book.budgets().iter() {
+            budget.hot.leasing.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn leased_budgets_admit_exactly_what_fits_across_threads() {
+        let (book, _inbox) = book(&[("agent:a", "1", Period::Day, OnExceed::Deny)]);
+        leasing(&book);
+        let book = Arc::new(book);
+        let admitted: usize = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    let book = book.clone();
+                    scope.spawn(move || {
+                        let mut admitted = 0;
+                        while let Ok(hold) = book.reserve(&call("a", None), usd("0.01"), NOW) {
+                            hold.settle(usd("0.01"), NOW);
+                            admitted += 1;
+                        }
+                        admitted
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 100, "allowance held by idle workers is reclaimed");
+        let status = &book.status(NOW)[0];
+        assert_eq!(
+            (status.spent_usd.as_str(), status.reserved_usd.as_str()),
+            ("1", "0")
+        );
+        let refusal = book
+            .reserve(&call("a", None), usd("0.01"), NOW)
+            .unwrap_err();
+        assert_eq!((refusal.spent, refusal.reserved), (usd("1"), Usd::ZERO));
+    }
+
+    #[test]
+    fn leased_budgets_alert_at_each_threshold_and_release_and_roll() {
+        let (book, inbox) = book(&[("global", "1", Period::Hour, OnExceed::Deny)]);
+        leasing(&book);
+        let mut rules_after = Vec::new();
+        for _ in 0..10 {
+            book.reserve(&call("a", None), usd("0.1"), NOW)
+                .unwrap()
+                .settle(usd("0.1"), NOW);
+            rules_after.push(
+                inbox
+                    .drain()
+                    .into_iter()
+                    .map(|a| a.rule)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(rules_after[4], ["budget_50"], "{rules_after:?}");
+        assert_eq!(rules_after[7], ["budget_80"], "{rules_after:?}");
+        assert_eq!(rules_after[9], ["budget_100"], "{rules_after:?}");
+        assert_eq!(rules_after.iter().flatten().count(), 3, "{rules_after:?}");
+
+        // A call that never ran gives its share back to the shard.
+        let next_hour = NOW + 3_600_000_000;
+        let held = book
+            .reserve(&call("a", None), usd("0.7"), next_hour)
+            .unwrap();
+        assert_eq!(book.status(next_hour)[0].reserved_usd, "0.7");
+        drop(held);
+        let status = &book.status(next_hour)[0];
+        assert_eq!(
+            (
+                status.spent_usd.as_str(),
+                status.reserved_usd.as_str(),
+                status.remaining_usd.as_str()
+            ),
+            ("0", "0", "1")
+        );
+        // A call settled after its period closed counts in neither period.
+        let late = book
+            .reserve(&call("a", None), usd("0.5"), next_hour)
+            .unwrap();
+        let two_hours = next_hour + 3_600_000_000;
+        assert_eq!(late.settle(usd("0.5"), two_hours), None);
+        assert_eq!(book.status(two_hours)[0].spent_usd, "0");
     }
 }

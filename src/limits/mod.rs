@@ -28,6 +28,19 @@ pub const DEFAULT_OUTPUT_UPPER_BOUND: u64 = 4_096;
 /// Anthropic bill for the largest image they accept at full detail.
 pub const IMAGE_TOKENS_UPPER_BOUND: u64 = 1_600;
 
+/// A value on cache lines of its own, so that writes to it do not slow
+/// down readers of its neighbours (and the other way round).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 #[derive(Debug)]
 pub enum AdmitError {
     Rate(Box<RateRefusal>),
@@ -170,7 +183,9 @@ impl Limits {
 /// pathological text; the provider's count corrects every charge afterwards,
 /// and a budget that a call overran is alerted.
 pub fn input_upper_bound(body: &[u8]) -> u64 {
-    let finder = memchr::memmem::Finder::new(b";base64,");
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b";base64,"));
+    let finder = &*FINDER;
     let mut text_bytes = body.len() as u64;
     let mut images = 0u64;
     let mut at = 0;

@@ -21,6 +21,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
+use super::Padded;
 use super::gcra::{Refused, TokenMeter};
 use super::scope::LimitScope;
 use crate::proxy::upstream::glob_match;
@@ -72,7 +73,7 @@ impl LimitValues {
 pub struct ScopeLimit {
     pub scope: LimitScope,
     pub values: LimitValues,
-    requests: Option<RequestLimiter>,
+    requests: Option<Padded<RequestLimiter>>,
     tokens: Option<TokenMeter>,
 }
 
@@ -89,7 +90,7 @@ impl ScopeLimit {
             requests: values
                 .requests_per_minute
                 .and_then(NonZeroU32::new)
-                .map(RequestLimiter::per_minute),
+                .map(|n| Padded(RequestLimiter::per_minute(n))),
             tokens: values
                 .tokens_per_minute
                 .filter(|&n| n > 0)
