@@ -2,7 +2,8 @@
 # The whole-path load harness: in one run on this box, the same wrk load
 # against (1) a static nginx upstream that returns a real chat completion,
 # (2) nginx proxy_pass in front of it, (3) Warden in front of it (metering
-# and recording on). Prints req/s, p50 and p99 for each, the Warden/nginx
+# and recording on), then alone: (4) Warden with rate limits and budgets,
+# (5) Warden with the cost_gate and model_allowlist policies. Prints req/s, p50 and p99 for each, the Warden/nginx
 # ratios, whether every Warden call reached the store, and Warden's peak RSS.
 #
 #     benches/load.sh                # 32 connections, 15 s per target
@@ -95,6 +96,21 @@ scope = "global"
 limit_usd = "1000000"
 period = "month"
 TOML
+# The same Warden with the shipped cost_gate and model_allowlist policies,
+# both allowing every call of the run (each call still runs both modules).
+sed -e 's/18083/18087/; s/18084/18088/; s#warden.duckdb#warden-policies.duckdb#' "$WORK/warden.toml" > "$WORK/warden-policies.toml"
+cat >> "$WORK/warden-policies.toml" <<TOML
+
+[[policies]]
+name = "model_allowlist"
+module = "$PWD/policies/model_allowlist.wasm"
+config = { agent = ["gpt-4o*"] }
+
+[[policies]]
+name = "cost_gate"
+module = "$PWD/policies/cost_gate.wasm"
+config = { max_call_usd = 1.0, hard_max_usd = 10.0 }
+TOML
 "$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
 echo $! > "$WORK/warden.pid"
 WARDEN_PID="$(cat "$WORK/warden.pid")"
@@ -148,12 +164,25 @@ run warden_limits http://127.0.0.1:18085/v1/chat/completions
 sleep 1
 
 LIMITED_ADMITTED="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome IN ('rate_limited', 'budget_exceeded')) || ' refused by limits' FROM calls" --format csv --admin-url http://127.0.0.1:18086 | tail -1)"
+
+kill "$(cat "$WORK/warden-limits.pid")"; wait "$(cat "$WORK/warden-limits.pid")" 2>/dev/null || true
+"$WARDEN" serve --config "$WORK/warden-policies.toml" 2>"$WORK/warden-policies.log" &
+echo $! > "$WORK/warden-policies.pid"
+wait_healthy 18088
+wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18087/v1/chat/completions >/dev/null
+run warden_policies http://127.0.0.1:18087/v1/chat/completions
+sleep 1
+POLICY_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome = 'denied') || ' denied' FROM calls" --format csv --admin-url http://127.0.0.1:18088 | tail -1)"
+POLICY_STATS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" policy list --format csv --admin-url http://127.0.0.1:18088 | awk -F, 'NR > 1 {printf "%s %s evals p50 %s us p99 %s us; ", $1, $5, $8, $9}')"
 read -r L_RPS _ L_P99 _ < "$WORK/warden_limits.res"
+read -r P_RPS _ P_P99 _ < "$WORK/warden_policies.res"
 read -r W_RPS W_P50 W_P99 _ < "$WORK/warden.res"
 read -r N_RPS N_P50 N_P99 _ < "$WORK/nginx_proxy_pass.res"
 echo
 printf 'warden / nginx proxy_pass throughput: %.2f\n' "$(echo "$W_RPS / $N_RPS" | bc -l)"
 printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99") / $(to_ms "$N_P99")" | bc -l)"
 printf 'warden with limits / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$L_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$L_P99") / $(to_ms "$N_P99")" | bc -l)" "$LIMITED_ADMITTED"
+printf 'warden with policies / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$P_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$P_P99") / $(to_ms "$N_P99")" | bc -l)" "$POLICY_CALLS"
+echo "policies: $POLICY_STATS"
 echo "calls recorded by warden: $RECORDED of $SENT answered by wrk (dropped records: $DROPPED)"
 echo "warden peak RSS: $((RSS_KB / 1024)) MB"

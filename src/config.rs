@@ -56,6 +56,10 @@ pub struct Config {
     pub budgets: Vec<BudgetConfig>,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub policies: Vec<ModuleConfig>,
+    #[serde(default)]
+    pub plugins: Vec<ModuleConfig>,
     /// Where the file was read from, for error messages and relative paths.
     #[serde(skip)]
     pub source: PathBuf,
@@ -193,6 +197,24 @@ impl Amount {
 pub struct AlertsConfig {
     /// A Slack-compatible incoming webhook that receives every alert.
     pub webhook: Option<Spanned<String>>,
+}
+
+/// A `[[policies]]` or `[[plugins]]` entry: a wasm module and how it runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    pub name: Spanned<String>,
+    pub module: Spanned<PathBuf>,
+    #[serde(default)]
+    pub fail: Option<Spanned<String>>,
+    pub timeout_ms: Option<Spanned<u64>>,
+    pub max_memory_mb: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub include_messages: bool,
+    /// Handed to the module as JSON (`config` in its input, and to
+    /// `warden_init`).
+    #[serde(default)]
+    pub config: Option<toml::Table>,
 }
 
 fn default_role() -> String {
@@ -398,6 +420,20 @@ impl Config {
                 ));
             }
         }
+        let mut module_names = HashSet::new();
+        for (kind, entry) in self.module_entries() {
+            let spec = self.module_spec(kind, entry)?;
+            if spec.name.is_empty() || !module_names.insert(spec.name.clone()) {
+                return Err((
+                    entry.name.span(),
+                    format!(
+                        "{} name `{}` is empty or used twice (policies and plugins share names)",
+                        kind.as_str(),
+                        spec.name
+                    ),
+                ));
+            }
+        }
         let mut operator_names = HashSet::new();
         for operator in &self.operators {
             let name = operator.name.get_ref();
@@ -413,6 +449,91 @@ impl Config {
             )?;
         }
         Ok(())
+    }
+}
+
+impl Config {
+    fn module_entries(&self) -> impl Iterator<Item = (crate::policy::ModuleKind, &ModuleConfig)> {
+        use crate::policy::ModuleKind;
+        self.policies
+            .iter()
+            .map(|p| (ModuleKind::Policy, p))
+            .chain(self.plugins.iter().map(|p| (ModuleKind::Plugin, p)))
+    }
+
+    /// Every policy and plugin, in config order, paths resolved.
+    pub fn module_specs(&self) -> Vec<crate::policy::ModuleSpec> {
+        self.module_entries()
+            .map(|(kind, entry)| self.module_spec(kind, entry).expect("validated at load"))
+            .collect()
+    }
+
+    fn module_spec(
+        &self,
+        kind: crate::policy::ModuleKind,
+        entry: &ModuleConfig,
+    ) -> Result<crate::policy::ModuleSpec, (Range<usize>, String)> {
+        use crate::policy::{
+            DEFAULT_MAX_MEMORY_MB, DEFAULT_TIMEOUT_MS, FailMode, ModuleSpec, engine,
+        };
+        let name = entry.name.get_ref().clone();
+        let what = format!("{} `{name}`", kind.as_str());
+        let fail = match &entry.fail {
+            None => FailMode::Closed,
+            Some(fail) => match fail.get_ref().as_str() {
+                "closed" => FailMode::Closed,
+                "open" => FailMode::Open,
+                other => {
+                    return Err((
+                        fail.span(),
+                        format!("{what}: fail = \"{other}\" is not \"closed\" or \"open\""),
+                    ));
+                }
+            },
+        };
+        let timeout_ms = match &entry.timeout_ms {
+            None => DEFAULT_TIMEOUT_MS,
+            Some(t) if (1..=10_000).contains(t.get_ref()) => *t.get_ref(),
+            Some(t) => {
+                return Err((
+                    t.span(),
+                    format!("{what}: timeout_ms must be between 1 and 10000"),
+                ));
+            }
+        };
+        let max_memory_mb = match &entry.max_memory_mb {
+            None => DEFAULT_MAX_MEMORY_MB,
+            Some(m) if (1..=engine::MAX_MEMORY_CAP_MB).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) => {
+                return Err((
+                    m.span(),
+                    format!(
+                        "{what}: max_memory_mb must be between 1 and {}",
+                        engine::MAX_MEMORY_CAP_MB
+                    ),
+                ));
+            }
+        };
+        if kind == crate::policy::ModuleKind::Plugin && entry.include_messages {
+            return Err((
+                entry.name.span(),
+                format!(
+                    "{what}: include_messages is for policies; a plugin always gets the whole request body"
+                ),
+            ));
+        }
+        let config_json = serde_json::to_string(&entry.config.clone().unwrap_or_default())
+            .map_err(|e| (entry.name.span(), format!("{what}: config: {e}")))?;
+        Ok(ModuleSpec {
+            name,
+            kind,
+            path: self.resolve_path(entry.module.get_ref()),
+            fail,
+            timeout_ms,
+            max_memory_mb,
+            include_messages: entry.include_messages,
+            config_json,
+        })
     }
 }
 
@@ -631,6 +752,21 @@ token_sha256 = "{operator_token_sha256}"
 
 # [alerts]
 # webhook = "https://hooks.slack.com/services/..."
+
+# Wasm policies decide every call (allow, require_approval, deny, halt_run,
+# halt_agent); plugins rewrite the request before it leaves. See
+# policies/ABI.md; `warden policy test` runs a module offline.
+# [[policies]]
+# name = "cost_gate"
+# module = "policies/cost_gate.wasm"
+# fail = "closed"          # or "open": a failing module lets calls through
+# timeout_ms = 5
+# max_memory_mb = 16
+# config = {{ max_call_usd = 0.50, hard_max_usd = 5.00 }}
+#
+# [[plugins]]
+# name = "redact_pii"
+# module = "plugins/redact_pii.wasm"
 "#
     )
 }
@@ -714,6 +850,60 @@ mod tests {
         let config = Config::load(path).unwrap();
         assert_eq!(config.upstreams.len(), 3);
         assert!(config.operators.iter().any(|o| o.read_only));
+        let modules = config.module_specs();
+        assert_eq!(modules.len(), 5);
+        for module in modules {
+            assert!(
+                module.path.exists(),
+                "{} is not shipped",
+                module.path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn policies_and_plugins_are_checked_with_their_line() {
+        let ok = parse(
+            "[[policies]]\nname = \"gate\"\nmodule = \"p.wasm\"\nfail = \"open\"\nconfig = { max = 1, roles = { a = [\"x\"] } }\n",
+        )
+        .unwrap();
+        let spec = &ok.module_specs()[0];
+        assert_eq!(spec.fail, crate::policy::FailMode::Open);
+        assert_eq!(spec.timeout_ms, crate::policy::DEFAULT_TIMEOUT_MS);
+        assert_eq!(spec.config_json, r#"{"max":1,"roles":{"a":["x"]}}"#);
+        for (text, line, needle) in [
+            (
+                "[[policies]]\nname = \"g\"\nmodule = \"p.wasm\"\nfail = \"maybe\"\n",
+                4,
+                "not \"closed\"",
+            ),
+            (
+                "[[policies]]\nname = \"g\"\nmodule = \"p.wasm\"\ntimeout_ms = 0\n",
+                4,
+                "timeout_ms",
+            ),
+            (
+                "[[plugins]]\nname = \"g\"\nmodule = \"p.wasm\"\nmax_memory_mb = 4096\n",
+                4,
+                "max_memory_mb",
+            ),
+            (
+                "[[plugins]]\nname = \"g\"\nmodule = \"p.wasm\"\ninclude_messages = true\n",
+                2,
+                "include_messages is for policies",
+            ),
+            (
+                "[[policies]]\nname = \"g\"\nmodule = \"a.wasm\"\n[[plugins]]\nname = \"g\"\nmodule = \"b.wasm\"\n",
+                5,
+                "used twice",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("warden.toml:{line}:")) && err.contains(needle),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

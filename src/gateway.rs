@@ -3,6 +3,7 @@
 //! then the writer commits and stops).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::limits::{Limits, RestoreError};
 use crate::metering::PriceTable;
 use crate::metering::prices::PriceError;
 use crate::metrics::Metrics;
+use crate::policy::{LoadEvent, LoadObserver, ModuleSet};
 use crate::proxy::upstream::UpstreamError;
 use crate::proxy::{ProxyState, pipeline};
 use crate::store::{Recorder, Store, StoreError, StoreReader, WriterHandle};
@@ -34,6 +36,8 @@ pub enum StartError {
     Prices(#[from] PriceError),
     #[error(transparent)]
     Limits(#[from] RestoreError),
+    #[error("{0}")]
+    Policy(#[from] crate::policy::PolicyError),
     #[error(
         "cannot listen on {addr} ({what}): {source}; is another process using it? change [server] {what}"
     )]
@@ -67,6 +71,7 @@ impl Gateway {
             .map(|f| config.resolve_path(f.get_ref()));
         let prices = Arc::new(PriceTable::load(prices_path.as_deref())?);
         let store_path = config.resolve_path(&config.server.store);
+        let store_path_text = store_path.display().to_string();
         let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
             .await
             .map_err(|e| StoreError::Sql(e.to_string()))??;
@@ -96,6 +101,16 @@ impl Gateway {
             .map_err(|e| StoreError::Sql(e.to_string()))??
         };
         let limits = Arc::new(limits);
+        let modules = {
+            let specs = config.module_specs();
+            let cache = PathBuf::from(format!("{}.wasm-cache", store_path_text));
+            let observer = module_observer(recorder.clone());
+            tokio::task::spawn_blocking(move || ModuleSet::load(&specs, Some(cache), observer))
+                .await
+                .map_err(|e| StoreError::Sql(e.to_string()))??
+        };
+        let modules = Arc::new(modules);
+        background.extend(modules.watch(MODULE_POLL));
         // One proxy worker per core, each a single-threaded runtime with its
         // own SO_REUSEPORT listener and upstream pool: a call's request,
         // upstream exchange and response never hop between threads.
@@ -104,6 +119,7 @@ impl Gateway {
             &config,
             prices.clone(),
             limits.clone(),
+            modules.clone(),
             recorder.clone(),
             metrics.clone(),
         )?;
@@ -118,6 +134,7 @@ impl Gateway {
             recorder.clone(),
             metrics.clone(),
             limits.clone(),
+            modules.clone(),
         ));
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -206,6 +223,7 @@ impl Gateway {
                 "upstreams": config.upstreams.iter().map(|u| u.name.get_ref().clone()).collect::<Vec<_>>(),
                 "agents": config.agents.iter().map(|a| a.name.get_ref().clone()).collect::<Vec<_>>(),
                 "prices": prices.len(),
+                "modules": modules.list().iter().map(|m| json!({"name": m.name, "kind": m.kind, "sha256": m.sha256})).collect::<Vec<_>>(),
             }),
         );
         tracing::info!(%proxy_addr, %admin_addr, "warden is serving");
@@ -270,6 +288,40 @@ impl Gateway {
         }
         tracing::info!("warden stopped; every record is committed");
     }
+}
+
+/// How often module files are checked for changes.
+const MODULE_POLL: Duration = Duration::from_secs(1);
+
+/// Module loads and refusals, into the audit log.
+fn module_observer(recorder: Recorder) -> LoadObserver {
+    Arc::new(move |event| {
+        match event {
+        LoadEvent::Loaded {
+            name,
+            kind,
+            sha256,
+            previous,
+            by,
+        } => recorder.audit(
+            if by == "file" { "warden" } else { by },
+            "module_loaded",
+            Some(name),
+            json!({"kind": kind.as_str(), "sha256": sha256, "previous": previous, "source": if by == "file" { "file" } else { "deploy" }}),
+        ),
+        LoadEvent::Refused {
+            name,
+            kind,
+            error,
+            by,
+        } => recorder.audit(
+            if by == "file" { "warden" } else { by },
+            "module_refused",
+            Some(name),
+            json!({"kind": kind.as_str(), "error": error, "source": if by == "file" { "file" } else { "deploy" }}),
+        ),
+    }
+    })
 }
 
 /// `count` listening sockets on one address with SO_REUSEPORT, so the kernel

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod money;
+pub mod policy;
 pub mod providers;
 pub mod proxy;
 pub mod store;

@@ -17,6 +17,7 @@ use crate::limits::rate::RateLimits;
 use crate::limits::{BudgetScope, BudgetSpec, LimitScope, LimitValues, Limits, OnExceed, Period};
 use crate::metrics::Metrics;
 use crate::money::Usd;
+use crate::policy::ModuleSet;
 use crate::proxy::body::ProxyBody;
 use crate::store::audit::Verification;
 use crate::store::query::QueryError;
@@ -40,6 +41,7 @@ pub struct AdminState {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     limits: Arc<Limits>,
+    modules: Arc<ModuleSet>,
 }
 
 impl AdminState {
@@ -49,6 +51,7 @@ impl AdminState {
         recorder: Recorder,
         metrics: Arc<Metrics>,
         limits: Arc<Limits>,
+        modules: Arc<ModuleSet>,
     ) -> AdminState {
         let operators = config
             .operators
@@ -76,6 +79,7 @@ impl AdminState {
             recorder,
             metrics,
             limits,
+            modules,
         }
     }
 
@@ -190,6 +194,16 @@ async fn admin_api(
                 Err(response) => response,
             }
         }
+        (Method::GET, "/admin/v1/policies") => {
+            json_response(StatusCode::OK, json!({"modules": state.modules.list()}))
+        }
+        (Method::POST, p) if p.starts_with("/admin/v1/policies/") => {
+            if let Some(refused) = refuse_read_only(&operator) {
+                return refused;
+            }
+            let name = p.trim_start_matches("/admin/v1/policies/").to_owned();
+            deploy_module(state, &operator, name, request).await
+        }
         (Method::POST, "/admin/v1/query") => {
             let query: QueryRequest = match read_json(request, r#"{"sql": "..."}"#).await {
                 Ok(query) => query,
@@ -267,6 +281,52 @@ async fn read_json<T: serde::de::DeserializeOwned>(
             format!("expected JSON like {example}: {e}"),
         )
     })
+}
+
+/// Largest module `warden policy deploy` accepts.
+const MAX_MODULE_BYTES: usize = 64 << 20;
+
+async fn deploy_module(
+    state: &AdminState,
+    operator: &Operator,
+    name: String,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let bytes = match Limited::new(request.into_body(), MAX_MODULE_BYTES)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "bad_module",
+                format!("could not read the module (at most {MAX_MODULE_BYTES} bytes): {e}"),
+            );
+        }
+    };
+    let modules = state.modules.clone();
+    let by = operator.name.clone();
+    let deployed = tokio::task::spawn_blocking(move || modules.deploy(&name, &bytes, &by)).await;
+    match deployed {
+        Ok(Ok(sha256)) => {
+            state.recorder.flush().await;
+            json_response(StatusCode::OK, json!({"deployed": true, "sha256": sha256}))
+        }
+        Ok(Err(crate::policy::PolicyError::Unknown(name))) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_module",
+            format!(
+                "no policy or plugin is named `{name}`; `warden policy list` shows the loaded ones"
+            ),
+        ),
+        Ok(Err(e)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "module_refused",
+            format!("the module was refused and the previous version keeps serving: {e}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
 }
 
 fn refuse_read_only(operator: &Operator) -> Option<Response<ProxyBody>> {

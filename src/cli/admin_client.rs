@@ -26,7 +26,8 @@ impl AdminClient {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        self.send(Method::GET, path, None).await
+        self.send(Method::GET, path, Bytes::new(), "application/json")
+            .await
     }
 
     pub async fn post(
@@ -34,14 +35,27 @@ impl AdminClient {
         path: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
-        self.send(Method::POST, path, Some(body)).await
+        self.send(
+            Method::POST,
+            path,
+            Bytes::from(body.to_string()),
+            "application/json",
+        )
+        .await
+    }
+
+    /// Posts raw bytes (a wasm module).
+    pub async fn post_bytes(&self, path: &str, body: Bytes) -> anyhow::Result<serde_json::Value> {
+        self.send(Method::POST, path, body, "application/wasm")
+            .await
     }
 
     async fn send(
         &self,
         method: Method,
         path: &str,
-        body: Option<&serde_json::Value>,
+        body: Bytes,
+        content_type: &str,
     ) -> anyhow::Result<serde_json::Value> {
         let Some(token) = &self.token else {
             bail!(
@@ -53,10 +67,8 @@ impl AdminClient {
             .method(method)
             .uri(&url)
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(
-                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
-            ))
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(body))
             .with_context(|| format!("bad admin URL {url}"))?;
         let response = self.client.request(request).await.map_err(|e| {
             anyhow!("cannot reach Warden's admin API at {}: {e}; is `warden serve` running? (--admin-url / WARDEN_ADMIN_URL)", self.base)

@@ -97,7 +97,7 @@ fn limit_table(value: &Value) -> anyhow::Result<QueryResult> {
     Ok(table(&fields, limits))
 }
 
-fn table(fields: &[(&str, &str)], rows: &[Value]) -> QueryResult {
+pub(super) fn table(fields: &[(&str, &str)], rows: &[Value]) -> QueryResult {
     QueryResult {
         columns: fields
             .iter()

@@ -5,6 +5,7 @@ mod admin_client;
 mod budgets;
 mod demo;
 mod init;
+mod policy;
 mod query;
 mod serve;
 
@@ -91,6 +92,45 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Wasm policies and plugins: `list`, `deploy`, and `test` offline.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// The loaded modules: hashes, evaluations, p50/p99 µs, errors.
+    List {
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+    },
+    /// Replace a loaded policy or plugin with FILE, without a restart.
+    Deploy {
+        /// The `name` of its [[policies]] or [[plugins]] entry.
+        name: String,
+        /// The new module (.wasm).
+        file: PathBuf,
+    },
+    /// Offline: run a module on an input file and print its decision (or a
+    /// plugin's new body) and its time.
+    Test {
+        /// The module (.wasm, or .wat text).
+        module: PathBuf,
+        /// The input JSON: a policy input (`{"call": …}`) or, for a plugin,
+        /// a request body.
+        #[arg(long)]
+        input: PathBuf,
+        /// The policy's config as JSON (default: the input's `config`).
+        #[arg(long)]
+        config: Option<String>,
+        /// CPU deadline per run.
+        #[arg(long, default_value_t = crate::policy::DEFAULT_TIMEOUT_MS)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,6 +205,16 @@ pub fn main() -> ExitCode {
                 requests_per_minute,
                 tokens_per_minute,
             }) => budgets::set_limit(&scope, requests_per_minute, tokens_per_minute, &admin),
+        },
+        Command::Policy { action, admin } => match action {
+            PolicyAction::List { format } => policy::list(format, &admin),
+            PolicyAction::Deploy { name, file } => policy::deploy(&name, &file, &admin),
+            PolicyAction::Test {
+                module,
+                input,
+                config,
+                timeout_ms,
+            } => policy::test(&module, &input, config.as_deref(), timeout_ms),
         },
     };
     match result {

@@ -365,30 +365,32 @@ impl Budget {
     }
 
     pub fn status(&self, now_us: i64) -> Vec<BudgetStatus> {
+        let mut keys: Vec<String> = if self.scope == BudgetScope::Run {
+            self.lock().runs.keys().cloned().collect()
+        } else {
+            vec![String::new()]
+        };
+        keys.sort();
+        keys.iter().map(|key| self.status_of(key, now_us)).collect()
+    }
+
+    /// One ledger's status.
+    fn status_of(&self, key: &str, now_us: i64) -> BudgetStatus {
         let mut state = self.lock();
         let (limit, on_exceed, period) = (state.limit, state.on_exceed, self.period);
-        let mut keys: Vec<String> = state.runs.keys().cloned().collect();
-        keys.sort();
-        let mut out = Vec::new();
-        if self.scope != BudgetScope::Run {
-            keys = vec![String::new()];
+        let start_us = self.ledger(&mut state, key, now_us).start_us;
+        let totals = self.totals(&state, key);
+        BudgetStatus {
+            scope: self.scope.to_string(),
+            run: (!key.is_empty()).then(|| key.to_owned()),
+            period,
+            period_start: format_utc(start_us),
+            on_exceed,
+            limit_usd: limit.to_string(),
+            spent_usd: totals.spent.to_string(),
+            reserved_usd: totals.reserved.to_string(),
+            remaining_usd: remaining(limit, &totals).to_string(),
         }
-        for key in keys {
-            let start_us = self.ledger(&mut state, &key, now_us).start_us;
-            let totals = self.totals(&state, &key);
-            out.push(BudgetStatus {
-                scope: self.scope.to_string(),
-                run: (!key.is_empty()).then_some(key),
-                period,
-                period_start: format_utc(start_us),
-                on_exceed,
-                limit_usd: limit.to_string(),
-                spent_usd: totals.spent.to_string(),
-                reserved_usd: totals.reserved.to_string(),
-                remaining_usd: remaining(limit, &totals).to_string(),
-            });
-        }
-        out
     }
 
     /// A new limit can put spend past a threshold without any new call:
@@ -831,6 +833,15 @@ impl BudgetBook {
         next.push(Budget::leak(spec, &self.alerts, now_us));
         self.budgets.store(Arc::new(next));
         true
+    }
+
+    /// The status of the ledgers that count this call.
+    pub fn status_for(&self, call: &CallSubject<'_>, now_us: i64) -> Vec<BudgetStatus> {
+        self.budgets
+            .load()
+            .iter()
+            .filter_map(|b| Some(b.status_of(b.scope.ledger_key(call)?, now_us)))
+            .collect()
     }
 
     pub fn status(&self, now_us: i64) -> Vec<BudgetStatus> {

@@ -93,13 +93,23 @@ impl CallFacts<'_> {
     }
 
     fn output_upper_bound(&self) -> u64 {
-        if self.endpoint == Endpoint::Embeddings {
-            return 0;
-        }
-        self.max_tokens
-            .or(self.price.and_then(|p| p.max_output_tokens))
-            .unwrap_or(DEFAULT_OUTPUT_UPPER_BOUND)
+        output_upper_bound(self.endpoint, self.max_tokens, self.price)
     }
+}
+
+/// The most output a call can produce: its `max_tokens`, else its model's
+/// maximum output, else `DEFAULT_OUTPUT_UPPER_BOUND`; embeddings none.
+pub fn output_upper_bound(
+    endpoint: Endpoint,
+    max_tokens: Option<u64>,
+    price: Option<&ModelPrice>,
+) -> u64 {
+    if endpoint == Endpoint::Embeddings {
+        return 0;
+    }
+    max_tokens
+        .or(price.and_then(|p| p.max_output_tokens))
+        .unwrap_or(DEFAULT_OUTPUT_UPPER_BOUND)
 }
 
 /// Rate limits and budgets, changeable at runtime.

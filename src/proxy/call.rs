@@ -121,6 +121,8 @@ pub struct Call {
     pub price: Option<Arc<ModelPrice>>,
     /// Rate-limit and budget charges, settled when the call ends.
     pub admission: Option<Admission>,
+    /// The agent, when its activity is counted (policies are loaded).
+    pub counted_agent: Option<Arc<super::Agent>>,
     ttft_ms: Option<f64>,
     recorded: bool,
 }
@@ -152,6 +154,7 @@ impl Call {
             request_body: Bytes::new(),
             price: None,
             admission: None,
+            counted_agent: None,
             ttft_ms: None,
             recorded: false,
         }
@@ -277,6 +280,11 @@ impl Call {
             return;
         }
         self.recorded = true;
+        if end.outcome != Outcome::Ok
+            && let Some(agent) = &self.counted_agent
+        {
+            agent.activity.call_failed();
+        }
         self.state
             .metrics
             .calls_in_flight

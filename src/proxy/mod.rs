@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod call;
+pub mod govern;
 pub mod headers;
 pub mod pipeline;
 pub mod upstream;
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::limits::Limits;
 use crate::metering::PriceTable;
 use crate::metrics::Metrics;
+use crate::policy::ModuleSet;
 use crate::providers::ProviderKind;
 use crate::store::Recorder;
 use body::ProxyBody;
@@ -32,6 +34,8 @@ pub struct Agent {
     pub name: Arc<str>,
     pub role: String,
     pub capabilities: Vec<String>,
+    /// Calls and errors in the last minute, for policies.
+    pub activity: crate::policy::activity::Activity,
 }
 
 /// Agents by the sha256 of their key: the key itself is never kept.
@@ -51,6 +55,7 @@ impl AgentDirectory {
                     name: agent.name.get_ref().as_str().into(),
                     role: agent.role.clone(),
                     capabilities: agent.capabilities.clone(),
+                    activity: Default::default(),
                 };
                 Some((digest, Arc::new(entry)))
             })
@@ -80,6 +85,7 @@ pub struct ProxyState {
     pub router: Arc<Router>,
     pub prices: Arc<PriceTable>,
     pub limits: Arc<Limits>,
+    pub modules: Arc<ModuleSet>,
     pub client: HttpClient,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -94,6 +100,7 @@ impl ProxyState {
         config: &Config,
         prices: Arc<PriceTable>,
         limits: Arc<Limits>,
+        modules: Arc<ModuleSet>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
     ) -> Result<ProxyState, UpstreamError> {
@@ -109,6 +116,7 @@ impl ProxyState {
             router: Arc::new(router),
             prices,
             limits,
+            modules,
             client: upstream::build_client()?,
             recorder,
             metrics,
@@ -127,6 +135,7 @@ impl ProxyState {
             router: self.router.clone(),
             prices: self.prices.clone(),
             limits: self.limits.clone(),
+            modules: self.modules.clone(),
             client: upstream::build_client()?,
             recorder: self.recorder.clone(),
             metrics: self.metrics.clone(),

@@ -17,6 +17,7 @@ use tracing::Instrument;
 use super::ProxyState;
 use super::body::{MeteredStream, ProxyBody};
 use super::call::{BUDGET_REMAINING_HEADER, COST_HEADER, Call, Refusal, Settlement};
+use super::govern;
 use super::headers;
 use super::upstream::{Route, Upstream};
 use crate::limits::rate::{HeaderNumbers, LimitedBy, RateHeaders, openai_duration};
@@ -152,6 +153,32 @@ async fn serve(
         })
         .map_err(|e| admission_refusal(e, &facts.model))?;
     call.admission = Some(admission);
+
+    // policies, then plugins
+    let mut body = body;
+    let mut facts = facts;
+    if state.modules.has_policies() {
+        govern::apply_policies(
+            state,
+            call,
+            govern::CallContext {
+                agent,
+                upstream: &upstream,
+                endpoint,
+                facts: &facts,
+                body: &body,
+                headers: &parts.headers,
+            },
+        )
+        .await?;
+    }
+    if state.modules.has_plugins() {
+        let (new_body, new_facts) = govern::apply_plugins(state, call, body, &facts).await?;
+        body = new_body;
+        if let Some(new_facts) = new_facts {
+            facts = new_facts;
+        }
+    }
 
     // forward
     let strip_usage_chunk = facts.stream

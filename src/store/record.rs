@@ -124,6 +124,20 @@ pub fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// One row of `decisions`: a policy's (or failed plugin's) decision.
+#[derive(Debug, Clone)]
+pub struct DecisionRow {
+    pub decision_id: String,
+    pub call_id: Option<String>,
+    pub ts_us: i64,
+    pub policy: String,
+    pub policy_hash: String,
+    pub rule_id: String,
+    pub action: &'static str,
+    pub reason: String,
+    pub eval_us: u64,
+}
+
 /// One row of `alerts`.
 #[derive(Debug, Clone)]
 pub struct AlertRow {

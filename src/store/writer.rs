@@ -16,7 +16,9 @@ use duckdb::Connection;
 use duckdb::types::{TimeUnit, Value};
 
 use super::audit::{ChainFields, canonical_json, chain_hash, chain_head};
-use super::record::{AlertRow, AuditEntry, CallRecord, SettingChange, UsageSource, now_micros};
+use super::record::{
+    AlertRow, AuditEntry, CallRecord, DecisionRow, SettingChange, UsageSource, now_micros,
+};
 use crate::metering::estimate;
 use crate::metrics::Metrics;
 use crate::money::Usd;
@@ -31,6 +33,7 @@ pub enum StoreCommand {
     Alert(AlertRow),
     AlertDelivered(String),
     Setting(SettingChange),
+    Decision(Box<DecisionRow>),
     /// Commit everything received so far, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Commit everything received so far and stop.
@@ -66,6 +69,10 @@ impl Recorder {
             subject: subject.map(str::to_owned),
             payload,
         }));
+    }
+
+    pub fn decision(&self, row: DecisionRow) {
+        self.send(StoreCommand::Decision(Box::new(row)));
     }
 
     pub fn alert(&self, row: AlertRow) {
@@ -187,6 +194,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     calls: Vec<CallRecord>,
     audits: Vec<AuditEntry>,
+    decisions: Vec<DecisionRow>,
     /// Alerts, deliveries and settings: rare, written one statement each.
     others: Vec<StoreCommand>,
     acks: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -201,6 +209,7 @@ impl Writer {
             metrics,
             calls: Vec::new(),
             audits: Vec::new(),
+            decisions: Vec::new(),
             others: Vec::new(),
             acks: Vec::new(),
             chain: None,
@@ -242,6 +251,7 @@ impl Writer {
         match command {
             StoreCommand::Call(record) => self.calls.push(*record),
             StoreCommand::Audit(entry) => self.audits.push(entry),
+            StoreCommand::Decision(row) => self.decisions.push(*row),
             StoreCommand::Flush(ack) => self.acks.push(ack),
             StoreCommand::Shutdown => self.stopping = true,
             other @ (StoreCommand::Alert(_)
@@ -270,6 +280,13 @@ impl Writer {
             }
             calls.clear();
             self.calls = calls;
+        }
+        if !self.decisions.is_empty() {
+            let decisions = std::mem::take(&mut self.decisions);
+            if let Err(e) = self.append_decisions(&decisions) {
+                self.metrics.records_dropped.add(decisions.len() as u64);
+                tracing::error!(error = %e, rows = decisions.len(), "could not write policy decisions");
+            }
         }
         if !self.audits.is_empty() {
             let audits = std::mem::take(&mut self.audits);
@@ -328,6 +345,24 @@ impl Writer {
         appender.flush()
     }
 
+    fn append_decisions(&self, decisions: &[DecisionRow]) -> duckdb::Result<()> {
+        let mut appender = self.conn.appender("decisions")?;
+        for row in decisions {
+            appender.append_row(duckdb::params![
+                row.decision_id,
+                row.call_id,
+                Value::Timestamp(TimeUnit::Microsecond, row.ts_us),
+                row.policy,
+                row.policy_hash,
+                row.rule_id,
+                row.action,
+                row.reason,
+                row.eval_us as i64,
+            ])?;
+        }
+        appender.flush()
+    }
+
     fn write_other(&self, command: &StoreCommand) -> duckdb::Result<()> {
         match command {
             StoreCommand::Alert(row) => self.conn.execute(
@@ -380,11 +415,11 @@ impl Writer {
             Some(head) => head,
             None => chain_head(&self.conn)?,
         };
-        self.conn.execute_batch("BEGIN TRANSACTION")?;
+        // One appender flush per batch: the chain is computed here, so the
+        // rows go in as fast as call records do. Should a batch fail half-way,
+        // the rows that landed still chain; the head is read again.
         let result = (|| {
-            let mut stmt = self.conn.prepare(
-                "INSERT INTO audit_log (seq, ts, actor, kind, subject, payload, prev_hash, hash) VALUES (?, make_timestamp(?), ?, ?, ?, ?, ?, ?)",
-            )?;
+            let mut appender = self.conn.appender("audit_log")?;
             for entry in audits {
                 seq += 1;
                 let ts_us = now_micros();
@@ -398,9 +433,9 @@ impl Writer {
                     payload_canonical: &payload,
                 };
                 let hash = chain_hash(&prev, &fields);
-                stmt.execute(duckdb::params![
+                appender.append_row(duckdb::params![
                     seq,
-                    ts_us,
+                    Value::Timestamp(TimeUnit::Microsecond, ts_us),
                     entry.actor,
                     entry.kind,
                     entry.subject,
@@ -410,19 +445,9 @@ impl Writer {
                 ])?;
                 prev = hash;
             }
-            Ok(())
+            appender.flush()
         })();
-        match result {
-            Ok(()) => {
-                self.conn.execute_batch("COMMIT")?;
-                self.chain = Some((seq, prev));
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
+        result.map(|()| self.chain = Some((seq, prev)))
     }
 }
 

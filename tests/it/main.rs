@@ -9,5 +9,6 @@ mod errors;
 mod forwarding;
 mod limits;
 mod operator;
+mod policies;
 mod store;
 mod streaming;

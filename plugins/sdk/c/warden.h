@@ -1,0 +1,371 @@
+/*
+ * warden.h — write Warden policies and plugins in C (ABI v1, policies/ABI.md).
+ *
+ * Header-only. Include it in exactly one .c file per module and build with
+ *
+ *   clang --target=wasm32 -O2 -nostdlib -mbulk-memory -Wl,--no-entry \
+ *         -Wl,--strip-all -o NAME.wasm NAME.c
+ *
+ * It gives the module its ABI exports (warden_alloc, warden_abi_version),
+ * the `warden.log` import, a bump allocator (every evaluation runs in a
+ * fresh instance, so nothing is ever freed), a small JSON reader that works
+ * on the input in place, and builders for decisions and output bodies.
+ *
+ * A policy then defines
+ *
+ *   WARDEN_EXPORT("warden_evaluate") long long warden_evaluate(const char *in, int len)
+ *
+ * and returns wd_decide(...); a plugin defines warden_transform the same way
+ * and returns wd_output(buf) with the new request body.
+ */
+#ifndef WARDEN_H
+#define WARDEN_H
+
+typedef unsigned char wd_u8;
+typedef unsigned int wd_u32;
+typedef long long wd_i64;
+typedef unsigned long long wd_u64;
+
+#define WARDEN_EXPORT(name) __attribute__((export_name(name)))
+#define WD_NULL ((void *)0)
+/* SDK helpers a module does not use are not warnings. */
+#define WD_FN static __attribute__((unused))
+
+__attribute__((import_module("warden"), import_name("log"))) void warden_log_raw(const char *ptr, int len);
+
+/* ---- memory --------------------------------------------------------- */
+
+void *memcpy(void *dst, const void *src, unsigned long n) {
+    __builtin_memcpy(dst, src, n);
+    return dst;
+}
+void *memset(void *dst, int c, unsigned long n) {
+    __builtin_memset(dst, c, n);
+    return dst;
+}
+void *memmove(void *dst, const void *src, unsigned long n) {
+    __builtin_memmove(dst, src, n);
+    return dst;
+}
+
+extern unsigned char __heap_base;
+static wd_u32 wd_heap_next;
+
+/* Bump allocation, 8-byte aligned; grows the memory as needed. Returns 0
+ * when the memory cap is reached (the host then sees a trap or an error). */
+WD_FN void *wd_alloc(wd_u32 len) {
+    if (wd_heap_next == 0) wd_heap_next = (wd_u32)&__heap_base;
+    wd_u32 start = (wd_heap_next + 7u) & ~7u;
+    wd_u32 end = start + len;
+    if (end < start) return WD_NULL;
+    wd_u32 have = (wd_u32)__builtin_wasm_memory_size(0) * 65536u;
+    if (end > have) {
+        wd_u32 pages = (end - have + 65535u) / 65536u;
+        if (__builtin_wasm_memory_grow(0, pages) == (unsigned long)-1) return WD_NULL;
+    }
+    wd_heap_next = end;
+    return (void *)start;
+}
+
+WARDEN_EXPORT("warden_alloc") void *warden_alloc(int len) { return wd_alloc((wd_u32)len); }
+WARDEN_EXPORT("warden_abi_version") int warden_abi_version(void) { return 1; }
+
+WD_FN wd_i64 wd_pack(const void *ptr, wd_u32 len) {
+    return (wd_i64)(((wd_u64)(wd_u32)ptr << 32) | (wd_u64)len);
+}
+
+/* ---- strings --------------------------------------------------------- */
+
+WD_FN wd_u32 wd_strlen(const char *s) {
+    wd_u32 n = 0;
+    while (s[n]) n++;
+    return n;
+}
+
+WD_FN int wd_mem_eq(const char *a, const char *b, wd_u32 n) {
+    for (wd_u32 i = 0; i < n; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+/* Index of `needle` in hay[0..len), or -1. */
+WD_FN int wd_find(const char *hay, wd_u32 len, const char *needle) {
+    wd_u32 n = wd_strlen(needle);
+    if (n == 0) return 0;
+    for (wd_u32 i = 0; i + n <= len; i++)
+        if (hay[i] == needle[0] && wd_mem_eq(hay + i, needle, n)) return (int)i;
+    return -1;
+}
+
+/* Glob match with `*` (any run) and `?` (one character). */
+WD_FN int wd_glob(const char *pat, wd_u32 plen, const char *s, wd_u32 slen) {
+    wd_u32 p = 0, i = 0, star_p = (wd_u32)-1, star_i = 0;
+    while (i < slen) {
+        if (p < plen && (pat[p] == '?' || pat[p] == s[i])) {
+            p++;
+            i++;
+        } else if (p < plen && pat[p] == '*') {
+            star_p = p++;
+            star_i = i;
+        } else if (star_p != (wd_u32)-1) {
+            p = star_p + 1;
+            i = ++star_i;
+        } else {
+            return 0;
+        }
+    }
+    while (p < plen && pat[p] == '*') p++;
+    return p == plen;
+}
+
+WD_FN void wd_log(const char *text) { warden_log_raw(text, (int)wd_strlen(text)); }
+
+/* ---- output buffers -------------------------------------------------- */
+
+typedef struct {
+    char *ptr;
+    wd_u32 len;
+    wd_u32 cap;
+} wd_buf;
+
+WD_FN void wd_buf_reserve(wd_buf *b, wd_u32 more) {
+    if (b->len + more <= b->cap) return;
+    wd_u32 cap = b->cap ? b->cap * 2 : 256;
+    while (cap < b->len + more) cap *= 2;
+    char *next = (char *)wd_alloc(cap);
+    if (!next) __builtin_trap();
+    if (b->len) memcpy(next, b->ptr, b->len);
+    b->ptr = next;
+    b->cap = cap;
+}
+
+WD_FN void wd_buf_put(wd_buf *b, const char *bytes, wd_u32 n) {
+    wd_buf_reserve(b, n);
+    memcpy(b->ptr + b->len, bytes, n);
+    b->len += n;
+}
+
+WD_FN void wd_buf_puts(wd_buf *b, const char *s) { wd_buf_put(b, s, wd_strlen(s)); }
+
+WD_FN void wd_buf_putc(wd_buf *b, char c) { wd_buf_put(b, &c, 1); }
+
+/* Appends `s[0..n)` as the inside of a JSON string (escaped). */
+WD_FN void wd_buf_escaped(wd_buf *b, const char *s, wd_u32 n) {
+    static const char hex[] = "0123456789abcdef";
+    for (wd_u32 i = 0; i < n; i++) {
+        wd_u8 c = (wd_u8)s[i];
+        if (c == '"' || c == '\\') {
+            wd_buf_putc(b, '\\');
+            wd_buf_putc(b, (char)c);
+        } else if (c == '\n') {
+            wd_buf_puts(b, "\\n");
+        } else if (c < 0x20) {
+            char esc[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+            wd_buf_put(b, esc, 6);
+        } else {
+            wd_buf_putc(b, (char)c);
+        }
+    }
+}
+
+WD_FN void wd_buf_u64(wd_buf *b, wd_u64 v) {
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n) wd_buf_putc(b, digits[--n]);
+}
+
+WD_FN wd_i64 wd_output(const wd_buf *b) { return wd_pack(b->ptr, b->len); }
+
+/* ---- reading JSON in place ------------------------------------------- */
+
+/* A JSON value (or any text) inside the input: not NUL-terminated. */
+typedef struct {
+    const char *ptr;
+    wd_u32 len;
+} wd_slice;
+
+WD_FN wd_slice wd_slice_of(const char *ptr, int len) {
+    wd_slice s = {ptr, (wd_u32)len};
+    return s;
+}
+
+WD_FN wd_u32 wd_skip_ws(wd_slice s, wd_u32 i) {
+    while (i < s.len && (s.ptr[i] == ' ' || s.ptr[i] == '\n' || s.ptr[i] == '\r' || s.ptr[i] == '\t')) i++;
+    return i;
+}
+
+/* End (exclusive) of the value starting at `i`, or 0 on malformed input. */
+WD_FN wd_u32 wd_value_end(wd_slice s, wd_u32 i) {
+    if (i >= s.len) return 0;
+    char c = s.ptr[i];
+    if (c == '"') {
+        for (i++; i < s.len; i++) {
+            if (s.ptr[i] == '\\') i++;
+            else if (s.ptr[i] == '"') return i + 1;
+        }
+        return 0;
+    }
+    if (c == '{' || c == '[') {
+        int depth = 0;
+        for (; i < s.len; i++) {
+            char d = s.ptr[i];
+            if (d == '"') {
+                wd_u32 end = wd_value_end(s, i);
+                if (!end) return 0;
+                i = end - 1;
+            } else if (d == '{' || d == '[') {
+                depth++;
+            } else if (d == '}' || d == ']') {
+                if (--depth == 0) return i + 1;
+            }
+        }
+        return 0;
+    }
+    while (i < s.len && s.ptr[i] != ',' && s.ptr[i] != '}' && s.ptr[i] != ']' && s.ptr[i] != ' ' &&
+           s.ptr[i] != '\n' && s.ptr[i] != '\r' && s.ptr[i] != '\t')
+        i++;
+    return i;
+}
+
+/* Walks an object's members: start with *pos = 0; returns 0 at the end. */
+WD_FN int wd_object_next(wd_slice obj, wd_u32 *pos, wd_slice *key, wd_slice *value) {
+    wd_u32 i = *pos ? *pos : wd_skip_ws(obj, 0) + 1;
+    i = wd_skip_ws(obj, i);
+    if (i < obj.len && obj.ptr[i] == ',') i = wd_skip_ws(obj, i + 1);
+    if (i >= obj.len || obj.ptr[i] != '"') return 0;
+    wd_u32 kend = wd_value_end(obj, i);
+    if (!kend) return 0;
+    key->ptr = obj.ptr + i + 1;
+    key->len = kend - i - 2;
+    i = wd_skip_ws(obj, kend);
+    if (i >= obj.len || obj.ptr[i] != ':') return 0;
+    i = wd_skip_ws(obj, i + 1);
+    wd_u32 vend = wd_value_end(obj, i);
+    if (!vend) return 0;
+    value->ptr = obj.ptr + i;
+    value->len = vend - i;
+    *pos = vend;
+    return 1;
+}
+
+/* Walks an array's items: start with *pos = 0; returns 0 at the end. */
+WD_FN int wd_array_next(wd_slice arr, wd_u32 *pos, wd_slice *item) {
+    wd_u32 i = *pos ? *pos : wd_skip_ws(arr, 0) + 1;
+    i = wd_skip_ws(arr, i);
+    if (i < arr.len && arr.ptr[i] == ',') i = wd_skip_ws(arr, i + 1);
+    if (i >= arr.len || arr.ptr[i] == ']') return 0;
+    wd_u32 end = wd_value_end(arr, i);
+    if (!end) return 0;
+    item->ptr = arr.ptr + i;
+    item->len = end - i;
+    *pos = end;
+    return 1;
+}
+
+/* The member `key` of an object (keys compared as written, unescaped). */
+WD_FN int wd_member(wd_slice obj, const char *key, wd_u32 key_len, wd_slice *out) {
+    wd_u32 pos = 0;
+    wd_slice k, v;
+    while (wd_object_next(obj, &pos, &k, &v))
+        if (k.len == key_len && wd_mem_eq(k.ptr, key, key_len)) {
+            *out = v;
+            return 1;
+        }
+    return 0;
+}
+
+/* The value at a dotted path such as "call.model"; 0 when absent. */
+WD_FN int wd_get(wd_slice json, const char *path, wd_slice *out) {
+    wd_slice at = json;
+    const char *p = path;
+    while (*p) {
+        wd_u32 n = 0;
+        while (p[n] && p[n] != '.') n++;
+        if (!wd_member(at, p, n, &at)) return 0;
+        p += n;
+        if (*p == '.') p++;
+    }
+    *out = at;
+    return 1;
+}
+
+WD_FN int wd_is_null(wd_slice v) { return v.len == 4 && wd_mem_eq(v.ptr, "null", 4); }
+WD_FN int wd_is_true(wd_slice v) { return v.len == 4 && wd_mem_eq(v.ptr, "true", 4); }
+
+/* The raw characters inside a JSON string value (still escaped). */
+WD_FN wd_slice wd_string_raw(wd_slice v) {
+    wd_slice s = {v.ptr, 0};
+    if (v.len >= 2 && v.ptr[0] == '"') {
+        s.ptr = v.ptr + 1;
+        s.len = v.len - 2;
+    }
+    return s;
+}
+
+/* Whether a JSON string value equals `text` (for plain ASCII values). */
+WD_FN int wd_str_eq(wd_slice v, const char *text) {
+    wd_slice s = wd_string_raw(v);
+    return s.len == wd_strlen(text) && wd_mem_eq(s.ptr, text, s.len);
+}
+
+/* A JSON number as a double (1 in *ok when it is one). */
+WD_FN double wd_num(wd_slice v, int *ok) {
+    wd_u32 i = 0;
+    double sign = 1, value = 0, scale = 1;
+    int digits = 0, exp = 0, exp_sign = 1;
+    if (i < v.len && v.ptr[i] == '-') {
+        sign = -1;
+        i++;
+    }
+    for (; i < v.len && v.ptr[i] >= '0' && v.ptr[i] <= '9'; i++, digits++) value = value * 10 + (v.ptr[i] - '0');
+    if (i < v.len && v.ptr[i] == '.')
+        for (i++; i < v.len && v.ptr[i] >= '0' && v.ptr[i] <= '9'; i++, digits++) {
+            scale /= 10;
+            value += (v.ptr[i] - '0') * scale;
+        }
+    if (i < v.len && (v.ptr[i] == 'e' || v.ptr[i] == 'E')) {
+        i++;
+        if (i < v.len && (v.ptr[i] == '-' || v.ptr[i] == '+')) exp_sign = v.ptr[i++] == '-' ? -1 : 1;
+        for (; i < v.len && v.ptr[i] >= '0' && v.ptr[i] <= '9'; i++) exp = exp * 10 + (v.ptr[i] - '0');
+    }
+    for (; exp > 0; exp--) value = exp_sign > 0 ? value * 10 : value / 10;
+    if (ok) *ok = digits > 0 && i == v.len;
+    return sign * value;
+}
+
+/* ---- decisions -------------------------------------------------------- */
+
+/* {"action":…,"rule":…,"reason":…} from C strings. */
+WD_FN wd_i64 wd_decide(const char *action, const char *rule, const char *reason) {
+    wd_buf b = {0, 0, 0};
+    wd_buf_puts(&b, "{\"action\":\"");
+    wd_buf_puts(&b, action);
+    wd_buf_puts(&b, "\",\"rule\":\"");
+    wd_buf_escaped(&b, rule, wd_strlen(rule));
+    wd_buf_puts(&b, "\",\"reason\":\"");
+    wd_buf_escaped(&b, reason, wd_strlen(reason));
+    wd_buf_puts(&b, "\"}");
+    return wd_output(&b);
+}
+
+/* The same with a reason built in a buffer. */
+WD_FN wd_i64 wd_decide_buf(const char *action, const char *rule, const wd_buf *reason) {
+    wd_buf b = {0, 0, 0};
+    wd_buf_puts(&b, "{\"action\":\"");
+    wd_buf_puts(&b, action);
+    wd_buf_puts(&b, "\",\"rule\":\"");
+    wd_buf_escaped(&b, rule, wd_strlen(rule));
+    wd_buf_puts(&b, "\",\"reason\":\"");
+    wd_buf_escaped(&b, reason->ptr, reason->len);
+    wd_buf_puts(&b, "\"}");
+    return wd_output(&b);
+}
+
+/* The default: allow, nothing to record. */
+WD_FN wd_i64 wd_allow(void) { return wd_decide("allow", "", ""); }
+
+#endif

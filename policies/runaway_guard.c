@@ -1,0 +1,32 @@
+/*
+ * runaway_guard: halts an agent that makes more than `max_calls_per_minute`
+ * calls in a minute (this one included), the mark of an agent stuck in a
+ * loop.
+ *
+ *   [[policies]]
+ *   name = "runaway_guard"
+ *   module = "policies/runaway_guard.wasm"
+ *   config = { max_calls_per_minute = 120 }
+ */
+#include "../plugins/sdk/c/warden.h"
+
+WARDEN_EXPORT("warden_evaluate") wd_i64 warden_evaluate(const char *ptr, int len) {
+    wd_slice in = wd_slice_of(ptr, len), max_v, calls_v, agent_v;
+    int ok_max = 0, ok_calls = 0;
+    if (!wd_get(in, "config.max_calls_per_minute", &max_v)) return wd_allow();
+    double max = wd_num(max_v, &ok_max);
+    if (!wd_get(in, "activity.calls_last_minute", &calls_v)) return wd_allow();
+    double calls = wd_num(calls_v, &ok_calls);
+    if (!ok_max || !ok_calls || calls <= max) return wd_allow();
+    wd_buf reason = {0, 0, 0};
+    wd_buf_puts(&reason, "agent `");
+    if (wd_get(in, "call.agent", &agent_v)) {
+        wd_slice agent = wd_string_raw(agent_v);
+        wd_buf_put(&reason, agent.ptr, agent.len);
+    }
+    wd_buf_puts(&reason, "` made ");
+    wd_buf_put(&reason, calls_v.ptr, calls_v.len);
+    wd_buf_puts(&reason, " calls in the last minute, above the limit of ");
+    wd_buf_put(&reason, max_v.ptr, max_v.len);
+    return wd_decide_buf("halt_agent", "max_calls_per_minute", &reason);
+}

@@ -1,0 +1,144 @@
+//! The wasm runtime every policy and plugin runs in: one wasmtime engine
+//! with epoch interruption (a CPU deadline per evaluation), a pooling
+//! allocator (instances and memories reused, not mmapped per call), and a
+//! cache of precompiled modules keyed by the module's sha256 and the engine's
+//! compatibility hash, so a restart does not compile again.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Module, OptLevel, PoolingAllocationConfig,
+};
+
+use super::PolicyError;
+
+/// How often the engine's epoch advances: the resolution of `timeout_ms`.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// The largest `max_memory_mb` a module may be given.
+pub const MAX_MEMORY_CAP_MB: u64 = 256;
+/// Instances that can be alive at once: evaluations run one per proxy
+/// worker at a time, plus the few moved to blocking threads.
+const POOL_SLOTS: u32 = 256;
+
+pub struct WasmRuntime {
+    engine: Engine,
+    cache_dir: Option<PathBuf>,
+    compat: String,
+    ticking: Arc<AtomicBool>,
+}
+
+impl Drop for WasmRuntime {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A compiled module and the sha256 of the bytes it came from.
+pub struct Compiled {
+    pub module: Module,
+    pub sha256: String,
+}
+
+impl WasmRuntime {
+    /// An engine whose precompiled modules are cached in `cache_dir` (none:
+    /// compile every time, as `warden policy test` does).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<WasmRuntime, PolicyError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(OptLevel::Speed);
+        config.max_wasm_stack(512 * 1024);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(POOL_SLOTS)
+            .total_memories(POOL_SLOTS)
+            .total_tables(POOL_SLOTS)
+            .max_memories_per_module(1)
+            .max_tables_per_module(1)
+            .max_memory_size((MAX_MEMORY_CAP_MB << 20) as usize)
+            // Small policy heaps are wiped with memset on reuse rather than
+            // handed back to the kernel and faulted in again.
+            .linear_memory_keep_resident(256 << 10)
+            .table_keep_resident(16 << 10);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| PolicyError::Engine(e.to_string()))?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat = format!("{:016x}", hasher.finish());
+
+        let ticking = Arc::new(AtomicBool::new(true));
+        let (ticker_engine, still) = (engine.weak(), ticking.clone());
+        std::thread::Builder::new()
+            .name("warden-wasm-epoch".into())
+            .spawn(move || {
+                while still.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match ticker_engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| PolicyError::Engine(format!("cannot start the epoch thread: {e}")))?;
+
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                PolicyError::Engine(format!(
+                    "cannot create the module cache {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        Ok(WasmRuntime {
+            engine,
+            cache_dir,
+            compat,
+            ticking,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles module bytes (binary wasm, or WAT text), from the cache when
+    /// this engine compiled the same bytes before.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PolicyError> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let cached = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.compat)));
+        if let Some(path) = cached.as_deref().filter(|p| p.exists()) {
+            // SAFETY: the file was written by `Module::serialize` of an engine
+            // with this compatibility hash, into Warden's own cache directory;
+            // a corrupt or foreign file is rejected by wasmtime's header checks
+            // and then compiled afresh below.
+            if let Ok(module) = unsafe { Module::deserialize_file(&self.engine, path) } {
+                return Ok(Compiled { module, sha256 });
+            }
+        }
+        let module = Module::new(&self.engine, bytes)
+            .map_err(|e| PolicyError::Invalid(format!("not a valid wasm module: {e:#}")))?;
+        if let Some(path) = cached {
+            store_in_cache(&module, &path);
+        }
+        Ok(Compiled { module, sha256 })
+    }
+}
+
+fn store_in_cache(module: &Module, path: &Path) {
+    let Ok(bytes) = module.serialize() else {
+        return;
+    };
+    let temp = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::write(&temp, bytes).and_then(|()| std::fs::rename(&temp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled module; it will be compiled again at the next start");
+    }
+}

@@ -1,0 +1,375 @@
+//! One module, checked against ABI v1 and ready to run: every run gets a
+//! fresh instance (nothing survives from one evaluation to the next), a CPU
+//! deadline and a memory cap.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::{
+    Extern, ExternType, InstancePre, Linker, Module, ModuleExport, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, TypedFunc, ValType,
+};
+
+use super::PolicyError;
+use super::engine::{EPOCH_TICK, WasmRuntime};
+
+pub const ABI_VERSION: i32 = 1;
+/// The only import a module may have.
+pub const LOG_IMPORT: (&str, &str) = ("warden", "log");
+/// Log lines one evaluation may write, and their length.
+const MAX_LOG_LINES: u32 = 16;
+const MAX_LOG_BYTES: usize = 1_024;
+
+/// What a module is for: a policy decides, a plugin rewrites the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    Policy,
+    Plugin,
+}
+
+impl ModuleKind {
+    pub fn entry(self) -> &'static str {
+        match self {
+            ModuleKind::Policy => "warden_evaluate",
+            ModuleKind::Plugin => "warden_transform",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleKind::Policy => "policy",
+            ModuleKind::Plugin => "plugin",
+        }
+    }
+}
+
+/// Why one run did not produce an output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    #[error("exceeded its {0} ms CPU deadline")]
+    Timeout(u64),
+    #[error("exceeded its {0} MB memory cap")]
+    Memory(u64),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("returned a result outside its memory (ptr {ptr}, len {len})")]
+    OutOfBounds { ptr: u32, len: u32 },
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+/// Per-run host state: the memory cap and the log line budget.
+pub struct Host {
+    limits: StoreLimits,
+    module: std::sync::Arc<str>,
+    log_lines: u32,
+}
+
+struct Entry {
+    memory: ModuleExport,
+    alloc: ModuleExport,
+    init: Option<ModuleExport>,
+    main: ModuleExport,
+}
+
+/// A module ready to run.
+pub struct Sandbox {
+    pre: InstancePre<Host>,
+    entry: Entry,
+    kind: ModuleKind,
+    name: std::sync::Arc<str>,
+    timeout: Duration,
+    max_memory_mb: u64,
+}
+
+impl Sandbox {
+    /// Checks a compiled module against ABI v1 (exports, the one permitted
+    /// import, its declared version) and prepares it for fast instantiation.
+    pub fn new(
+        runtime: &WasmRuntime,
+        module: &Module,
+        kind: ModuleKind,
+        name: &str,
+        timeout: Duration,
+        max_memory_mb: u64,
+    ) -> Result<Sandbox, PolicyError> {
+        check_imports(module)?;
+        let func = |export: &str, params: &[ValType], results: &[ValType], required: bool| {
+            check_func_export(module, export, params, results, required)
+        };
+        use ValType::{I32, I64};
+        let memory = module
+            .get_export_index("memory")
+            .filter(|_| matches!(module.get_export("memory"), Some(ExternType::Memory(_))))
+            .ok_or_else(|| {
+                PolicyError::Invalid("the module does not export its `memory`".into())
+            })?;
+        let entry = Entry {
+            memory,
+            alloc: func("warden_alloc", &[I32], &[I32], true)?.expect("required"),
+            init: func("warden_init", &[I32, I32], &[], false)?,
+            main: func(kind.entry(), &[I32, I32], &[I64], true)?.expect("required"),
+        };
+        func("warden_abi_version", &[], &[I32], false)?;
+
+        let mut linker = Linker::<Host>::new(runtime.engine());
+        linker
+            .func_wrap(
+                LOG_IMPORT.0,
+                LOG_IMPORT.1,
+                |mut caller: wasmtime::Caller<'_, Host>, ptr: i32, len: i32| {
+                    log_from_module(&mut caller, ptr, len);
+                },
+            )
+            .map_err(|e| PolicyError::Engine(e.to_string()))?;
+        let pre = linker
+            .instantiate_pre(module)
+            .map_err(|e| PolicyError::Invalid(format!("{e:#}")))?;
+        let sandbox = Sandbox {
+            pre,
+            entry,
+            kind,
+            name: name.into(),
+            timeout,
+            max_memory_mb,
+        };
+        sandbox.check_version()?;
+        Ok(sandbox)
+    }
+
+    pub fn kind(&self) -> ModuleKind {
+        self.kind
+    }
+
+    fn store(&self) -> Store<Host> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size((self.max_memory_mb << 20) as usize)
+            .instances(1)
+            .memories(1)
+            .tables(1)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            self.pre.module().engine(),
+            Host {
+                limits,
+                module: self.name.clone(),
+                log_lines: 0,
+            },
+        );
+        store.limiter(|host| &mut host.limits);
+        // One tick more than the timeout: the current tick may be about to end.
+        let ticks = (self.timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn check_version(&self) -> Result<(), PolicyError> {
+        let module = self.pre.module();
+        let Some(export) = module.get_export_index("warden_abi_version") else {
+            return Ok(());
+        };
+        let mut store = self.store();
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PolicyError::Invalid(format!("cannot be instantiated: {e:#}")))?;
+        let version = typed::<(), i32>(&instance, &mut store, &export)
+            .and_then(|f| f.call(&mut store, ()).map_err(|e| format!("{e:#}")))
+            .map_err(|e| PolicyError::Invalid(format!("warden_abi_version failed: {e}")))?;
+        if version != ABI_VERSION {
+            return Err(PolicyError::Invalid(format!(
+                "the module is built for Warden ABI v{version}; this Warden speaks v{ABI_VERSION}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the module once on `input` (with `config` handed to
+    /// `warden_init` first) and returns its output bytes and the time taken.
+    pub fn run(&self, config: &[u8], input: &[u8]) -> (Result<Vec<u8>, RunError>, Duration) {
+        let started = Instant::now();
+        let mut store = self.store();
+        let result = self.run_in(&mut store, config, input);
+        (result, started.elapsed())
+    }
+
+    fn run_in(
+        &self,
+        store: &mut Store<Host>,
+        config: &[u8],
+        input: &[u8],
+    ) -> Result<Vec<u8>, RunError> {
+        let classify = |e: wasmtime::Error| self.classify(e);
+        let instance = self
+            .pre
+            .instantiate(&mut *store)
+            .map_err(|e| match self.classify(e) {
+                RunError::Trap(text) => RunError::Instantiate(text),
+                other => other,
+            })?;
+        let Some(Extern::Memory(memory)) =
+            instance.get_module_export(&mut *store, &self.entry.memory)
+        else {
+            return Err(RunError::Instantiate("no memory export".into()));
+        };
+        let alloc = typed::<i32, i32>(&instance, &mut *store, &self.entry.alloc)
+            .map_err(RunError::Instantiate)?;
+        let write = |store: &mut Store<Host>, bytes: &[u8]| -> Result<i32, RunError> {
+            let len =
+                i32::try_from(bytes.len()).map_err(|_| RunError::Memory(self.max_memory_mb))?;
+            let ptr = alloc.call(&mut *store, len).map_err(classify)?;
+            memory
+                .write(&mut *store, ptr as u32 as usize, bytes)
+                .map_err(|_| RunError::OutOfBounds {
+                    ptr: ptr as u32,
+                    len: len as u32,
+                })?;
+            Ok(ptr)
+        };
+        if let Some(init) = &self.entry.init {
+            let init = typed::<(i32, i32), ()>(&instance, &mut *store, init)
+                .map_err(RunError::Instantiate)?;
+            let ptr = write(store, config)?;
+            init.call(&mut *store, (ptr, config.len() as i32))
+                .map_err(classify)?;
+        }
+        let main = typed::<(i32, i32), i64>(&instance, &mut *store, &self.entry.main)
+            .map_err(RunError::Instantiate)?;
+        let ptr = write(store, input)?;
+        let packed = main
+            .call(&mut *store, (ptr, input.len() as i32))
+            .map_err(classify)?;
+        let (out_ptr, out_len) = ((packed as u64 >> 32) as u32, packed as u32);
+        memory
+            .data(&*store)
+            .get(out_ptr as usize..out_ptr as usize + out_len as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or(RunError::OutOfBounds {
+                ptr: out_ptr,
+                len: out_len,
+            })
+    }
+
+    fn classify(&self, error: wasmtime::Error) -> RunError {
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => RunError::Timeout(self.timeout.as_millis() as u64),
+            Some(trap) => RunError::Trap(trap.to_string()),
+            None => {
+                let text = format!("{error:#}");
+                if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
+                    RunError::Memory(self.max_memory_mb)
+                } else {
+                    RunError::Trap(text)
+                }
+            }
+        }
+    }
+}
+
+fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+    instance: &wasmtime::Instance,
+    store: &mut Store<Host>,
+    export: &ModuleExport,
+) -> Result<TypedFunc<P, R>, String> {
+    instance
+        .get_module_export(&mut *store, export)
+        .and_then(Extern::into_func)
+        .ok_or_else(|| "a checked export is missing".to_owned())?
+        .typed::<P, R>(&*store)
+        .map_err(|e| format!("{e:#}"))
+}
+
+fn check_imports(module: &Module) -> Result<(), PolicyError> {
+    for import in module.imports() {
+        let is_log = (import.module(), import.name()) == LOG_IMPORT;
+        let signature_ok = match import.ty() {
+            ExternType::Func(f) => {
+                f.params().map(|p| p.is_i32()).eq([true, true]) && f.results().len() == 0
+            }
+            _ => false,
+        };
+        if !is_log {
+            let wasi = if import.module().starts_with("wasi") {
+                " (WASI is not available to policies)"
+            } else {
+                ""
+            };
+            return Err(PolicyError::Invalid(format!(
+                "the module imports `{}.{}`{wasi}; the only import Warden provides is `warden.log(ptr: i32, len: i32)`",
+                import.module(),
+                import.name()
+            )));
+        }
+        if !signature_ok {
+            return Err(PolicyError::Invalid(
+                "the module imports `warden.log` with the wrong type; it is `(func (param i32 i32))`".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_func_export(
+    module: &Module,
+    name: &str,
+    params: &[ValType],
+    results: &[ValType],
+    required: bool,
+) -> Result<Option<ModuleExport>, PolicyError> {
+    let Some(ty) = module.get_export(name) else {
+        if required {
+            return Err(PolicyError::Invalid(format!(
+                "the module does not export `{name}`, which ABI v{ABI_VERSION} requires (see policies/ABI.md)"
+            )));
+        }
+        return Ok(None);
+    };
+    let ok = match &ty {
+        ExternType::Func(f) => {
+            f.params()
+                .map(|p| p.to_string())
+                .eq(params.iter().map(|p| p.to_string()))
+                && f.results()
+                    .map(|r| r.to_string())
+                    .eq(results.iter().map(|r| r.to_string()))
+        }
+        _ => false,
+    };
+    if !ok {
+        let sig = |types: &[ValType]| {
+            types
+                .iter()
+                .map(ValType::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        return Err(PolicyError::Invalid(format!(
+            "`{name}` has the wrong type; ABI v{ABI_VERSION} wants (param {}) (result {})",
+            sig(params),
+            sig(results)
+        )));
+    }
+    Ok(module.get_export_index(name))
+}
+
+fn log_from_module(caller: &mut wasmtime::Caller<'_, Host>, ptr: i32, len: i32) {
+    if caller.data().log_lines >= MAX_LOG_LINES {
+        return;
+    }
+    caller.data_mut().log_lines += 1;
+    let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+        return;
+    };
+    let (start, len) = (
+        ptr as u32 as usize,
+        (len as u32 as usize).min(MAX_LOG_BYTES),
+    );
+    let text = memory
+        .data(&*caller)
+        .get(start..start.saturating_add(len))
+        .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+    if let Some(text) = text {
+        tracing::info!(module = %caller.data().module, "{text}");
+    }
+}

@@ -1,0 +1,458 @@
+//! The sandbox against modules that misbehave in every way the ABI allows,
+//! and the shipped C policies against inputs they must decide.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::*;
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn spec(name: &str, path: &str, kind: ModuleKind, config: &str) -> ModuleSpec {
+    ModuleSpec {
+        name: name.into(),
+        kind,
+        path: repo(path),
+        fail: FailMode::Closed,
+        timeout_ms: DEFAULT_TIMEOUT_MS,
+        max_memory_mb: DEFAULT_MAX_MEMORY_MB,
+        include_messages: true,
+        config_json: config.into(),
+    }
+}
+
+fn quiet() -> LoadObserver {
+    Arc::new(|_| {})
+}
+
+fn set(specs: &[ModuleSpec]) -> ModuleSet {
+    ModuleSet::load(specs, None, quiet()).unwrap()
+}
+
+fn policy(path: &str, config: &str) -> ModuleSet {
+    set(&[spec("p", path, ModuleKind::Policy, config)])
+}
+
+const INPUT: &str = r#"{"call":{"call_id":"c1","agent":"alpha","role":"researcher","model":"gpt-4o","estimated_cost_usd":0.012},"activity":{"calls_last_minute":3,"errors_last_minute":0},"budgets":[],"run":null}"#;
+
+fn decide_one(set: &ModuleSet, input: &str, messages: Option<&str>) -> Decision {
+    let verdict = set.evaluate(input.as_bytes(), messages);
+    assert_eq!(verdict.decisions.len(), 1);
+    verdict.decisions.into_iter().next().unwrap()
+}
+
+#[test]
+fn an_endless_loop_is_stopped_at_its_deadline_and_denied() {
+    let set = policy("tests/wat/endless_loop.wat", "{}");
+    assert!(!set.needs_blocking());
+    let started = std::time::Instant::now();
+    let decision = decide_one(&set, INPUT, None);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        (decision.action, decision.rule.as_str()),
+        (Action::Deny, POLICY_ERROR_RULE)
+    );
+    assert!(
+        decision.reason.contains("5 ms CPU deadline"),
+        "{}",
+        decision.reason
+    );
+    assert!(
+        set.needs_blocking(),
+        "a module that overran moves off the workers"
+    );
+    let listing = &set.list()[0];
+    assert_eq!(
+        (listing.evaluations, listing.errors, listing.timeouts),
+        (1, 1, 1)
+    );
+}
+
+#[test]
+fn a_memory_bomb_hits_its_cap() {
+    let mut bomb = spec(
+        "bomb",
+        "tests/wat/memory_bomb.wat",
+        ModuleKind::Policy,
+        "{}",
+    );
+    bomb.max_memory_mb = 4;
+    bomb.timeout_ms = 2_000;
+    let set = set(&[bomb]);
+    let decision = decide_one(&set, INPUT, None);
+    assert_eq!(decision.action, Action::Deny);
+    assert!(
+        decision.reason.contains("4 MB memory cap"),
+        "{}",
+        decision.reason
+    );
+}
+
+#[test]
+fn a_wasi_import_is_refused_at_load_by_name() {
+    let error = ModuleSet::load(
+        &[spec(
+            "w",
+            "tests/wat/wasi_import.wat",
+            ModuleKind::Policy,
+            "{}",
+        )],
+        None,
+        quiet(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("wasi_snapshot_preview1.fd_write"), "{error}");
+    assert!(error.contains("WASI is not available"), "{error}");
+}
+
+#[test]
+fn garbage_output_and_traps_fail_closed_or_open() {
+    let decision = decide_one(&policy("tests/wat/garbage_output.wat", "{}"), INPUT, None);
+    assert_eq!(decision.action, Action::Deny);
+    assert!(
+        decision.reason.contains("malformed decision"),
+        "{}",
+        decision.reason
+    );
+    assert!(
+        decision.reason.contains("certainly!"),
+        "{}",
+        decision.reason
+    );
+
+    let mut open = spec("t", "tests/wat/trap.wat", ModuleKind::Policy, "{}");
+    open.fail = FailMode::Open;
+    let decision = decide_one(&set(&[open]), INPUT, None);
+    assert_eq!(
+        (decision.action, decision.rule.as_str()),
+        (Action::Allow, POLICY_ERROR_RULE)
+    );
+    assert!(
+        decision.error.as_deref().unwrap().contains("unreachable"),
+        "{decision:?}"
+    );
+    assert!(!decision.is_plain_allow(), "a failure is always recorded");
+}
+
+#[test]
+fn no_state_survives_from_one_evaluation_to_the_next() {
+    let set = policy("tests/wat/stateful.wat", "{}");
+    for _ in 0..3 {
+        let decision = decide_one(&set, INPUT, None);
+        assert_eq!(decision.action, Action::Allow, "{decision:?}");
+    }
+}
+
+#[test]
+fn modules_of_another_abi_or_without_exports_are_refused() {
+    let error = ModuleSet::load(
+        &[spec(
+            "v",
+            "tests/wat/wrong_abi.wat",
+            ModuleKind::Policy,
+            "{}",
+        )],
+        None,
+        quiet(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("ABI v2"), "{error}");
+    // A policy module offered as a plugin lacks warden_transform.
+    let error = ModuleSet::load(
+        &[spec(
+            "x",
+            "tests/wat/allow_all.wat",
+            ModuleKind::Plugin,
+            "{}",
+        )],
+        None,
+        quiet(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("warden_transform"), "{error}");
+}
+
+#[test]
+fn warden_init_receives_the_config() {
+    let decision = decide_one(
+        &policy("tests/wat/echo_config.wat", r#"{"max":1}"#),
+        INPUT,
+        None,
+    );
+    assert_eq!(decision.reason, "ok");
+    let decision = decide_one(&policy("tests/wat/echo_config.wat", "{}"), INPUT, None);
+    assert_eq!(decision.reason, "none");
+}
+
+#[test]
+fn the_most_restrictive_action_wins_and_plain_allows_are_not_recorded() {
+    let set = set(&[
+        spec("allow", "tests/wat/allow_all.wat", ModuleKind::Policy, "{}"),
+        spec(
+            "gate",
+            "policies/cost_gate.wasm",
+            ModuleKind::Policy,
+            r#"{"max_call_usd":1}"#,
+        ),
+        spec("deny", "tests/wat/deny_all.wat", ModuleKind::Policy, "{}"),
+    ]);
+    let verdict = set.evaluate(INPUT.as_bytes(), None);
+    let (action, decisive) = verdict.outcome();
+    assert_eq!(action, Action::Deny);
+    assert_eq!(decisive.unwrap().policy, "deny");
+    assert_eq!(
+        verdict.to_record().count(),
+        3,
+        "a refused call records every decision"
+    );
+
+    let set = ModuleSet::load(
+        &[
+            spec("allow", "tests/wat/allow_all.wat", ModuleKind::Policy, "{}"),
+            spec(
+                "gate",
+                "policies/cost_gate.wasm",
+                ModuleKind::Policy,
+                r#"{"max_call_usd":1}"#,
+            ),
+        ],
+        None,
+        quiet(),
+    )
+    .unwrap();
+    let verdict = set.evaluate(INPUT.as_bytes(), None);
+    let recorded: Vec<_> = verdict.to_record().map(|d| d.policy.as_str()).collect();
+    assert_eq!(
+        recorded,
+        ["allow"],
+        "cost_gate's plain allow is not recorded"
+    );
+}
+
+#[test]
+fn cost_gate_asks_for_approval_then_denies() {
+    let set = policy(
+        "policies/cost_gate.wasm",
+        r#"{"max_call_usd":0.01,"hard_max_usd":0.05}"#,
+    );
+    let decide = |cost: &str| decide_one(&set, &INPUT.replace("0.012", cost), None);
+    assert_eq!(decide("0.005").action, Action::Allow);
+    let approval = decide("0.012");
+    assert_eq!(
+        (approval.action, approval.rule.as_str()),
+        (Action::RequireApproval, "max_call_usd")
+    );
+    assert!(approval.reason.contains("$0.012"), "{}", approval.reason);
+    let denied = decide("0.06");
+    assert_eq!(
+        (denied.action, denied.rule.as_str()),
+        (Action::Deny, "hard_max_usd")
+    );
+    // An unpriced model is left to the budgets.
+    assert_eq!(decide("null").action, Action::Allow);
+}
+
+#[test]
+fn model_allowlist_reads_roles_and_globs() {
+    let config = r#"{"researcher":["gpt-4o*","claude-*"],"*":["gpt-4o-mini"]}"#;
+    let set = policy("policies/model_allowlist.wasm", config);
+    let decide = |role: &str, model: &str| {
+        decide_one(
+            &set,
+            &INPUT.replace("researcher", role).replace("gpt-4o", model),
+            None,
+        )
+    };
+    assert_eq!(
+        decide("researcher", "gpt-4o-2024-08-06").action,
+        Action::Allow
+    );
+    assert_eq!(
+        decide("researcher", "claude-sonnet-4-5").action,
+        Action::Allow
+    );
+    let denied = decide("researcher", "o3");
+    assert_eq!(
+        (denied.action, denied.rule.as_str()),
+        (Action::Deny, "model_not_allowed")
+    );
+    assert!(denied.reason.contains("`o3`"), "{}", denied.reason);
+    assert_eq!(decide("intern", "gpt-4o-mini").action, Action::Allow);
+    assert_eq!(decide("intern", "gpt-4o").action, Action::Deny);
+    let strict = policy(
+        "policies/model_allowlist.wasm",
+        r#"{"researcher":["gpt-*"]}"#,
+    );
+    let denied = decide_one(&strict, &INPUT.replace("researcher", "intern"), None);
+    assert_eq!(denied.rule, "role_not_listed");
+}
+
+#[test]
+fn runaway_guard_halts_an_agent_above_its_rate() {
+    let set = policy(
+        "policies/runaway_guard.wasm",
+        r#"{"max_calls_per_minute":3}"#,
+    );
+    assert_eq!(decide_one(&set, INPUT, None).action, Action::Allow);
+    let decision = decide_one(
+        &set,
+        &INPUT.replace("\"calls_last_minute\":3", "\"calls_last_minute\":4"),
+        None,
+    );
+    assert_eq!(
+        (decision.action, decision.rule.as_str()),
+        (Action::HaltAgent, "max_calls_per_minute")
+    );
+    assert!(
+        decision.reason.contains("`alpha` made 4 calls"),
+        "{}",
+        decision.reason
+    );
+}
+
+#[test]
+fn secret_guard_finds_keys_and_credentials_in_messages_only() {
+    let set = policy("policies/secret_guard.wasm", "{}");
+    let with = |text: &str| {
+        let members = format!(
+            r#","messages":[{{"role":"user","content":{}}}]"#,
+            serde_json::to_string(text).unwrap()
+        );
+        decide_one(&set, INPUT, Some(&members))
+    };
+    assert_eq!(with("summarise this report please").action, Action::Allow);
+    for (text, rule) in [
+        (
+            "key: -----BEGIN RSA PRIVATE KEY-----\nMIIE...",
+            "private_key",
+        ),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----", "private_key"),
+        ("use AKIAIOSFODNN7EXAMPLE to log in", "aws_access_key"),
+        (
+            "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG",
+            "aws_secret_key",
+        ),
+        (
+            "key=AIzaSyA1234567890abcdefghijklmnopqrstuv",
+            "google_api_key",
+        ),
+        (
+            "DefaultEndpointsProtocol=https;AccountName=x;AccountKey=abc==",
+            "azure_key",
+        ),
+        (
+            "token ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+            "github_token",
+        ),
+    ] {
+        let decision = with(text);
+        assert_eq!(
+            (decision.action, decision.rule.as_str()),
+            (Action::Deny, rule),
+            "{text}"
+        );
+    }
+    // AKIA followed by too few characters is not a key id.
+    assert_eq!(with("AKIA123").action, Action::Allow);
+}
+
+#[test]
+fn redact_pii_masks_addresses_and_numbers_in_text_only() {
+    let set = set(&[spec(
+        "r",
+        "plugins/redact_pii.wasm",
+        ModuleKind::Plugin,
+        "{}",
+    )]);
+    // Written out by hand: the second message has \u escapes next to an
+    // address, which a match must not cut into.
+    let body = r#"{"model":"gpt-4o-2024-08-06","user":"ops@example.com","messages":[
+        {"role":"user","content":"Mail jane.doe+q@corp.example.co.uk or call +1 415 555 0100, (415) 555-0199 or 020 7946 0958.\nOrder 1741569952 stays."},
+        {"role":"user","content":[{"type":"text","text":"\u00e9\u00e9bob@x.io\n"}]}],
+        "max_tokens":1234567890}"#;
+    let out = set.transform(body.as_bytes()).unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&out.body.unwrap()).unwrap();
+    assert_eq!(out["model"], "gpt-4o-2024-08-06");
+    assert_eq!(
+        out["user"], "ops@example.com",
+        "only message text is redacted"
+    );
+    assert_eq!(out["max_tokens"], 1234567890);
+    assert_eq!(
+        out["messages"][0]["content"],
+        "Mail [email] or call [phone], [phone] or [phone].\nOrder 1741569952 stays."
+    );
+    assert_eq!(out["messages"][1]["content"][0]["text"], "éé[email]\n");
+    // Nothing to redact: the body is left as it was.
+    let clean = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}]}"#;
+    assert!(set.transform(clean).unwrap().body.is_none());
+}
+
+#[test]
+fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.wasm");
+    std::fs::copy(repo("tests/wat/allow_all.wat"), &path).unwrap();
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let observer: LoadObserver = Arc::new(move |event| {
+        let line = match event {
+            LoadEvent::Loaded { name, .. } => format!("loaded {name}"),
+            LoadEvent::Refused { name, error, .. } => format!("refused {name}: {error}"),
+        };
+        seen.lock().unwrap().push(line);
+    });
+    let mut p = spec("p", "unused", ModuleKind::Policy, "{}");
+    p.path = path.clone();
+    let set = ModuleSet::load(&[p], None, observer).unwrap();
+    let first = set.list()[0].sha256.clone();
+    assert_eq!(decide_one(&set, INPUT, None).action, Action::Allow);
+
+    // Same length and maybe the same mtime second: write a different size.
+    std::fs::write(
+        &path,
+        std::fs::read(repo("tests/wat/deny_all.wat")).unwrap(),
+    )
+    .unwrap();
+    set.reload_changed();
+    assert_eq!(decide_one(&set, INPUT, None).action, Action::Deny);
+    assert_ne!(set.list()[0].sha256, first);
+
+    std::fs::write(&path, b"(module (import \"env\" \"f\" (func)))").unwrap();
+    set.reload_changed();
+    assert_eq!(
+        decide_one(&set, INPUT, None).action,
+        Action::Deny,
+        "the previous version serves"
+    );
+    set.reload_changed();
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events[1].contains("`env.f`"), "{events:?}");
+
+    let sha = set
+        .deploy(
+            "p",
+            &std::fs::read(repo("tests/wat/allow_all.wat")).unwrap(),
+            "olga",
+        )
+        .unwrap();
+    assert_eq!(sha, first);
+    assert_eq!(decide_one(&set, INPUT, None).action, Action::Allow);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(repo("tests/wat/allow_all.wat")).unwrap()
+    );
+    assert!(matches!(
+        set.deploy("nope", b"", "olga"),
+        Err(PolicyError::Unknown(_))
+    ));
+}

@@ -1,0 +1,23 @@
+;; Says whether warden_init handed it a config: reason "ok" if it got one
+;; longer than `{}`, "none" otherwise.
+(module
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 4096))
+  (global $cfg_len (mut i32) (i32.const 0))
+  (data (i32.const 100) "{\"action\":\"allow\",\"rule\":\"config\",\"reason\":")
+  (data (i32.const 200) "\"ok\"}")
+  (data (i32.const 300) "\"none\"}")
+  (func (export "warden_alloc") (param $len i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $len)))
+    (local.get $p))
+  (func (export "warden_init") (param $p i32) (param $len i32)
+    (global.set $cfg_len (local.get $len)))
+  (func (export "warden_evaluate") (param i32 i32) (result i64)
+    (memory.copy (i32.const 50000) (i32.const 100) (i32.const 43))
+    (if (i32.gt_u (global.get $cfg_len) (i32.const 2))
+      (then (memory.copy (i32.const 50043) (i32.const 200) (i32.const 5))
+            (return (i64.or (i64.shl (i64.const 50000) (i64.const 32)) (i64.const 48)))))
+    (memory.copy (i32.const 50043) (i32.const 300) (i32.const 7))
+    (i64.or (i64.shl (i64.const 50000) (i64.const 32)) (i64.const 50))))

@@ -1,0 +1,6 @@
+;; Declares an ABI this Warden does not speak.
+(module
+  (memory (export "memory") 1)
+  (func (export "warden_abi_version") (result i32) (i32.const 2))
+  (func (export "warden_alloc") (param i32) (result i32) (i32.const 4096))
+  (func (export "warden_evaluate") (param i32 i32) (result i64) (i64.const 0)))
