@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-.}"
 CLANG="${CLANG:-clang}"
 FLAGS=(--target=wasm32 -O2 -nostdlib -mbulk-memory -Wall -Werror
-       -Wl,--no-entry -Wl,--strip-all -Wl,-z,stack-size=65536)
+       -Wl,--no-entry -Wl,--strip-all -Wl,-z,stack-size=8192)
 for src in policies/*.c plugins/*.c; do
     out="$OUT/${src%.c}.wasm"
     mkdir -p "$(dirname "$out")"

