@@ -3,8 +3,9 @@
 # against (1) a static nginx upstream that returns a real chat completion,
 # (2) nginx proxy_pass in front of it, (3) Warden in front of it (metering
 # and recording on), then alone: (4) Warden with rate limits and budgets,
-# (5) Warden with the cost_gate and model_allowlist policies. Prints req/s, p50 and p99 for each, the Warden/nginx
-# ratios, whether every Warden call reached the store, and Warden's peak RSS.
+# (5) Warden with the cost_gate and model_allowlist policies. Prints req/s,
+# p50 and p99 for each, the Warden/nginx ratios, whether every Warden call
+# reached the store, and Warden's peak RSS.
 #
 #     benches/load.sh                # 32 connections, 15 s per target
 #     CONNECTIONS=64 DURATION=30 benches/load.sh
