@@ -123,12 +123,15 @@ impl WasmRuntime {
             .cache_dir
             .as_ref()
             .map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.compat)));
-        if let Some(path) = cached.as_deref().filter(|p| p.exists()) {
+        // Read into memory rather than mapped: a cache file truncated under a
+        // mapping (another process, an operator cleaning up) would kill
+        // Warden with SIGBUS.
+        if let Some(precompiled) = cached.as_deref().and_then(|p| std::fs::read(p).ok()) {
             // SAFETY: the file was written by `Module::serialize` of an engine
             // with this compatibility hash, into Warden's own cache directory;
             // a corrupt or foreign file is rejected by wasmtime's header checks
             // and then compiled afresh below.
-            if let Ok(module) = unsafe { Module::deserialize_file(&self.engine, path) } {
+            if let Ok(module) = unsafe { Module::deserialize(&self.engine, &precompiled) } {
                 return Ok(Compiled { module, sha256 });
             }
         }

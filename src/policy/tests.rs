@@ -456,3 +456,32 @@ fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_version() {
         Err(PolicyError::Unknown(_))
     ));
 }
+
+#[test]
+fn compiled_modules_are_cached_by_hash_across_restarts() {
+    let cache = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(repo("policies/cost_gate.wasm")).unwrap();
+    let first = WasmRuntime::new(Some(cache.path().to_owned())).unwrap();
+    let sha = first.compile(&bytes).unwrap().sha256;
+    let cached: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(
+        cached[0].starts_with(&sha) && cached[0].ends_with(".cwasm"),
+        "{cached:?}"
+    );
+    drop(first);
+
+    // A new engine (a restart) loads the precompiled file; a corrupt one is
+    // compiled afresh rather than trusted.
+    let second = WasmRuntime::new(Some(cache.path().to_owned())).unwrap();
+    let module = second.compile(&bytes).unwrap();
+    assert_eq!(module.sha256, sha);
+    assert!(module.module.get_export("warden_evaluate").is_some());
+    let path = cache.path().join(&cached[0]);
+    std::fs::write(&path, b"garbage").unwrap();
+    let third = WasmRuntime::new(Some(cache.path().to_owned())).unwrap();
+    assert!(third.compile(&bytes).is_ok());
+}
