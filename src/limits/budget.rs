@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::Padded;
 use super::period::{Period, format_utc};
 use super::scope::{BudgetScope, CallSubject};
 use crate::alerts::{Alert, AlertSink, Severity};
 use crate::money::Usd;
+use crossbeam_utils::CachePadded;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -162,9 +162,9 @@ pub struct Budget {
     pub scope: BudgetScope,
     pub period: Period,
     alerts: AlertSink,
-    hot: Padded<Hot>,
-    state: Padded<Mutex<BudgetState>>,
-    shards: Box<[Padded<Mutex<Shard>>]>,
+    hot: CachePadded<Hot>,
+    state: CachePadded<Mutex<BudgetState>>,
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
 }
 
 impl std::fmt::Debug for Budget {
@@ -235,15 +235,15 @@ impl Budget {
             alerts,
             scope: spec.scope.clone(),
             period: spec.period,
-            hot: Padded(Hot::default()),
-            state: Padded(Mutex::new(BudgetState {
+            hot: CachePadded::new(Hot::default()),
+            state: CachePadded::new(Mutex::new(BudgetState {
                 limit: spec.limit,
                 on_exceed: spec.on_exceed,
                 main,
                 runs: HashMap::new(),
             })),
             shards: (0..shard_count())
-                .map(|_| Padded(Mutex::new(Shard::for_period(&main))))
+                .map(|_| CachePadded::new(Mutex::new(Shard::for_period(&main))))
                 .collect(),
         };
         budget.publish(&lock(&budget.state));

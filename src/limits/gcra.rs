@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
+
 /// The state is the theoretical arrival time (TAT) in nanoseconds since
 /// `origin`: a charge of `n` moves it `n × emission` forward; a charge is
 /// admitted while the TAT stays within `tolerance` (one minute's worth) of now.
@@ -16,7 +18,7 @@ pub struct TokenMeter {
     tolerance_ns: u64,
     origin: Instant,
     /// Written by every charge; kept off the line of the read-only fields.
-    tat_ns: super::Padded<AtomicU64>,
+    tat_ns: CachePadded<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +39,7 @@ impl TokenMeter {
             tolerance_ns: emission_ns * per_minute,
             origin: Instant::now(),
             // Start full: the first minute's worth is available at once.
-            tat_ns: super::Padded(AtomicU64::new(0)),
+            tat_ns: CachePadded::new(AtomicU64::new(0)),
         }
     }
 

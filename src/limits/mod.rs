@@ -28,19 +28,6 @@ pub const DEFAULT_OUTPUT_UPPER_BOUND: u64 = 4_096;
 /// Anthropic bill for the largest image they accept at full detail.
 pub const IMAGE_TOKENS_UPPER_BOUND: u64 = 1_600;
 
-/// A value on cache lines of its own, so that writes to it do not slow
-/// down readers of its neighbours (and the other way round).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub struct Padded<T>(pub T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
 #[derive(Debug)]
 pub enum AdmitError {
     Rate(Box<RateRefusal>),
@@ -60,10 +47,6 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn holds_budget(&self) -> bool {
-        !self.budget.is_empty()
-    }
-
     /// Replaces the admission charges with what the call used and cost.
     /// Returns the smallest remaining amount of the call's budgets.
     pub fn settle(self, usage: &Usage, cost: Option<Usd>) -> Option<Usd> {

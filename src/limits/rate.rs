@@ -16,12 +16,12 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use super::Padded;
 use super::gcra::{Refused, TokenMeter};
 use super::scope::LimitScope;
 use crate::proxy::upstream::glob_match;
@@ -73,7 +73,7 @@ impl LimitValues {
 pub struct ScopeLimit {
     pub scope: LimitScope,
     pub values: LimitValues,
-    requests: Option<Padded<RequestLimiter>>,
+    requests: Option<CachePadded<RequestLimiter>>,
     tokens: Option<TokenMeter>,
 }
 
@@ -90,7 +90,7 @@ impl ScopeLimit {
             requests: values
                 .requests_per_minute
                 .and_then(NonZeroU32::new)
-                .map(|n| Padded(RequestLimiter::per_minute(n))),
+                .map(|n| CachePadded::new(RequestLimiter::per_minute(n))),
             tokens: values
                 .tokens_per_minute
                 .filter(|&n| n > 0)

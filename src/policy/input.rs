@@ -76,7 +76,13 @@ impl TimeInput {
 
 /// An exact amount as a JSON number.
 pub fn usd_number(amount: crate::money::Usd) -> Box<RawValue> {
-    RawValue::from_string(amount.to_string())
+    decimal_number(amount.to_string())
+}
+
+/// Decimal text (as `Usd` displays it) as a JSON number, without parsing it
+/// again.
+pub fn decimal_number(text: String) -> Box<RawValue> {
+    RawValue::from_string(text)
         .unwrap_or_else(|_| RawValue::from_string("0".into()).expect("0 is JSON"))
 }
 

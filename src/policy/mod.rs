@@ -109,7 +109,10 @@ impl FileStamp {
 /// A module in service.
 pub struct LoadedModule {
     pub spec: ModuleSpec,
-    pub sha256: String,
+    /// `spec.name` and the module's hash, shared by every decision it makes
+    /// rather than copied into each.
+    pub name: Arc<str>,
+    pub sha256: Arc<str>,
     pub loaded_at_us: i64,
     sandbox: Sandbox,
     /// The file's stamp when last looked at by the reloader.
@@ -137,8 +140,8 @@ impl LoadedModule {
 /// One policy's (or failed plugin's) decision on one call.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
-    pub policy: String,
-    pub policy_hash: String,
+    pub policy: Arc<str>,
+    pub policy_hash: Arc<str>,
     pub action: Action,
     pub rule: String,
     pub reason: String,
@@ -180,7 +183,7 @@ impl Verdict {
         Verdict {
             decisions: vec![Decision {
                 policy: "warden".into(),
-                policy_hash: String::new(),
+                policy_hash: "".into(),
                 action: Action::Deny,
                 rule: POLICY_ERROR_RULE.into(),
                 reason: format!("the policies could not be evaluated: {error}"),
@@ -219,7 +222,7 @@ fn decide(module: &LoadedModule, output: Result<Vec<u8>, RunError>, took: Durati
     });
     match parsed {
         Ok(raw) => Decision {
-            policy: module.spec.name.clone(),
+            policy: module.name.clone(),
             policy_hash: module.sha256.clone(),
             action: raw.action,
             rule: raw.rule,
@@ -239,7 +242,7 @@ fn failure_decision(module: &LoadedModule, error: String, eval_us: u64) -> Decis
         FailMode::Open => (Action::Allow, "the call goes on (fail = \"open\")"),
     };
     Decision {
-        policy: module.spec.name.clone(),
+        policy: module.name.clone(),
         policy_hash: module.sha256.clone(),
         action,
         rule: POLICY_ERROR_RULE.into(),
@@ -356,10 +359,6 @@ impl ModuleSet {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.policies.load().is_empty() && self.plugins.load().is_empty()
-    }
-
     pub fn has_policies(&self) -> bool {
         !self.policies.load().is_empty()
     }
@@ -459,7 +458,7 @@ impl ModuleSet {
                     name: m.spec.name.clone(),
                     kind: m.spec.kind.as_str().into(),
                     module: m.spec.path.display().to_string(),
-                    sha256: m.sha256.clone(),
+                    sha256: m.sha256.to_string(),
                     loaded_at: crate::limits::period::format_utc(m.loaded_at_us),
                     fail: m.spec.fail,
                     timeout_ms: m.spec.timeout_ms,
@@ -571,7 +570,7 @@ impl ModuleSet {
         };
         write_atomically(&current.spec.path, bytes)?;
         module.stamp = std::sync::Mutex::new(FileStamp::of(&current.spec.path));
-        let sha256 = module.sha256.clone();
+        let sha256 = module.sha256.to_string();
         (self.observer)(LoadEvent::Loaded {
             name,
             kind: module.spec.kind,
@@ -632,7 +631,8 @@ pub fn prepare(
     )?;
     Ok(LoadedModule {
         spec: spec.clone(),
-        sha256: compiled.sha256,
+        name: spec.name.as_str().into(),
+        sha256: compiled.sha256.into(),
         loaded_at_us: crate::store::record::now_micros(),
         sandbox,
         stamp: std::sync::Mutex::new(None),

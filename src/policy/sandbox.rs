@@ -77,7 +77,6 @@ struct Entry {
 pub struct Sandbox {
     pre: InstancePre<Host>,
     entry: Entry,
-    kind: ModuleKind,
     name: std::sync::Arc<str>,
     timeout: Duration,
     max_memory_mb: u64,
@@ -129,17 +128,12 @@ impl Sandbox {
         let sandbox = Sandbox {
             pre,
             entry,
-            kind,
             name: name.into(),
             timeout,
             max_memory_mb,
         };
         sandbox.check_version()?;
         Ok(sandbox)
-    }
-
-    pub fn kind(&self) -> ModuleKind {
-        self.kind
     }
 
     fn store(&self) -> Store<Host> {
@@ -333,15 +327,11 @@ fn check_func_export(
         }
         return Ok(None);
     };
+    let same = |got: &mut dyn ExactSizeIterator<Item = ValType>, want: &[ValType]| {
+        got.len() == want.len() && got.zip(want).all(|(g, w)| ValType::eq(&g, w))
+    };
     let ok = match &ty {
-        ExternType::Func(f) => {
-            f.params()
-                .map(|p| p.to_string())
-                .eq(params.iter().map(|p| p.to_string()))
-                && f.results()
-                    .map(|r| r.to_string())
-                    .eq(results.iter().map(|r| r.to_string()))
-        }
+        ExternType::Func(f) => same(&mut f.params(), params) && same(&mut f.results(), results),
         _ => false,
     };
     if !ok {

@@ -207,7 +207,7 @@ fn the_most_restrictive_action_wins_and_plain_allows_are_not_recorded() {
     let verdict = set.evaluate(INPUT.as_bytes(), None);
     let (action, decisive) = verdict.outcome();
     assert_eq!(action, Action::Deny);
-    assert_eq!(decisive.unwrap().policy, "deny");
+    assert_eq!(&*decisive.unwrap().policy, "deny");
     assert_eq!(
         verdict.to_record().count(),
         3,
@@ -229,7 +229,7 @@ fn the_most_restrictive_action_wins_and_plain_allows_are_not_recorded() {
     )
     .unwrap();
     let verdict = set.evaluate(INPUT.as_bytes(), None);
-    let recorded: Vec<_> = verdict.to_record().map(|d| d.policy.as_str()).collect();
+    let recorded: Vec<_> = verdict.to_record().map(|d| &*d.policy).collect();
     assert_eq!(
         recorded,
         ["allow"],

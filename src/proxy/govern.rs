@@ -12,7 +12,9 @@ use super::call::{Call, Refusal};
 use super::upstream::Upstream;
 use super::{Agent, ProxyState};
 use crate::limits::{self, CallSubject};
-use crate::policy::input::{BodyShape, BudgetInput, CallInput, RunInput, TimeInput, usd_number};
+use crate::policy::input::{
+    BodyShape, BudgetInput, CallInput, RunInput, TimeInput, decimal_number, usd_number,
+};
 use crate::policy::{Action, Decision, PolicyInput, Verdict};
 use crate::providers::{Endpoint, ErrorKind, RequestFacts};
 use crate::store::record::{DecisionRow, Outcome, now_micros};
@@ -61,9 +63,9 @@ pub async fn apply_policies(
         .map(|s| BudgetInput {
             scope: s.run.map_or(s.scope, |run| format!("run:{run}")),
             period: s.period.as_str(),
-            limit_usd: raw_number(&s.limit_usd),
-            spent_usd: raw_number(&s.spent_usd),
-            reserved_usd: raw_number(&s.reserved_usd),
+            limit_usd: decimal_number(s.limit_usd),
+            spent_usd: decimal_number(s.spent_usd),
+            reserved_usd: decimal_number(s.reserved_usd),
             on_exceed: s.on_exceed.as_str(),
         })
         .collect();
@@ -176,13 +178,6 @@ pub async fn apply_plugins(
     }
 }
 
-fn raw_number(text: &str) -> Box<serde_json::value::RawValue> {
-    match crate::money::Usd::parse(text) {
-        Ok(amount) => usd_number(amount),
-        Err(_) => usd_number(crate::money::Usd::ZERO),
-    }
-}
-
 fn record_decisions<'a>(
     state: &ProxyState,
     call_id: &str,
@@ -194,8 +189,8 @@ fn record_decisions<'a>(
             decision_id: uuid::Uuid::now_v7().to_string(),
             call_id: Some(call_id.to_owned()),
             ts_us,
-            policy: decision.policy.clone(),
-            policy_hash: decision.policy_hash.clone(),
+            policy: decision.policy.to_string(),
+            policy_hash: decision.policy_hash.to_string(),
             rule_id: decision.rule.clone(),
             action: decision.action.as_str(),
             reason: decision.reason.clone(),

@@ -339,30 +339,27 @@ WD_FN double wd_num(wd_slice v, int *ok) {
 
 /* ---- decisions -------------------------------------------------------- */
 
-/* {"action":…,"rule":…,"reason":…} from C strings. */
-WD_FN wd_i64 wd_decide(const char *action, const char *rule, const char *reason) {
+/* {"action":…,"rule":…,"reason":…}, the reason given as bytes. */
+WD_FN wd_i64 wd_decide_n(const char *action, const char *rule, const char *reason, wd_u32 reason_len) {
     wd_buf b = {0, 0, 0};
     wd_buf_puts(&b, "{\"action\":\"");
     wd_buf_puts(&b, action);
     wd_buf_puts(&b, "\",\"rule\":\"");
     wd_buf_escaped(&b, rule, wd_strlen(rule));
     wd_buf_puts(&b, "\",\"reason\":\"");
-    wd_buf_escaped(&b, reason, wd_strlen(reason));
+    wd_buf_escaped(&b, reason, reason_len);
     wd_buf_puts(&b, "\"}");
     return wd_output(&b);
 }
 
+/* The same from C strings. */
+WD_FN wd_i64 wd_decide(const char *action, const char *rule, const char *reason) {
+    return wd_decide_n(action, rule, reason, wd_strlen(reason));
+}
+
 /* The same with a reason built in a buffer. */
 WD_FN wd_i64 wd_decide_buf(const char *action, const char *rule, const wd_buf *reason) {
-    wd_buf b = {0, 0, 0};
-    wd_buf_puts(&b, "{\"action\":\"");
-    wd_buf_puts(&b, action);
-    wd_buf_puts(&b, "\",\"rule\":\"");
-    wd_buf_escaped(&b, rule, wd_strlen(rule));
-    wd_buf_puts(&b, "\",\"reason\":\"");
-    wd_buf_escaped(&b, reason->ptr, reason->len);
-    wd_buf_puts(&b, "\"}");
-    return wd_output(&b);
+    return wd_decide_n(action, rule, reason->ptr, reason->len);
 }
 
 /* The default: allow, nothing to record. */
