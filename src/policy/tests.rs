@@ -27,6 +27,14 @@ fn quiet() -> LoadObserver {
     Arc::new(|_| {})
 }
 
+/// Why a module was refused at load.
+fn load_error(spec: ModuleSpec) -> String {
+    match ModuleSet::load(&[spec], None, quiet()) {
+        Ok(_) => panic!("the module loaded"),
+        Err(error) => error.to_string(),
+    }
+}
+
 fn set(specs: &[ModuleSpec]) -> ModuleSet {
     ModuleSet::load(specs, None, quiet()).unwrap()
 }
@@ -92,19 +100,12 @@ fn a_memory_bomb_hits_its_cap() {
 
 #[test]
 fn a_wasi_import_is_refused_at_load_by_name() {
-    let error = ModuleSet::load(
-        &[spec(
-            "w",
-            "tests/wat/wasi_import.wat",
-            ModuleKind::Policy,
-            "{}",
-        )],
-        None,
-        quiet(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let error = load_error(spec(
+        "w",
+        "tests/wat/wasi_import.wat",
+        ModuleKind::Policy,
+        "{}",
+    ));
     assert!(error.contains("wasi_snapshot_preview1.fd_write"), "{error}");
     assert!(error.contains("WASI is not available"), "{error}");
 }
@@ -149,34 +150,20 @@ fn no_state_survives_from_one_evaluation_to_the_next() {
 
 #[test]
 fn modules_of_another_abi_or_without_exports_are_refused() {
-    let error = ModuleSet::load(
-        &[spec(
-            "v",
-            "tests/wat/wrong_abi.wat",
-            ModuleKind::Policy,
-            "{}",
-        )],
-        None,
-        quiet(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let error = load_error(spec(
+        "v",
+        "tests/wat/wrong_abi.wat",
+        ModuleKind::Policy,
+        "{}",
+    ));
     assert!(error.contains("ABI v2"), "{error}");
     // A policy module offered as a plugin lacks warden_transform.
-    let error = ModuleSet::load(
-        &[spec(
-            "x",
-            "tests/wat/allow_all.wat",
-            ModuleKind::Plugin,
-            "{}",
-        )],
-        None,
-        quiet(),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let error = load_error(spec(
+        "x",
+        "tests/wat/allow_all.wat",
+        ModuleKind::Plugin,
+        "{}",
+    ));
     assert!(error.contains("warden_transform"), "{error}");
 }
 

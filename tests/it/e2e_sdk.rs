@@ -45,35 +45,53 @@ pub fn python_with_sdks() -> PathBuf {
     python
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn official_sdks_work_unchanged_and_every_call_is_recorded() {
-    let python = tokio::task::spawn_blocking(python_with_sdks).await.unwrap();
+/// A Warden in front of the built-in simulated provider, on the demo's
+/// config as `customize` leaves it. Keep the provider alive with the Warden.
+pub async fn sim_gateway(
+    dir: &std::path::Path,
+    customize: impl FnOnce(&mut warden::config::Config),
+) -> (SimProvider, Gateway) {
     let sim = SimProvider::start(SimOptions {
         chunk_delay: std::time::Duration::ZERO,
     })
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = warden::demo::demo_config(&sim, &dir.path().join("w.duckdb"));
+    let mut config = warden::demo::demo_config(&sim, &dir.join("w.duckdb"));
+    customize(&mut config);
     let gateway = Gateway::start(config).await.unwrap();
-    let url = format!("http://{}", gateway.proxy_addr());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/sdk_check.py");
+    (sim, gateway)
+}
+
+/// Runs `tests/e2e/<script>` with the SDKs' Python and the given
+/// environment; the script prints one JSON object.
+pub async fn run_sdk_script(script: &str, env: Vec<(&'static str, String)>) -> Value {
+    let python = tokio::task::spawn_blocking(python_with_sdks).await.unwrap();
+    let path = format!("{}/tests/e2e/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .env("WARDEN_URL", url)
-            .env("WARDEN_AGENT_KEY", warden::demo::RESEARCHER_KEY)
-            .output()
-            .unwrap()
+        Command::new(python).arg(path).envs(env).output().unwrap()
     })
     .await
     .unwrap();
     assert!(
         output.status.success(),
-        "sdk_check.py failed:\n{}",
+        "{script} failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_sdks_work_unchanged_and_every_call_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, gateway) = sim_gateway(dir.path(), |_| {}).await;
+    let results = run_sdk_script(
+        "sdk_check.py",
+        vec![
+            ("WARDEN_URL", format!("http://{}", gateway.proxy_addr())),
+            ("WARDEN_AGENT_KEY", warden::demo::RESEARCHER_KEY.to_owned()),
+        ],
+    )
+    .await;
 
     assert!(!results["chat"]["text"].as_str().unwrap().is_empty());
     assert!(

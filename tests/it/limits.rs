@@ -1,7 +1,6 @@
 //! Rate limits and budgets over real sockets: concurrency, restarts,
 //! runtime changes, alerts and the official SDKs' view of a 429.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,8 +12,6 @@ use toml::Spanned;
 
 use crate::common::*;
 use warden::config::{Amount, BudgetConfig};
-use warden::demo::sim::{SimOptions, SimProvider};
-use warden::gateway::Gateway;
 use warden::money::Usd;
 
 /// The chat fixture bills 19 input and 10 output tokens: at gpt-4o's list
@@ -575,49 +572,32 @@ async fn crossing_thresholds_alerts_once_and_posts_to_the_webhook_with_retries()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn official_sdks_wait_as_told_by_a_rate_limit_and_do_not_retry_a_spent_budget() {
-    let python = tokio::task::spawn_blocking(crate::e2e_sdk::python_with_sdks)
-        .await
-        .unwrap();
-    let sim = SimProvider::start(SimOptions {
-        chunk_delay: Duration::ZERO,
-    })
-    .await
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = warden::demo::demo_config(&sim, &dir.path().join("w.duckdb"));
-    // The writer may make 30 calls a minute: one every two seconds.
-    let writer = config
-        .agents
-        .iter_mut()
-        .find(|a| a.name.get_ref() == "writer")
-        .unwrap();
-    writer.requests_per_minute = Some(Spanned::new(0..0, 30));
-    config.budgets.push(BudgetConfig {
-        scope: Spanned::new(0..0, "agent:researcher".into()),
-        limit_usd: Spanned::new(0..0, Amount::Text("0.0000001".into())),
-        period: Spanned::new(0..0, "day".into()),
-        on_exceed: None,
-    });
-    let gateway = Gateway::start(config).await.unwrap();
-    let url = format!("http://{}", gateway.proxy_addr());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/sdk_limits.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .env("WARDEN_URL", url)
-            .env("WARDEN_LIMITED_KEY", warden::demo::WRITER_KEY)
-            .env("WARDEN_BROKE_KEY", warden::demo::RESEARCHER_KEY)
-            .output()
-            .unwrap()
+    let (_sim, gateway) = crate::e2e_sdk::sim_gateway(dir.path(), |config| {
+        // The writer may make 30 calls a minute: one every two seconds.
+        let writer = config
+            .agents
+            .iter_mut()
+            .find(|a| a.name.get_ref() == "writer")
+            .unwrap();
+        writer.requests_per_minute = Some(Spanned::new(0..0, 30));
+        config.budgets.push(BudgetConfig {
+            scope: Spanned::new(0..0, "agent:researcher".into()),
+            limit_usd: Spanned::new(0..0, Amount::Text("0.0000001".into())),
+            period: Spanned::new(0..0, "day".into()),
+            on_exceed: None,
+        });
     })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "sdk_limits.py failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    .await;
+    let results = crate::e2e_sdk::run_sdk_script(
+        "sdk_limits.py",
+        vec![
+            ("WARDEN_URL", format!("http://{}", gateway.proxy_addr())),
+            ("WARDEN_LIMITED_KEY", warden::demo::WRITER_KEY.to_owned()),
+            ("WARDEN_BROKE_KEY", warden::demo::RESEARCHER_KEY.to_owned()),
+        ],
+    )
+    .await;
 
     let admitted = results["openai_admitted_before_429"].as_u64().unwrap();
     assert!(

@@ -42,6 +42,12 @@ fn with(extra: String) -> Options {
     }
 }
 
+/// A chat completion by agent `key`, answered through Warden.
+async fn ask(tw: &TestWarden, key: &str, model: &str, max_tokens: u64, text: &str) -> Answer {
+    tw.post("/v1/chat/completions", key, chat(model, max_tokens, text))
+        .await
+}
+
 fn chat(model: &str, max_tokens: u64, text: &str) -> String {
     serde_json::json!({
         "model": model,
@@ -77,19 +83,11 @@ async fn shipped_policies_decide_real_calls_in_each_format() {
     let tw = TestWarden::start_with(with(shipped()), answer_in_format).await;
 
     // alpha is a researcher: gpt-4o is allowed and cheap enough.
-    let ok = tw
-        .post("/v1/chat/completions", AGENT_KEY, chat("gpt-4o", 100, "hi"))
-        .await;
+    let ok = ask(&tw, AGENT_KEY, "gpt-4o", 100, "hi").await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
 
     // beta has the default role: gpt-4o-mini only.
-    let denied = tw
-        .post(
-            "/v1/chat/completions",
-            OTHER_AGENT_KEY,
-            chat("gpt-4o", 100, "hi"),
-        )
-        .await;
+    let denied = ask(&tw, OTHER_AGENT_KEY, "gpt-4o", 100, "hi").await;
     assert_eq!(denied.status, StatusCode::FORBIDDEN);
     let error = &denied.json()["error"];
     assert_eq!(error["code"], "policy_denied");
@@ -119,32 +117,21 @@ async fn shipped_policies_decide_real_calls_in_each_format() {
 
     // 40 000 output tokens of gpt-4o may cost $0.40: above the approval
     // threshold, under the hard limit.
-    let approval = tw
-        .post(
-            "/v1/chat/completions",
-            AGENT_KEY,
-            chat("gpt-4o", 40_000, "hi"),
-        )
-        .await;
+    let approval = ask(&tw, AGENT_KEY, "gpt-4o", 40_000, "hi").await;
     assert_eq!(approval.status, StatusCode::FORBIDDEN);
     assert_eq!(approval.json()["error"]["code"], "approval_required");
-    let hard = tw
-        .post(
-            "/v1/chat/completions",
-            AGENT_KEY,
-            chat("gpt-4o", 100_000, "hi"),
-        )
-        .await;
+    let hard = ask(&tw, AGENT_KEY, "gpt-4o", 100_000, "hi").await;
     assert_eq!(hard.json()["error"]["code"], "policy_denied");
     assert!(hard.text().contains("hard_max_usd"), "{}", hard.text());
 
-    let secret = tw
-        .post(
-            "/v1/chat/completions",
-            AGENT_KEY,
-            chat("gpt-4o", 100, "deploy with AKIAIOSFODNN7EXAMPLE please"),
-        )
-        .await;
+    let secret = ask(
+        &tw,
+        AGENT_KEY,
+        "gpt-4o",
+        100,
+        "deploy with AKIAIOSFODNN7EXAMPLE please",
+    )
+    .await;
     assert_eq!(secret.status, StatusCode::FORBIDDEN);
     assert!(
         secret.text().contains("aws_access_key"),
@@ -230,33 +217,15 @@ async fn runaway_guard_halts_an_agent_that_loops() {
     );
     let tw = TestWarden::start_with(with(extra), |_| chat_fixture()).await;
     for _ in 0..3 {
-        let ok = tw
-            .post(
-                "/v1/chat/completions",
-                AGENT_KEY,
-                chat("gpt-4o", 10, "again"),
-            )
-            .await;
+        let ok = ask(&tw, AGENT_KEY, "gpt-4o", 10, "again").await;
         assert_eq!(ok.status, StatusCode::OK);
     }
-    let halted = tw
-        .post(
-            "/v1/chat/completions",
-            AGENT_KEY,
-            chat("gpt-4o", 10, "again"),
-        )
-        .await;
+    let halted = ask(&tw, AGENT_KEY, "gpt-4o", 10, "again").await;
     assert_eq!(halted.status, StatusCode::FORBIDDEN);
     assert_eq!(halted.json()["error"]["code"], "agent_halted");
     assert!(halted.text().contains("made 4 calls"), "{}", halted.text());
     // Another agent is not affected.
-    let other = tw
-        .post(
-            "/v1/chat/completions",
-            OTHER_AGENT_KEY,
-            chat("gpt-4o", 10, "hi"),
-        )
-        .await;
+    let other = ask(&tw, OTHER_AGENT_KEY, "gpt-4o", 10, "hi").await;
     assert_eq!(other.status, StatusCode::OK);
     assert_eq!(
         tw.scalar("SELECT count(*) FROM calls WHERE outcome = 'halted'")
@@ -314,10 +283,7 @@ async fn misbehaving_modules_are_decisions_not_crashes() {
     let calls: Vec<_> = (0..8)
         .map(|_| {
             let tw = tw.clone();
-            tokio::spawn(async move {
-                tw.post("/v1/chat/completions", AGENT_KEY, chat("gpt-4o", 10, "hi"))
-                    .await
-            })
+            tokio::spawn(async move { ask(&tw, AGENT_KEY, "gpt-4o", 10, "hi").await })
         })
         .collect();
     for call in calls {
@@ -383,9 +349,7 @@ async fn misbehaving_modules_are_decisions_not_crashes() {
         repo("tests/wat/trap.wat").display()
     );
     let closed = TestWarden::start_with(with(extra), |_| chat_fixture()).await;
-    let refused = closed
-        .post("/v1/chat/completions", AGENT_KEY, chat("gpt-4o", 10, "hi"))
-        .await;
+    let refused = ask(&closed, AGENT_KEY, "gpt-4o", 10, "hi").await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     assert_eq!(refused.json()["error"]["code"], "policy_error");
     assert!(closed.upstream.requests().is_empty());
@@ -437,9 +401,7 @@ async fn hot_reload_and_deploy_under_load_fail_no_request() {
                 (tw.clone(), stop.clone(), allowed.clone(), denied.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let answer = tw
-                        .post("/v1/chat/completions", AGENT_KEY, chat("gpt-4o", 10, "hi"))
-                        .await;
+                    let answer = ask(&tw, AGENT_KEY, "gpt-4o", 10, "hi").await;
                     match answer.status {
                         StatusCode::OK => allowed.fetch_add(1, Ordering::Relaxed),
                         StatusCode::FORBIDDEN
@@ -631,17 +593,6 @@ fn shipped_modules_match_their_sources() {
 #[tokio::test(flavor = "multi_thread")]
 async fn official_sdks_read_policy_refusals_and_redacted_calls_still_stream() {
     use toml::Spanned;
-    use warden::demo::sim::{SimOptions, SimProvider};
-    let python = tokio::task::spawn_blocking(crate::e2e_sdk::python_with_sdks)
-        .await
-        .unwrap();
-    let sim = SimProvider::start(SimOptions {
-        chunk_delay: Duration::ZERO,
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = warden::demo::demo_config(&sim, &dir.path().join("w.duckdb"));
     let module =
         |name: &str, path: &str, config: Option<toml::Table>| warden::config::ModuleConfig {
             name: Spanned::new(0..0, name.into()),
@@ -652,33 +603,26 @@ async fn official_sdks_read_policy_refusals_and_redacted_calls_still_stream() {
             include_messages: false,
             config,
         };
-    config.policies.push(module(
-        "cost_gate",
-        "policies/cost_gate.wasm",
-        Some(toml::from_str("hard_max_usd = 0.01").unwrap()),
-    ));
-    config
-        .plugins
-        .push(module("redact_pii", "plugins/redact_pii.wasm", None));
-    let gateway = warden::gateway::Gateway::start(config).await.unwrap();
-    let url = format!("http://{}", gateway.proxy_addr());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/sdk_policies.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .env("WARDEN_URL", url)
-            .env("WARDEN_KEY", warden::demo::RESEARCHER_KEY)
-            .output()
-            .unwrap()
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, gateway) = crate::e2e_sdk::sim_gateway(dir.path(), |config| {
+        config.policies.push(module(
+            "cost_gate",
+            "policies/cost_gate.wasm",
+            Some(toml::from_str("hard_max_usd = 0.01").unwrap()),
+        ));
+        config
+            .plugins
+            .push(module("redact_pii", "plugins/redact_pii.wasm", None));
     })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "sdk_policies.py failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    .await;
+    let results = crate::e2e_sdk::run_sdk_script(
+        "sdk_policies.py",
+        vec![
+            ("WARDEN_URL", format!("http://{}", gateway.proxy_addr())),
+            ("WARDEN_KEY", warden::demo::RESEARCHER_KEY.to_owned()),
+        ],
+    )
+    .await;
     assert_eq!(results["openai_allowed"], true, "{results}");
     assert!(
         results["openai_stream_chunks"].as_u64().unwrap() > 2,
