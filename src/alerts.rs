@@ -61,6 +61,7 @@ enum Sink {
     Live {
         recorder: Recorder,
         webhook: Option<mpsc::Sender<AlertRow>>,
+        events: crate::events::EventBus,
     },
     /// Logged only: tools and benchmarks that run budgets without a store.
     Log,
@@ -76,6 +77,7 @@ impl AlertSink {
     pub fn new(
         recorder: Recorder,
         webhook: Option<http::Uri>,
+        events: crate::events::EventBus,
     ) -> (AlertSink, Option<WebhookDelivery>) {
         let (sender, delivery) = match webhook {
             Some(url) => {
@@ -93,6 +95,7 @@ impl AlertSink {
             inner: Arc::new(Sink::Live {
                 recorder,
                 webhook: sender,
+                events,
             }),
         };
         (sink, delivery)
@@ -100,8 +103,21 @@ impl AlertSink {
 
     pub fn raise(&self, alert: Alert) {
         match self.inner.as_ref() {
-            Sink::Live { recorder, webhook } => {
+            Sink::Live {
+                recorder,
+                webhook,
+                events,
+            } => {
                 tracing::warn!(rule = %alert.rule, severity = alert.severity.as_str(), subject = %alert.subject, "{}", alert.message);
+                if alert.rule.starts_with("budget_") {
+                    events.publish(|| crate::events::EventParts {
+                        kind: "budget_alert",
+                        actor: "warden".into(),
+                        subject: Some(alert.subject.clone()),
+                        message: alert.message.clone(),
+                        data: json!({"rule": alert.rule, "severity": alert.severity.as_str()}),
+                    });
+                }
                 let row = AlertRow {
                     alert_id: uuid::Uuid::now_v7().to_string(),
                     ts_us: now_micros(),

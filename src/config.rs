@@ -57,6 +57,8 @@ pub struct Config {
     #[serde(default)]
     pub alerts: AlertsConfig,
     #[serde(default)]
+    pub approvals: ApprovalsConfig,
+    #[serde(default)]
     pub policies: Vec<ModuleConfig>,
     #[serde(default)]
     pub plugins: Vec<ModuleConfig>,
@@ -83,6 +85,9 @@ pub struct ServerConfig {
     pub record_queue: usize,
     /// Proxy worker threads; 0 means one per CPU core.
     pub proxy_workers: usize,
+    /// Changes one operator may make through the admin API per minute
+    /// (approve, reject, halt, resume, budget, limit, deploy).
+    pub admin_changes_per_minute: u32,
 }
 
 impl ServerConfig {
@@ -106,6 +111,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             record_queue: 65_536,
             proxy_workers: 0,
+            admin_changes_per_minute: 120,
         }
     }
 }
@@ -197,6 +203,29 @@ impl Amount {
 pub struct AlertsConfig {
     /// A Slack-compatible incoming webhook that receives every alert.
     pub webhook: Option<Spanned<String>>,
+}
+
+/// `[approvals]`: how calls that need an operator's approval wait.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// `hold`: the agent's request waits for the decision; `ticket`: it is
+    /// refused at once and its identical retry goes through once approved.
+    pub mode: Spanned<String>,
+    /// How long a held call waits before it is answered `approval_timeout`.
+    pub timeout_secs: u64,
+    /// How long a pending or approved ticket stays usable.
+    pub ticket_ttl_secs: u64,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        ApprovalsConfig {
+            mode: Spanned::new(0..0, "hold".to_owned()),
+            timeout_secs: 300,
+            ticket_ttl_secs: 86_400,
+        }
+    }
 }
 
 /// A `[[policies]]` or `[[plugins]]` entry: a wasm module and how it runs.
@@ -408,6 +437,27 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !matches!(self.approvals.mode.get_ref().as_str(), "hold" | "ticket") {
+            return Err((
+                self.approvals.mode.span(),
+                format!(
+                    "approvals.mode `{}` is not `hold` or `ticket`",
+                    self.approvals.mode.get_ref()
+                ),
+            ));
+        }
+        if self.approvals.timeout_secs == 0 || self.approvals.ticket_ttl_secs == 0 {
+            return Err((
+                0..0,
+                "approvals.timeout_secs and approvals.ticket_ttl_secs must be above 0".to_owned(),
+            ));
+        }
+        if self.server.admin_changes_per_minute == 0 {
+            return Err((
+                0..0,
+                "server.admin_changes_per_minute must be above 0".to_owned(),
+            ));
         }
         if let Some(webhook) = &self.alerts.webhook {
             let url = webhook.get_ref();
@@ -729,9 +779,11 @@ capabilities = []
 # tokens_per_minute = 200000
 
 # Operators authenticate to the admin API with `Authorization: Bearer <token>`.
+# An operator with read_only = true may list and query but change nothing.
 [[operators]]
 name = "admin"
 token_sha256 = "{operator_token_sha256}"
+# read_only = false
 
 [prices]
 # A file in LiteLLM's model_prices_and_context_window.json format overrides
@@ -744,7 +796,8 @@ token_sha256 = "{operator_token_sha256}"
 # tokens_per_minute = 2000000
 
 # Budgets: scope global | agent:NAME | model:NAME | workflow:NAME | run,
-# period hour | day | week | month | total (UTC), on_exceed deny | alert | ...
+# period hour | day | week | month | total (UTC),
+# on_exceed deny | alert | require_approval | halt.
 # [[budgets]]
 # scope = "global"
 # limit_usd = "50.00"
@@ -752,6 +805,14 @@ token_sha256 = "{operator_token_sha256}"
 
 # [alerts]
 # webhook = "https://hooks.slack.com/services/..."
+
+# Calls a policy or budget marks require_approval wait for an operator
+# (`warden approvals approve ID`). hold: the agent's request waits up to
+# timeout_secs; ticket: it is refused with the approval id at once and its
+# identical retry goes through once approved.
+# [approvals]
+# mode = "hold"
+# timeout_secs = 300
 
 # Wasm policies decide every call (allow, require_approval, deny, halt_run,
 # halt_agent); plugins rewrite the request before it leaves. See

@@ -14,7 +14,10 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::alerts::AlertSink;
+use crate::approvals::{ApprovalQueue, Mode};
 use crate::config::{Config, ConfigError};
+use crate::events::EventBus;
+use crate::halts::Halts;
 use crate::limits::{Limits, RestoreError};
 use crate::metering::PriceTable;
 use crate::metering::prices::PriceError;
@@ -23,6 +26,7 @@ use crate::policy::{LoadEvent, LoadObserver, ModuleSet};
 use crate::proxy::upstream::UpstreamError;
 use crate::proxy::{ProxyState, pipeline};
 use crate::store::{Recorder, Store, StoreError, StoreReader, WriterHandle};
+use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -59,6 +63,7 @@ pub struct Gateway {
     writer: Option<WriterHandle>,
     reader: StoreReader,
     metrics: Arc<Metrics>,
+    supervisor: Arc<Supervisor>,
 }
 
 impl Gateway {
@@ -86,7 +91,8 @@ impl Gateway {
             .webhook
             .as_ref()
             .and_then(|url| url.get_ref().parse::<http::Uri>().ok());
-        let (alerts, webhook_delivery) = AlertSink::new(recorder.clone(), webhook);
+        let events = EventBus::default();
+        let (alerts, webhook_delivery) = AlertSink::new(recorder.clone(), webhook, events.clone());
         let mut background = Vec::new();
         if let Some(delivery) = webhook_delivery {
             background.push(tokio::spawn(delivery.run()));
@@ -94,6 +100,7 @@ impl Gateway {
         let limits = {
             let config = config.clone();
             let reader = reader.clone();
+            let alerts = alerts.clone();
             tokio::task::spawn_blocking(move || {
                 reader.with_connection(|conn| Limits::restore(&config, conn, alerts))
             })
@@ -101,6 +108,42 @@ impl Gateway {
             .map_err(|e| StoreError::Sql(e.to_string()))??
         };
         let limits = Arc::new(limits);
+        let supervisor = {
+            let ttl = Duration::from_secs(config.approvals.ticket_ttl_secs);
+            let reader = reader.clone();
+            let (halts, approvals) = tokio::task::spawn_blocking(move || {
+                reader.with_connection(|conn| {
+                    let halts = crate::supervisor::restore_halts(conn)
+                        .map_err(|e| StoreError::Sql(e.to_string()))?;
+                    let approvals = crate::approvals::restore(conn, ttl)
+                        .map_err(|e| StoreError::Sql(e.to_string()))?;
+                    Ok::<_, StoreError>((halts, approvals))
+                })
+            })
+            .await
+            .map_err(|e| StoreError::Sql(e.to_string()))??;
+            if !halts.is_empty() {
+                tracing::warn!(
+                    halts = halts.len(),
+                    "halts from before the restart are still in force"
+                );
+            }
+            let queue = ApprovalQueue::new(
+                Mode::parse(config.approvals.mode.get_ref()).unwrap_or(Mode::Hold),
+                Duration::from_secs(config.approvals.timeout_secs),
+                ttl,
+                approvals,
+                recorder.clone(),
+                events.clone(),
+                alerts,
+            );
+            Arc::new(Supervisor::new(
+                Arc::new(Halts::new(halts)),
+                queue,
+                events,
+                recorder.clone(),
+            ))
+        };
         let modules = {
             let specs = config.module_specs();
             let cache = PathBuf::from(format!("{}.wasm-cache", store_path_text));
@@ -120,6 +163,7 @@ impl Gateway {
             prices.clone(),
             limits.clone(),
             modules.clone(),
+            supervisor.clone(),
             recorder.clone(),
             metrics.clone(),
         )?;
@@ -135,6 +179,7 @@ impl Gateway {
             metrics.clone(),
             limits.clone(),
             modules.clone(),
+            supervisor.clone(),
         ));
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -238,7 +283,12 @@ impl Gateway {
             writer: Some(writer),
             reader,
             metrics,
+            supervisor,
         })
+    }
+
+    pub fn supervisor(&self) -> &Arc<Supervisor> {
+        &self.supervisor
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -266,6 +316,9 @@ impl Gateway {
     /// period), commits every record and stops the writer.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        // Held calls are answered now (their approvals stay pending) rather
+        // than kept waiting through the grace period.
+        self.supervisor.approvals.release_all();
         for task in self.listeners.drain(..) {
             let _ = task.await;
         }

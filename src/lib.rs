@@ -7,10 +7,13 @@
 
 pub mod admin;
 pub mod alerts;
+pub mod approvals;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod gateway;
+pub mod halts;
 pub mod http_server;
 pub mod limits;
 pub mod metering;
@@ -20,6 +23,7 @@ pub mod policy;
 pub mod providers;
 pub mod proxy;
 pub mod store;
+pub mod supervisor;
 
 /// Provider wire-format fixtures for unit tests (`tests/fixtures/`).
 #[cfg(test)]

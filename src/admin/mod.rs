@@ -1,6 +1,8 @@
 //! The operator-facing listener: `/healthz`, `/metrics`, and the admin API
 //! under `/admin/v1/` behind operator tokens.
 
+mod supervision;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -42,6 +44,10 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     limits: Arc<Limits>,
     modules: Arc<ModuleSet>,
+    supervisor: Arc<crate::supervisor::Supervisor>,
+    /// Changes per operator per minute.
+    changes: governor::DefaultKeyedRateLimiter<String>,
+    changes_per_minute: u32,
 }
 
 impl AdminState {
@@ -52,7 +58,10 @@ impl AdminState {
         metrics: Arc<Metrics>,
         limits: Arc<Limits>,
         modules: Arc<ModuleSet>,
+        supervisor: Arc<crate::supervisor::Supervisor>,
     ) -> AdminState {
+        let per_minute = std::num::NonZeroU32::new(config.server.admin_changes_per_minute)
+            .unwrap_or(std::num::NonZeroU32::MIN);
         let operators = config
             .operators
             .iter()
@@ -80,7 +89,52 @@ impl AdminState {
             metrics,
             limits,
             modules,
+            supervisor,
+            changes: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
+            changes_per_minute: per_minute.get(),
         }
+    }
+
+    /// Gate for every mutating admin call: the operator must be allowed to
+    /// change things and within its rate of changes. Refusals are audited.
+    fn may_change(&self, operator: &Operator, what: &str) -> Option<Response<ProxyBody>> {
+        if operator.read_only {
+            self.recorder.audit(
+                &operator.name,
+                "admin_refused",
+                None,
+                json!({"action": what, "reason": "read_only"}),
+            );
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "read_only_operator",
+                format!(
+                    "operator `{}` is read-only (read_only = true in [[operators]]) and lacks the `write` permission needed to {what}; ask an operator who may change settings",
+                    operator.name
+                ),
+            ));
+        }
+        if self.changes.check_key(&operator.name).is_err() {
+            self.recorder.audit(
+                &operator.name,
+                "admin_refused",
+                None,
+                json!({"action": what, "reason": "rate_limited"}),
+            );
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "admin_rate_limited",
+                format!(
+                    "operator `{}` made more than {} changes in the last minute ([server] admin_changes_per_minute); wait and retry",
+                    operator.name, self.changes_per_minute
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Some(response);
+        }
+        None
     }
 
     fn authenticate(&self, headers: &http::HeaderMap) -> Option<&Operator> {
@@ -168,7 +222,7 @@ async fn admin_api(
             json!({"budgets": state.limits.budgets().status(now_micros())}),
         ),
         (Method::POST, "/admin/v1/budgets") => {
-            if let Some(refused) = refuse_read_only(&operator) {
+            if let Some(refused) = state.may_change(&operator, "change a budget") {
                 return refused;
             }
             match read_json::<BudgetChange>(
@@ -186,7 +240,7 @@ async fn admin_api(
             json!({"limits": limits_status(&state.limits.rates())}),
         ),
         (Method::POST, "/admin/v1/limits") => {
-            if let Some(refused) = refuse_read_only(&operator) {
+            if let Some(refused) = state.may_change(&operator, "change a rate limit") {
                 return refused;
             }
             match read_json::<LimitChange>(request, r#"{"scope": "agent:NAME", "requests_per_minute": 60, "tokens_per_minute": 100000}"#).await {
@@ -198,7 +252,7 @@ async fn admin_api(
             json_response(StatusCode::OK, json!({"modules": state.modules.list()}))
         }
         (Method::POST, p) if p.starts_with("/admin/v1/policies/") => {
-            if let Some(refused) = refuse_read_only(&operator) {
+            if let Some(refused) = state.may_change(&operator, "deploy a module") {
                 return refused;
             }
             let name = p.trim_start_matches("/admin/v1/policies/").to_owned();
@@ -232,6 +286,59 @@ async fn admin_api(
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
             }
         }
+        (Method::GET, "/admin/v1/approvals") => {
+            let all = query_flag(request.uri(), "all");
+            json_response(
+                StatusCode::OK,
+                json!({"approvals": state.supervisor.approvals.list(all)}),
+            )
+        }
+        (Method::POST, p) if p.starts_with("/admin/v1/approvals/") => {
+            let rest = p.trim_start_matches("/admin/v1/approvals/");
+            let Some((id, verb)) = rest.rsplit_once('/') else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "POST /admin/v1/approvals/ID/approve or /admin/v1/approvals/ID/reject",
+                );
+            };
+            let approve = match verb {
+                "approve" => true,
+                "reject" => false,
+                _ => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no action `{verb}`; use approve or reject"),
+                    );
+                }
+            };
+            if let Some(refused) = state.may_change(&operator, &format!("{verb} a call")) {
+                return refused;
+            }
+            let id = id.to_owned();
+            supervision::decide(state, &operator, &id, approve, request).await
+        }
+        (Method::GET, "/admin/v1/halts") => json_response(
+            StatusCode::OK,
+            json!({"halts": state.supervisor.halts.list()}),
+        ),
+        (Method::POST, "/admin/v1/halts") => {
+            if let Some(refused) = state.may_change(&operator, "halt") {
+                return refused;
+            }
+            supervision::halt(state, &operator, request).await
+        }
+        (Method::POST, "/admin/v1/resume") => {
+            if let Some(refused) = state.may_change(&operator, "resume") {
+                return refused;
+            }
+            supervision::resume(state, &operator, request).await
+        }
+        (Method::GET, "/admin/v1/events") => supervision::events(state, request.uri()),
+        (Method::GET, "/admin/v1/audit/export") => {
+            supervision::export_audit(state, &operator, request.uri()).await
+        }
         (Method::GET, "/admin/v1/audit/verify") => {
             let reader = state.reader.clone();
             match tokio::task::spawn_blocking(move || reader.verify_audit()).await {
@@ -257,6 +364,43 @@ async fn admin_api(
             format!("no admin endpoint at {p}"),
         ),
     }
+}
+
+/// `?NAME=true` or `?NAME=1` or a bare `?NAME`.
+fn query_flag(uri: &http::Uri, name: &str) -> bool {
+    query_param(uri, name).is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+}
+
+/// One query parameter, percent-decoded.
+fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(
@@ -327,19 +471,6 @@ async fn deploy_module(
         ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
-}
-
-fn refuse_read_only(operator: &Operator) -> Option<Response<ProxyBody>> {
-    operator.read_only.then(|| {
-        error(
-            StatusCode::FORBIDDEN,
-            "read_only_operator",
-            format!(
-                "operator `{}` is read-only (read_only = true in [[operators]]); ask an operator who may change settings",
-                operator.name
-            ),
-        )
-    })
 }
 
 #[derive(Deserialize)]

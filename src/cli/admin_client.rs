@@ -50,6 +50,32 @@ impl AdminClient {
             .await
     }
 
+    /// A GET whose answer is not JSON (an export).
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Bytes> {
+        let response = self
+            .request(Method::GET, path, Bytes::new(), "application/json")
+            .await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("{} (HTTP {})", error_message(&bytes), status.as_u16());
+        }
+        Ok(bytes)
+    }
+
+    /// A GET whose body is read as it comes (the event stream).
+    pub async fn stream(&self, path: &str) -> anyhow::Result<hyper::body::Incoming> {
+        let response = self
+            .request(Method::GET, path, Bytes::new(), "application/json")
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response.into_body().collect().await?.to_bytes();
+            bail!("{} (HTTP {})", error_message(&bytes), status.as_u16());
+        }
+        Ok(response.into_body())
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -57,6 +83,26 @@ impl AdminClient {
         body: Bytes,
         content_type: &str,
     ) -> anyhow::Result<serde_json::Value> {
+        let response = self.request(method, path, body, content_type).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| {
+            format!("the admin API answered {status} with a body that is not JSON")
+        })?;
+        if !status.is_success() {
+            let message = value["error"]["message"].as_str().unwrap_or("no message");
+            bail!("{message} (HTTP {})", status.as_u16());
+        }
+        Ok(value)
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
         let Some(token) = &self.token else {
             bail!(
                 "no operator token: pass --token or set WARDEN_TOKEN (`warden init` printed one)"
@@ -70,18 +116,15 @@ impl AdminClient {
             .header(header::CONTENT_TYPE, content_type)
             .body(Full::new(body))
             .with_context(|| format!("bad admin URL {url}"))?;
-        let response = self.client.request(request).await.map_err(|e| {
+        self.client.request(request).await.map_err(|e| {
             anyhow!("cannot reach Warden's admin API at {}: {e}; is `warden serve` running? (--admin-url / WARDEN_ADMIN_URL)", self.base)
-        })?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let value: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| {
-            format!("the admin API answered {status} with a body that is not JSON")
-        })?;
-        if !status.is_success() {
-            let message = value["error"]["message"].as_str().unwrap_or("no message");
-            bail!("{message} (HTTP {})", status.as_u16());
-        }
-        Ok(value)
+        })
     }
+}
+
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(500).collect())
 }

@@ -8,6 +8,7 @@ mod init;
 mod policy;
 mod query;
 mod serve;
+mod supervise;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,12 +93,136 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// The approval queue: calls waiting for an operator.
+    Approvals {
+        #[command(subcommand)]
+        action: ApprovalsAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Halt an agent, a run or everything: new calls are refused and, unless
+    /// --drain, calls in flight are cut.
+    Halt {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Refuse new calls but let those in flight finish.
+        #[arg(long)]
+        drain: bool,
+        /// Why: refused and cut calls carry it.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lift a halt.
+    Resume {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The active halts: scope, since, by whom, why.
+    Halts {
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print approvals, halts, budget alerts, denials and refusals as they
+    /// happen, one line each.
+    Watch {
+        /// Only these kinds (repeat or comma-separate): approval_requested,
+        /// approval_decided, halt, resume, budget_alert, policy_deny,
+        /// call_refused.
+        #[arg(long, value_delimiter = ',')]
+        kind: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The hash-chained audit trail: verify it, export it.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Wasm policies and plugins: `list`, `deploy`, and `test` offline.
     Policy {
         #[command(subcommand)]
         action: PolicyAction,
         #[command(flatten)]
         admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct ScopeArgs {
+    /// A workflow run (its x-warden-run id).
+    #[arg(long)]
+    run: Option<String>,
+    /// An agent by name.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Every agent.
+    #[arg(long)]
+    all: bool,
+}
+
+impl ScopeArgs {
+    fn text(&self) -> anyhow::Result<String> {
+        supervise::scope_text(self.run.as_deref(), self.agent.as_deref(), self.all)
+    }
+}
+
+#[derive(Subcommand)]
+enum ApprovalsAction {
+    /// Pending approvals (id, age, agent, model, estimated cost, rule, reason).
+    List {
+        /// Decided ones too.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+    },
+    /// Let the held call (or its identical retry) go upstream.
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Refuse the call; the agent receives the reason.
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Recompute the hash chain and name the first entry that does not hold.
+    Verify {
+        /// Check this store file of a stopped Warden instead.
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
+    /// Write the audit log out as jsonl, csv or parquet.
+    Export {
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// Entries at or after this time (e.g. 2026-11-24 or "2026-11-24 13:00").
+        #[arg(long)]
+        since: Option<String>,
+        /// Entries before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Write here instead of standard output (needed for parquet).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Read this store file of a stopped Warden instead.
+        #[arg(long)]
+        store: Option<PathBuf>,
     },
 }
 
@@ -205,6 +330,47 @@ pub fn main() -> ExitCode {
                 requests_per_minute,
                 tokens_per_minute,
             }) => budgets::set_limit(&scope, requests_per_minute, tokens_per_minute, &admin),
+        },
+        Command::Approvals { action, admin } => match action {
+            ApprovalsAction::List { all, format } => supervise::list_approvals(all, format, &admin),
+            ApprovalsAction::Approve { id, reason } => {
+                supervise::decide(&id, true, reason.as_deref(), &admin)
+            }
+            ApprovalsAction::Reject { id, reason } => {
+                supervise::decide(&id, false, Some(&reason), &admin)
+            }
+        },
+        Command::Halt {
+            scope,
+            drain,
+            reason,
+            admin,
+        } => scope
+            .text()
+            .and_then(|scope| supervise::halt(&scope, drain, &reason, &admin)),
+        Command::Resume { scope, admin } => scope
+            .text()
+            .and_then(|scope| supervise::resume(&scope, &admin)),
+        Command::Halts { format, admin } => supervise::list_halts(format, &admin),
+        Command::Watch { kind, admin } => supervise::watch(&kind, &admin),
+        Command::Audit { action, admin } => match action {
+            AuditAction::Verify { store } => supervise::audit_verify(store.as_deref(), &admin),
+            AuditAction::Export {
+                format,
+                since,
+                until,
+                output,
+                store,
+            } => supervise::audit_export(
+                supervise::ExportArgs {
+                    format: &format,
+                    since: since.as_deref(),
+                    until: until.as_deref(),
+                    output: output.as_deref(),
+                    store: store.as_deref(),
+                },
+                &admin,
+            ),
         },
         Command::Policy { action, admin } => match action {
             PolicyAction::List { format } => policy::list(format, &admin),

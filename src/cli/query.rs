@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{AdminArgs, AdminClient};
 use crate::store::query::QueryResult;
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
 pub enum Format {
     Table,
     Csv,

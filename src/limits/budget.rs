@@ -455,6 +455,7 @@ impl Budget {
         key: &str,
         amount: Usd,
         now_us: i64,
+        over: &mut Option<BudgetRefusal>,
     ) -> Result<Reservation, BudgetRefusal> {
         let leasing = key.is_empty() && self.hot.leasing.load(Ordering::Relaxed);
         if leasing {
@@ -507,8 +508,8 @@ impl Budget {
             free = limit - state.main.committed();
             need = amount;
         }
+        let mut exhausted_alert = None;
         if on_exceed != OnExceed::Alert && free < need {
-            drop(shard);
             let totals = self.totals(&state, key);
             let refusal = BudgetRefusal {
                 subject: self.subject(key),
@@ -522,26 +523,33 @@ impl Budget {
             // 100 % alert, once per period.
             let exhausted = 1u8 << (THRESHOLDS.len() - 1);
             let ledger = self.ledger(&mut state, key, now_us);
-            let alert = (ledger.alerted & exhausted == 0).then(|| {
+            exhausted_alert = (ledger.alerted & exhausted == 0).then(|| {
                 ledger.alerted |= exhausted;
                 Alert {
                     rule: "budget_100".into(),
                     severity: Severity::Critical,
                     subject: self.subject(key),
                     message: format!(
-                        "budget {} is exhausted: a call was refused (spent ${}, reserved ${}, limit ${limit})",
+                        "budget {} is exhausted: a call was refused or held (spent ${}, reserved ${}, limit ${limit})",
                         self.subject(key),
                         totals.spent,
                         totals.reserved
                     ),
                 }
             });
-            self.publish(&state);
-            drop(state);
-            if let Some(alert) = alert {
-                self.alerts.raise(alert);
+            if on_exceed == OnExceed::RequireApproval {
+                // Reserved all the same: the call waits for an operator with
+                // its cost held, and gives it back if it is not approved.
+                *over = Some(refusal);
+            } else {
+                drop(shard);
+                self.publish(&state);
+                drop(state);
+                if let Some(alert) = exhausted_alert {
+                    self.alerts.raise(alert);
+                }
+                return Err(refusal);
             }
-            return Err(refusal);
         }
         let reservation = if let Some(mut shard) = shard {
             // Lease a slice of what is free, so the next calls on this
@@ -570,6 +578,10 @@ impl Budget {
             }
         };
         self.publish(&state);
+        drop(state);
+        if let Some(alert) = exhausted_alert {
+            self.alerts.raise(alert);
+        }
         Ok(reservation)
     }
 
@@ -677,7 +689,7 @@ impl BudgetRefusal {
     pub fn message(&self) -> String {
         let what = match self.on_exceed {
             OnExceed::RequireApproval => {
-                " Over-budget calls of this scope need an operator's approval, which this Warden does not take yet."
+                " Over-budget calls of this scope need an operator's approval."
             }
             OnExceed::Halt => " This budget halts its scope when exhausted.",
             _ => "",
@@ -703,6 +715,9 @@ struct Reservation {
 #[derive(Default)]
 pub struct BudgetHold {
     reservations: Vec<Reservation>,
+    /// An exhausted `on_exceed = "require_approval"` budget reserved the
+    /// call anyway: it may go only once an operator approves.
+    pub needs_approval: Option<BudgetRefusal>,
 }
 
 impl std::fmt::Debug for BudgetHold {
@@ -806,13 +821,19 @@ impl BudgetBook {
         let budgets = self.budgets.load();
         let mut hold = BudgetHold {
             reservations: Vec::new(),
+            needs_approval: None,
         };
         for budget in budgets.iter() {
             let Some(key) = budget.scope.ledger_key(call) else {
                 continue;
             };
+            let mut over = None;
             // On a refusal `hold` drops and releases what was reserved so far.
-            hold.reservations.push(budget.reserve(key, amount, now_us)?);
+            hold.reservations
+                .push(budget.reserve(key, amount, now_us, &mut over)?);
+            if hold.needs_approval.is_none() {
+                hold.needs_approval = over;
+            }
         }
         Ok(hold)
     }

@@ -47,6 +47,11 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// The exhausted budget that lets this call go only with an approval.
+    pub fn needs_approval(&self) -> Option<&BudgetRefusal> {
+        self.budget.needs_approval.as_ref()
+    }
+
     /// Replaces the admission charges with what the call used and cost.
     /// Returns the smallest remaining amount of the call's budgets.
     pub fn settle(self, usage: &Usage, cost: Option<Usd>) -> Option<Usd> {

@@ -18,6 +18,8 @@ use crate::store::record::Outcome;
 pub enum ProxyBody {
     Full(Option<Bytes>),
     Metered(Box<MeteredStream>),
+    /// Chunks produced by a task as they come (the admin event stream).
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl ProxyBody {
@@ -42,6 +44,9 @@ impl Body for ProxyBody {
                     .map(|b| Ok(Frame::data(b))),
             ),
             ProxyBody::Metered(stream) => stream.poll_next(cx),
+            ProxyBody::Channel(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -49,6 +54,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(bytes) => bytes.as_ref().is_none_or(|b| b.is_empty()),
             ProxyBody::Metered(stream) => stream.finished && stream.tail.is_none(),
+            ProxyBody::Channel(rx) => rx.is_closed() && rx.is_empty(),
         }
     }
 
@@ -57,7 +63,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ProxyBody::Metered(_) => SizeHint::default(),
+            ProxyBody::Metered(_) | ProxyBody::Channel(_) => SizeHint::default(),
         }
     }
 }
@@ -68,7 +74,8 @@ impl Body for ProxyBody {
 /// agent's connection with no explanation): the agent gets its provider's own
 /// error event and a clean end of stream instead.
 pub struct MeteredStream {
-    upstream: Incoming,
+    /// `None` once a halt has dropped it.
+    upstream: Option<Incoming>,
     meter: StreamMeter,
     filter: ChunkFilter,
     call: Option<Call>,
@@ -89,7 +96,7 @@ impl MeteredStream {
         let protocol = call.protocol;
         let upstream_name = call.upstream_name();
         MeteredStream {
-            upstream,
+            upstream: Some(upstream),
             meter,
             filter: ChunkFilter::default(),
             call: Some(call),
@@ -112,7 +119,16 @@ impl MeteredStream {
             if self.finished {
                 return Poll::Ready(None);
             }
-            match ready!(Pin::new(&mut self.upstream).poll_frame(cx)) {
+            if let Some(call) = self.call.as_mut()
+                && let Poll::Ready(halt) = call.poll_halted(cx)
+            {
+                self.end_with_halt(&halt);
+                continue;
+            }
+            let Some(upstream) = self.upstream.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(Pin::new(upstream).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,
@@ -165,6 +181,24 @@ impl MeteredStream {
     }
 
     fn end_with_error(&mut self, message: String) {
+        self.end_with_event(ErrorKind::UpstreamFailed, "upstream_error", &message);
+        self.settle(Outcome::Error, Some(message));
+    }
+
+    /// A halt cut the call: the upstream request is dropped now (which
+    /// cancels the generation), the agent gets its provider's error event
+    /// and the end of the stream, and the output so far is estimated.
+    fn end_with_halt(&mut self, halt: &crate::halts::Halt) {
+        self.upstream = None;
+        let message = halt.message();
+        if let Some(call) = self.call.as_ref() {
+            tracing::info!(call_id = %call.id, scope = %halt.scope, "stream cut by a halt");
+        }
+        self.end_with_event(ErrorKind::Forbidden, "halted", &message);
+        self.settle(Outcome::Halted, Some(message));
+    }
+
+    fn end_with_event(&mut self, kind: ErrorKind, code: &str, message: &str) {
         self.finished = true;
         let mut tail = self.filter.finish().to_vec();
         if !tail.is_empty() && !tail.ends_with(b"\n\n") {
@@ -172,12 +206,11 @@ impl MeteredStream {
         }
         tail.extend_from_slice(&providers::stream_error_event(
             self.protocol,
-            ErrorKind::UpstreamFailed,
-            "upstream_error",
-            &message,
+            kind,
+            code,
+            message,
         ));
         self.tail = Some(Bytes::from(tail));
-        self.settle(Outcome::Error, Some(message));
     }
 
     fn settle(&mut self, outcome: Outcome, error: Option<String>) {

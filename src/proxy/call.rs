@@ -32,6 +32,9 @@ pub struct Refusal {
     pub outcome: Outcome,
     /// Extra response headers (`retry-after`, `x-ratelimit-*`).
     pub headers: Option<Box<http::HeaderMap>>,
+    /// The call was cut after it reached the upstream: its usage is
+    /// estimated and its charges settled, not given back.
+    pub used_upstream: bool,
 }
 
 impl Refusal {
@@ -47,7 +50,19 @@ impl Refusal {
             message: message.into(),
             outcome,
             headers: None,
+            used_upstream: false,
         }
+    }
+
+    /// A call refused or cut by a halt: 403 `halted` with the halt's reason.
+    pub fn halted(halt: &crate::halts::Halt) -> Self {
+        Refusal::new(ErrorKind::Forbidden, "halted", halt.message()).with_outcome(Outcome::Halted)
+    }
+
+    /// Cut in flight: the upstream may already have used tokens.
+    pub fn after_upstream(mut self) -> Self {
+        self.used_upstream = true;
+        self
     }
 
     pub fn with_outcome(mut self, outcome: Outcome) -> Self {
@@ -123,6 +138,9 @@ pub struct Call {
     pub admission: Option<Admission>,
     /// The agent, when its activity is counted (policies are loaded).
     pub counted_agent: Option<Arc<super::Agent>>,
+    /// Set once the call may be cut by a halt (it waits on an operator or
+    /// the upstream).
+    halt_watch: Option<crate::halts::HaltWatch>,
     ttft_ms: Option<f64>,
     recorded: bool,
 }
@@ -155,6 +173,7 @@ impl Call {
             price: None,
             admission: None,
             counted_agent: None,
+            halt_watch: None,
             ttft_ms: None,
             recorded: false,
         }
@@ -167,6 +186,29 @@ impl Call {
     /// The upstream's name for messages; "upstream" before routing.
     pub fn upstream_name(&self) -> Arc<str> {
         self.upstream.clone().unwrap_or_else(|| "upstream".into())
+    }
+
+    /// From now on an immediate halt of this call's agent or run cuts it.
+    pub fn watch_halts(&mut self) {
+        if self.halt_watch.is_none() {
+            self.halt_watch = Some(self.state.supervisor.halts.watch(&self.state.halt_slots));
+        }
+    }
+
+    /// Ready with the halt that cuts this call.
+    pub fn poll_halted(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Arc<crate::halts::Halt>> {
+        match (&mut self.halt_watch, &self.agent) {
+            (Some(watch), Some(agent)) => watch.poll_cut(cx, agent, self.run_id.as_deref()),
+            _ => std::task::Poll::Pending,
+        }
+    }
+
+    /// Waits for a halt that cuts this call; never ready without one.
+    pub async fn halted(&mut self) -> Arc<crate::halts::Halt> {
+        std::future::poll_fn(|cx| self.poll_halted(cx)).await
     }
 
     /// The upstream's first byte (headers, or the first chunk of a stream).
@@ -190,8 +232,37 @@ impl Call {
             providers::error_body(self.protocol, refusal.kind, refusal.code, &refusal.message);
         tracing::info!(call_id = %self.id, code = refusal.code, status = refusal.kind.status().as_u16(), "call refused");
         let status = refusal.kind.status();
-        // A refused call used nothing: its charges are given back.
-        self.admission = None;
+        self.state
+            .supervisor
+            .events
+            .publish(|| crate::events::EventParts {
+                kind: "call_refused",
+                actor: "warden".into(),
+                subject: Some(self.id.clone()),
+                message: format!(
+                    "{} call of agent {} refused ({} {}): {}",
+                    self.model.as_deref().unwrap_or("a"),
+                    self.agent.as_deref().unwrap_or("?"),
+                    status.as_u16(),
+                    refusal.code,
+                    refusal.message
+                ),
+                data: serde_json::json!({
+                    "call_id": self.id,
+                    "agent": self.agent.as_deref(),
+                    "model": self.model,
+                    "status": status.as_u16(),
+                    "code": refusal.code,
+                    "message": refusal.message,
+                }),
+            });
+        let pending = if refusal.used_upstream {
+            Some(self.estimate_pending(false))
+        } else {
+            // A refused call used nothing: its charges are given back.
+            self.admission = None;
+            None
+        };
         self.record(CallEnd {
             status,
             outcome: refusal.outcome,
@@ -199,7 +270,7 @@ impl Call {
             usage_source: UsageSource::Provider,
             cost: None,
             error: Some(refusal.message),
-            pending: None,
+            pending,
         });
         let mut response = Response::new(ProxyBody::full(body));
         *response.status_mut() = status;
@@ -275,6 +346,20 @@ impl Call {
         });
     }
 
+    /// What the writer estimates for a call that ended before the provider
+    /// reported usage: the input from the request body, no output.
+    fn estimate_pending(&mut self, output_known: bool) -> Box<PendingEstimate> {
+        Box::new(PendingEstimate {
+            request_body: self.request_body.clone(),
+            input_known: self.request_body.is_empty(),
+            output_text: Vec::new(),
+            output_overflow: 0,
+            output_known,
+            price: self.price.clone(),
+            admission: self.admission.take(),
+        })
+    }
+
     fn record(&mut self, end: CallEnd) {
         if self.recorded {
             return;
@@ -338,15 +423,7 @@ impl Drop for Call {
         if self.recorded {
             return;
         }
-        let pending = Box::new(PendingEstimate {
-            request_body: self.request_body.clone(),
-            input_known: self.request_body.is_empty(),
-            output_text: Vec::new(),
-            output_overflow: 0,
-            output_known: true,
-            price: self.price.clone(),
-            admission: self.admission.take(),
-        });
+        let pending = self.estimate_pending(true);
         self.record(CallEnd {
             status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             outcome: Outcome::Cancelled,

@@ -9,8 +9,10 @@ use http::HeaderMap;
 use serde_json::json;
 
 use super::call::{Call, Refusal};
+use super::supervise::{self, ApprovalAsk};
 use super::upstream::Upstream;
 use super::{Agent, ProxyState};
+use crate::halts::HaltScope;
 use crate::limits::{self, CallSubject};
 use crate::policy::input::{
     BodyShape, BudgetInput, CallInput, RunInput, TimeInput, decimal_number, usd_number,
@@ -29,12 +31,13 @@ pub struct CallContext<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// Runs the policies; refuses the call if the verdict is not allow.
+/// Runs the policies: refuses the call on deny, halts on halt_agent and
+/// halt_run, and says so when the verdict is require_approval.
 pub async fn apply_policies(
     state: &ProxyState,
     call: &mut Call,
     context: CallContext<'_>,
-) -> Result<(), Refusal> {
+) -> Result<Option<ApprovalAsk>, Refusal> {
     let CallContext {
         agent,
         upstream,
@@ -118,10 +121,55 @@ pub async fn apply_policies(
         state.modules.evaluate(&shared, messages.as_deref())
     };
     record_decisions(state, &call.id, verdict.to_record());
-    match verdict.outcome() {
-        (Action::Allow, _) => Ok(()),
-        (_, Some(decision)) => Err(policy_refusal(decision)),
-        (_, None) => Ok(()),
+    let decision = match verdict.outcome() {
+        (Action::Allow, _) | (_, None) => return Ok(None),
+        (_, Some(decision)) => decision,
+    };
+    let by = format!("policy:{}", decision.policy);
+    let reason = format!("rule `{}`: {}", decision.rule, decision.reason);
+    match decision.action {
+        Action::RequireApproval => Ok(Some(ApprovalAsk {
+            requested_by: by,
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+        })),
+        Action::HaltAgent => {
+            let halt = supervise::halt_for(
+                state,
+                HaltScope::Agent(agent.name.to_string()),
+                &reason,
+                &by,
+            );
+            Err(Refusal::halted(&halt))
+        }
+        Action::HaltRun => match call.run_id.clone() {
+            Some(run) => {
+                let halt = supervise::halt_for(state, HaltScope::Run(run), &reason, &by);
+                Err(Refusal::halted(&halt))
+            }
+            None => Err(Refusal::new(
+                ErrorKind::Forbidden,
+                "halted",
+                format!(
+                    "policy `{}` halts this call's run ({reason}), but the call names no run (x-warden-run); the call is refused and nothing else is halted",
+                    decision.policy
+                ),
+            )
+            .with_outcome(Outcome::Halted)),
+        },
+        Action::Allow | Action::Deny => {
+            state.supervisor.events.publish(|| crate::events::EventParts {
+                kind: "policy_deny",
+                actor: by.clone(),
+                subject: Some(call.id.clone()),
+                message: format!(
+                    "{by} denied a {} call of agent {} ({reason})",
+                    facts.model, agent.name
+                ),
+                data: json!({"call_id": call.id, "agent": &*agent.name, "model": facts.model, "rule": decision.rule, "reason": decision.reason, "error": decision.error}),
+            });
+            Err(policy_refusal(decision))
+        }
     }
 }
 
@@ -214,31 +262,18 @@ fn record_decisions<'a>(
 }
 
 fn policy_refusal(decision: &Decision) -> Refusal {
-    let (code, outcome, what) = match decision.action {
-        Action::Allow | Action::Deny => (
-            if decision.error.is_some() {
-                "policy_error"
-            } else {
-                "policy_denied"
-            },
-            Outcome::Denied,
-            "denied the call",
-        ),
-        Action::RequireApproval => (
-            "approval_required",
-            Outcome::Denied,
-            "requires an operator's approval for this call, which this Warden cannot hold yet, so the call is refused",
-        ),
-        Action::HaltRun => ("run_halted", Outcome::Halted, "halted this call's run"),
-        Action::HaltAgent => ("agent_halted", Outcome::Halted, "halted this agent"),
+    let code = if decision.error.is_some() {
+        "policy_error"
+    } else {
+        "policy_denied"
     };
     Refusal::new(
         ErrorKind::Forbidden,
         code,
         format!(
-            "policy `{}` {what} (rule `{}`): {}",
+            "policy `{}` denied the call (rule `{}`): {}",
             decision.policy, decision.rule, decision.reason
         ),
     )
-    .with_outcome(outcome)
+    .with_outcome(Outcome::Denied)
 }

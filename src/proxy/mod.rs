@@ -6,6 +6,7 @@ pub mod call;
 pub mod govern;
 pub mod headers;
 pub mod pipeline;
+pub mod supervise;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -86,6 +87,9 @@ pub struct ProxyState {
     pub prices: Arc<PriceTable>,
     pub limits: Arc<Limits>,
     pub modules: Arc<ModuleSet>,
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
+    /// This worker's in-flight calls, woken by halts.
+    pub halt_slots: Arc<crate::halts::WakerSlots>,
     pub client: HttpClient,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -101,6 +105,7 @@ impl ProxyState {
         prices: Arc<PriceTable>,
         limits: Arc<Limits>,
         modules: Arc<ModuleSet>,
+        supervisor: Arc<crate::supervisor::Supervisor>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
     ) -> Result<ProxyState, UpstreamError> {
@@ -117,6 +122,8 @@ impl ProxyState {
             prices,
             limits,
             modules,
+            halt_slots: supervisor.halts.worker_slots(),
+            supervisor,
             client: upstream::build_client()?,
             recorder,
             metrics,
@@ -136,6 +143,8 @@ impl ProxyState {
             prices: self.prices.clone(),
             limits: self.limits.clone(),
             modules: self.modules.clone(),
+            supervisor: self.supervisor.clone(),
+            halt_slots: self.supervisor.halts.worker_slots(),
             client: upstream::build_client()?,
             recorder: self.recorder.clone(),
             metrics: self.metrics.clone(),

@@ -19,9 +19,10 @@ use super::body::{MeteredStream, ProxyBody};
 use super::call::{BUDGET_REMAINING_HEADER, COST_HEADER, Call, Refusal, Settlement};
 use super::govern;
 use super::headers;
+use super::supervise::{self, ApprovalAsk};
 use super::upstream::{Route, Upstream};
 use crate::limits::rate::{HeaderNumbers, LimitedBy, RateHeaders, openai_duration};
-use crate::limits::{AdmitError, CallFacts, CallSubject};
+use crate::limits::{AdmitError, CallFacts, CallSubject, OnExceed};
 use crate::metering::{MeterReport, StreamMeter};
 use crate::providers::{self, Endpoint, ErrorKind, ProviderKind, RequestFacts, anthropic, openai};
 use crate::store::record::Outcome;
@@ -92,6 +93,9 @@ async fn serve(
         return Ok(Reply::Done(state.models_response(call)));
     }
 
+    // halt check
+    supervise::check_halts(state, &agent.name, call.run_id.as_deref())?;
+
     // read
     let body = read_body(body, &parts.headers, state.max_body_bytes).await?;
 
@@ -151,14 +155,20 @@ async fn serve(
             max_tokens: facts.max_tokens,
             price: call.price.as_deref(),
         })
-        .map_err(|e| admission_refusal(e, &facts.model))?;
+        .map_err(|e| match e {
+            AdmitError::Budget(refusal) if refusal.on_exceed == OnExceed::Halt => {
+                supervise::budget_halt(state, &agent.name, call.run_id.as_deref(), &refusal)
+            }
+            e => admission_refusal(e, &facts.model),
+        })?;
+    let mut approval = admission.needs_approval().map(ApprovalAsk::for_budget);
     call.admission = Some(admission);
 
-    // policies, then plugins
+    // policies, the approval hold, then plugins
     let mut body = body;
     let mut facts = facts;
-    if state.modules.has_policies() {
-        govern::apply_policies(
+    if state.modules.has_policies()
+        && let Some(ask) = govern::apply_policies(
             state,
             call,
             govern::CallContext {
@@ -170,7 +180,12 @@ async fn serve(
                 headers: &parts.headers,
             },
         )
-        .await?;
+        .await?
+    {
+        approval = Some(ask);
+    }
+    if let Some(ask) = approval {
+        supervise::await_approval(state, call, ask, endpoint, &facts, &body).await?;
     }
     if state.modules.has_plugins() {
         let (new_body, new_facts) = govern::apply_plugins(state, call, body, &facts).await?;
@@ -192,8 +207,13 @@ async fn serve(
     };
     call.request_body = body;
     let request = upstream_request(&upstream, endpoint, &parts.headers, upstream_body)?;
-    let response = tokio::time::timeout(state.upstream_timeout, state.client.request(request))
-        .await
+    call.watch_halts();
+    let exchange = tokio::time::timeout(state.upstream_timeout, state.client.request(request));
+    let exchanged = tokio::select! {
+        halt = call.halted() => return Err(Refusal::halted(&halt).after_upstream()),
+        exchanged = exchange => exchanged,
+    };
+    let response = exchanged
         .map_err(|_| {
             Refusal::new(
                 ErrorKind::UpstreamTimeout,
@@ -397,7 +417,7 @@ fn upstream_request(
 
 /// meter, settle, record
 async fn respond(
-    call: Call,
+    mut call: Call,
     endpoint: Endpoint,
     upstream: UpstreamResponse,
 ) -> Response<ProxyBody> {
@@ -429,7 +449,11 @@ async fn respond(
         return Response::from_parts(parts, ProxyBody::Metered(Box::new(stream)));
     }
 
-    let bytes = match body.collect().await {
+    let collected = tokio::select! {
+        halt = call.halted() => return call.refuse(Refusal::halted(&halt).after_upstream()),
+        collected = body.collect() => collected,
+    };
+    let bytes = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             let upstream_name = call.upstream_name();

@@ -2,6 +2,7 @@
 //! audit chain and read-only queries.
 
 pub mod audit;
+pub mod export;
 pub mod ledger;
 pub mod query;
 pub mod record;
@@ -181,6 +182,15 @@ impl StoreReader {
     ) -> Result<T, E> {
         let conn = self.connection()?;
         read(&conn)
+    }
+
+    pub fn export_audit(
+        &self,
+        format: export::ExportFormat,
+        since: Option<&str>,
+        until: Option<&str>,
+    ) -> Result<Vec<u8>, StoreError> {
+        export::export_audit(&self.connection()?, format, since, until)
     }
 
     pub fn verify_audit(&self) -> Result<audit::Verification, StoreError> {

@@ -167,3 +167,55 @@ pub enum SettingChange {
         tokens_per_minute: Option<u64>,
     },
 }
+
+/// A pending approval as first recorded (`approvals`).
+#[derive(Debug, Clone)]
+pub struct ApprovalRow {
+    pub approval_id: String,
+    pub call_id: String,
+    pub run_id: Option<String>,
+    pub step_id: Option<String>,
+    pub requested_at_us: i64,
+    pub agent: String,
+    pub model: String,
+    pub endpoint: String,
+    pub estimated_input_tokens: u64,
+    pub estimated_cost: Option<Usd>,
+    pub requested_by: String,
+    pub rule: String,
+    pub request_reason: String,
+    pub fingerprint: String,
+    pub mode: &'static str,
+}
+
+/// Approvals and halts as they change (`approvals`, `halts`).
+#[derive(Debug, Clone)]
+pub enum SupervisionChange {
+    ApprovalRequested(Box<ApprovalRow>),
+    ApprovalDecided {
+        approval_id: String,
+        decision: &'static str,
+        operator: String,
+        reason: String,
+        at_us: i64,
+    },
+    ApprovalUsed {
+        approval_id: String,
+        call_id: String,
+        at_us: i64,
+    },
+    HaltStarted {
+        halt_id: String,
+        scope: String,
+        drain: bool,
+        reason: String,
+        by: String,
+        at_us: i64,
+    },
+    /// Lifts every open halt of the scope (a drain made immediate leaves two).
+    HaltResumed {
+        scope: String,
+        by: String,
+        at_us: i64,
+    },
+}

@@ -144,6 +144,45 @@ CREATE TABLE limit_changes (
 );
 "#,
     },
+    Migration {
+        version: 4,
+        description: "approvals and halts",
+        sql: r#"
+CREATE TABLE approvals (
+    approval_id VARCHAR NOT NULL,
+    call_id VARCHAR,
+    run_id VARCHAR,
+    step_id VARCHAR,
+    requested_at TIMESTAMP NOT NULL,
+    decided_at TIMESTAMP,
+    decision VARCHAR,
+    operator VARCHAR,
+    reason VARCHAR,
+    agent VARCHAR NOT NULL,
+    model VARCHAR,
+    endpoint VARCHAR,
+    estimated_input_tokens BIGINT,
+    estimated_cost_usd DECIMAL(38, 18),
+    requested_by VARCHAR NOT NULL,
+    rule VARCHAR,
+    request_reason VARCHAR,
+    fingerprint VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL,
+    used_at TIMESTAMP,
+    used_by_call VARCHAR
+);
+CREATE TABLE halts (
+    halt_id VARCHAR NOT NULL,
+    scope VARCHAR NOT NULL,
+    drain BOOLEAN NOT NULL,
+    reason VARCHAR NOT NULL,
+    halted_by VARCHAR NOT NULL,
+    halted_at TIMESTAMP NOT NULL,
+    resumed_by VARCHAR,
+    resumed_at TIMESTAMP
+);
+"#,
+    },
 ];
 
 pub fn latest_version() -> i32 {

@@ -17,7 +17,8 @@ use duckdb::types::{TimeUnit, Value};
 
 use super::audit::{ChainFields, canonical_json, chain_hash, chain_head};
 use super::record::{
-    AlertRow, AuditEntry, CallRecord, DecisionRow, SettingChange, UsageSource, now_micros,
+    AlertRow, AuditEntry, CallRecord, DecisionRow, SettingChange, SupervisionChange, UsageSource,
+    now_micros,
 };
 use crate::metering::estimate;
 use crate::metrics::Metrics;
@@ -34,6 +35,7 @@ pub enum StoreCommand {
     AlertDelivered(String),
     Setting(SettingChange),
     Decision(Box<DecisionRow>),
+    Supervision(Box<SupervisionChange>),
     /// Commit everything received so far, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Commit everything received so far and stop.
@@ -73,6 +75,11 @@ impl Recorder {
 
     pub fn decision(&self, row: DecisionRow) {
         self.send(StoreCommand::Decision(Box::new(row)));
+    }
+
+    /// Records an approval or halt change; `flush` to know it is durable.
+    pub fn supervision(&self, change: SupervisionChange) {
+        self.send(StoreCommand::Supervision(Box::new(change)));
     }
 
     pub fn alert(&self, row: AlertRow) {
@@ -256,7 +263,8 @@ impl Writer {
             StoreCommand::Shutdown => self.stopping = true,
             other @ (StoreCommand::Alert(_)
             | StoreCommand::AlertDelivered(_)
-            | StoreCommand::Setting(_)) => self.others.push(other),
+            | StoreCommand::Setting(_)
+            | StoreCommand::Supervision(_)) => self.others.push(other),
         }
     }
 
@@ -297,10 +305,21 @@ impl Writer {
                 self.chain = None;
             }
         }
-        for command in std::mem::take(&mut self.others) {
-            if let Err(e) = self.write_other(&command) {
-                self.metrics.records_dropped.inc();
-                tracing::error!(error = %e, "could not write an alert or setting row");
+        let others = std::mem::take(&mut self.others);
+        if !others.is_empty() {
+            // One transaction per batch: a burst of held calls is thousands
+            // of approval rows, each its own commit otherwise.
+            let batched = others.len() > 1 && self.conn.execute_batch("BEGIN TRANSACTION").is_ok();
+            for command in &others {
+                if let Err(e) = self.write_other(command) {
+                    self.metrics.records_dropped.inc();
+                    tracing::error!(error = %e, "could not write an alert, setting, approval or halt row");
+                }
+            }
+            if batched && let Err(e) = self.conn.execute_batch("COMMIT") {
+                self.metrics.records_dropped.add(others.len() as u64);
+                tracing::error!(error = %e, rows = others.len(), "could not commit alert, setting, approval or halt rows");
+                let _ = self.conn.execute_batch("ROLLBACK");
             }
         }
         for ack in self.acks.drain(..) {
@@ -405,9 +424,72 @@ impl Writer {
                     tokens_per_minute.map(|t| t as i64)
                 ],
             ),
+            StoreCommand::Supervision(change) => self.write_supervision(change),
             _ => Ok(0),
         }
         .map(|_| ())
+    }
+
+    fn write_supervision(&self, change: &SupervisionChange) -> duckdb::Result<usize> {
+        let ts = |us: i64| Value::Timestamp(TimeUnit::Microsecond, us);
+        match change {
+            SupervisionChange::ApprovalRequested(row) => self.conn.execute(
+                "INSERT INTO approvals (approval_id, call_id, run_id, step_id, requested_at, agent, model, endpoint, estimated_input_tokens, estimated_cost_usd, requested_by, rule, request_reason, fingerprint, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                duckdb::params![
+                    row.approval_id,
+                    row.call_id,
+                    row.run_id,
+                    row.step_id,
+                    ts(row.requested_at_us),
+                    row.agent,
+                    row.model,
+                    row.endpoint,
+                    row.estimated_input_tokens as i64,
+                    match row.estimated_cost {
+                        Some(cost) => Value::Decimal(money_decimal(cost)?),
+                        None => Value::Null,
+                    },
+                    row.requested_by,
+                    row.rule,
+                    row.request_reason,
+                    row.fingerprint,
+                    row.mode,
+                ],
+            ),
+            SupervisionChange::ApprovalDecided {
+                approval_id,
+                decision,
+                operator,
+                reason,
+                at_us,
+            } => self.conn.execute(
+                "UPDATE approvals SET decided_at = ?, decision = ?, operator = ?, reason = ? WHERE approval_id = ?",
+                duckdb::params![ts(*at_us), decision, operator, reason, approval_id],
+            ),
+            SupervisionChange::ApprovalUsed {
+                approval_id,
+                call_id,
+                at_us,
+            } => self.conn.execute(
+                "UPDATE approvals SET used_at = ?, used_by_call = ? WHERE approval_id = ?",
+                duckdb::params![ts(*at_us), call_id, approval_id],
+            ),
+            SupervisionChange::HaltStarted {
+                halt_id,
+                scope,
+                drain,
+                reason,
+                by,
+                at_us,
+            } => self.conn.execute(
+                "INSERT INTO halts (halt_id, scope, drain, reason, halted_by, halted_at) VALUES (?, ?, ?, ?, ?, ?)",
+                duckdb::params![halt_id, scope, drain, reason, by, ts(*at_us)],
+            ),
+            SupervisionChange::HaltResumed { scope, by, at_us } => self.conn.execute(
+                "UPDATE halts SET resumed_by = ?, resumed_at = ? WHERE scope = ? AND resumed_at IS NULL",
+                duckdb::params![by, ts(*at_us), scope],
+            ),
+        }
     }
 
     fn append_audits(&mut self, audits: &[AuditEntry]) -> duckdb::Result<()> {

@@ -12,3 +12,4 @@ mod operator;
 mod policies;
 mod store;
 mod streaming;
+mod supervision;

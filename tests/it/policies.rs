@@ -58,6 +58,9 @@ fn chat(model: &str, max_tokens: u64, text: &str) -> String {
 }
 
 const SHIPPED: &str = r#"
+[approvals]
+mode = "ticket"
+
 [[policies]]
 name = "model_allowlist"
 module = "POLICIES/model_allowlist.wasm"
@@ -119,7 +122,8 @@ async fn shipped_policies_decide_real_calls_in_each_format() {
     // threshold, under the hard limit.
     let approval = ask(&tw, AGENT_KEY, "gpt-4o", 40_000, "hi").await;
     assert_eq!(approval.status, StatusCode::FORBIDDEN);
-    assert_eq!(approval.json()["error"]["code"], "approval_required");
+    assert_eq!(approval.json()["error"]["code"], "approval_pending");
+    assert!(approval.header("x-warden-approval-id").is_some());
     let hard = ask(&tw, AGENT_KEY, "gpt-4o", 100_000, "hi").await;
     assert_eq!(hard.json()["error"]["code"], "policy_denied");
     assert!(hard.text().contains("hard_max_usd"), "{}", hard.text());
@@ -222,7 +226,7 @@ async fn runaway_guard_halts_an_agent_that_loops() {
     }
     let halted = ask(&tw, AGENT_KEY, "gpt-4o", 10, "again").await;
     assert_eq!(halted.status, StatusCode::FORBIDDEN);
-    assert_eq!(halted.json()["error"]["code"], "agent_halted");
+    assert_eq!(halted.json()["error"]["code"], "halted");
     assert!(halted.text().contains("made 4 calls"), "{}", halted.text());
     // Another agent is not affected.
     let other = ask(&tw, OTHER_AGENT_KEY, "gpt-4o", 10, "hi").await;

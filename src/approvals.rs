@@ -1,0 +1,802 @@
+//! The approval queue: calls a policy or a budget marked `require_approval`
+//! wait here for an operator.
+//!
+//! In `hold` mode the agent's own request waits (a oneshot receiver in its
+//! task: no thread, a few hundred bytes); in `ticket` mode, and whenever a
+//! held agent hangs up or Warden stops, the approval stays pending and the
+//! agent's identical retry (same agent, same body: the fingerprint) is
+//! admitted once it is approved, exactly once.
+//!
+//! Decisions are committed to the store before the waiting call learns of
+//! them, and every change is audited and published as an event.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::events::{EventBus, EventParts};
+use crate::money::Usd;
+use crate::store::Recorder;
+use crate::store::record::{ApprovalRow, SupervisionChange, now_micros};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Hold,
+    Ticket,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text {
+            "hold" => Some(Mode::Hold),
+            "ticket" => Some(Mode::Ticket),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Hold => "hold",
+            Mode::Ticket => "ticket",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Approved,
+    Rejected,
+    Expired,
+    Halted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Rejected => "rejected",
+            Status::Expired => "expired",
+            Status::Halted => "halted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Status> {
+        [
+            Status::Pending,
+            Status::Approved,
+            Status::Rejected,
+            Status::Expired,
+            Status::Halted,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// What a call that needs approval tells the queue.
+pub struct ApprovalRequest<'a> {
+    pub call_id: &'a str,
+    pub agent: &'a str,
+    pub model: &'a str,
+    pub endpoint: &'static str,
+    pub body: &'a [u8],
+    pub estimated_input_tokens: u64,
+    pub estimated_cost: Option<Usd>,
+    /// `policy:NAME` or `budget:SCOPE`.
+    pub requested_by: String,
+    pub rule: String,
+    pub reason: String,
+    pub run_id: Option<&'a str>,
+    pub step_id: Option<&'a str>,
+}
+
+/// One approval as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Approval {
+    pub approval_id: String,
+    pub call_id: String,
+    pub agent: String,
+    pub model: String,
+    pub endpoint: String,
+    pub estimated_input_tokens: u64,
+    pub estimated_cost_usd: Option<String>,
+    pub requested_by: String,
+    pub rule: String,
+    pub reason: String,
+    pub run_id: Option<String>,
+    pub step_id: Option<String>,
+    pub requested_at_us: i64,
+    pub mode: &'static str,
+    pub status: Status,
+    pub decided_at_us: Option<i64>,
+    pub decided_by: Option<String>,
+    pub decision_reason: Option<String>,
+    pub used_by_call: Option<String>,
+    #[serde(skip)]
+    pub fingerprint: [u8; 32],
+}
+
+/// What a held call hears.
+#[derive(Debug)]
+pub enum Heard {
+    Approved {
+        by: String,
+    },
+    Rejected {
+        by: String,
+        reason: String,
+    },
+    /// Warden is stopping: the approval stays pending.
+    Released,
+}
+
+/// The queue's answer to a call that needs approval.
+pub enum Gate {
+    /// An approved ticket admits this call (its identical earlier call was
+    /// approved).
+    Admitted { approval_id: String },
+    /// Wait for the operator (hold mode).
+    Wait {
+        approval_id: String,
+        heard: oneshot::Receiver<Heard>,
+    },
+    /// Refuse now.
+    Refused(GateRefusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    Pending,
+    Rejected,
+    Expired,
+    Halted,
+}
+
+#[derive(Debug)]
+pub struct GateRefusal {
+    pub kind: RefusalKind,
+    pub approval_id: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error(
+        "no approval `{0}`; `warden approvals list --all` shows them (ids are printed in full)"
+    )]
+    NotFound(String),
+    #[error("approval `{id}` was already {status} by {by}{}", reason_suffix(.reason))]
+    AlreadyDecided {
+        id: String,
+        status: &'static str,
+        by: String,
+        reason: String,
+    },
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    }
+}
+
+struct Entry {
+    approval: Approval,
+    waiter: Option<oneshot::Sender<Heard>>,
+}
+
+impl Entry {
+    fn has_live_waiter(&self) -> bool {
+        self.waiter.as_ref().is_some_and(|w| !w.is_closed())
+    }
+}
+
+#[derive(Default)]
+struct QueueState {
+    by_id: HashMap<String, Entry>,
+    /// The newest approval for each (agent, body).
+    by_fingerprint: HashMap<[u8; 32], String>,
+    gates_since_sweep: u32,
+}
+
+pub struct ApprovalQueue {
+    state: Mutex<QueueState>,
+    pub mode: Mode,
+    pub timeout: Duration,
+    ticket_ttl_us: i64,
+    recorder: Recorder,
+    events: EventBus,
+    alerts: crate::alerts::AlertSink,
+    /// Warden is stopping: nothing new is held.
+    closing: AtomicBool,
+}
+
+/// The fingerprint of a call for ticket retries: its agent and exact body.
+pub fn fingerprint(agent: &str, body: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(agent.as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    hasher.finalize().into()
+}
+
+impl ApprovalQueue {
+    pub fn new(
+        mode: Mode,
+        timeout: Duration,
+        ticket_ttl: Duration,
+        restored: Vec<Approval>,
+        recorder: Recorder,
+        events: EventBus,
+        alerts: crate::alerts::AlertSink,
+    ) -> ApprovalQueue {
+        let mut state = QueueState::default();
+        for approval in restored {
+            state
+                .by_fingerprint
+                .insert(approval.fingerprint, approval.approval_id.clone());
+            state.by_id.insert(
+                approval.approval_id.clone(),
+                Entry {
+                    approval,
+                    waiter: None,
+                },
+            );
+        }
+        ApprovalQueue {
+            state: Mutex::new(state),
+            mode,
+            timeout,
+            ticket_ttl_us: ticket_ttl.as_micros() as i64,
+            recorder,
+            events,
+            alerts,
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    fn holds(&self) -> bool {
+        self.mode == Mode::Hold && !self.closing.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits, holds or refuses a call that needs approval.
+    pub fn gate(&self, request: ApprovalRequest<'_>) -> Gate {
+        let print = fingerprint(request.agent, request.body);
+        let now_us = now_micros();
+        let mut state = self.lock();
+        state.gates_since_sweep += 1;
+        if state.gates_since_sweep >= 1_024 {
+            state.gates_since_sweep = 0;
+            self.sweep(&mut state, now_us);
+        }
+        let known = state.by_fingerprint.get(&print).cloned();
+        if let Some(id) = known
+            && let Some(entry) = state.by_id.get_mut(&id)
+        {
+            self.expire_stale(entry, now_us);
+            let live_waiter = entry.has_live_waiter();
+            let approval = &mut entry.approval;
+            match approval.status {
+                Status::Approved if approval.used_by_call.is_none() && !live_waiter => {
+                    approval.used_by_call = Some(request.call_id.to_owned());
+                    entry.waiter = None;
+                    drop(state);
+                    self.record_use(&id, request.call_id, now_us);
+                    return Gate::Admitted { approval_id: id };
+                }
+                Status::Pending if !live_waiter => {
+                    if self.holds() {
+                        // The agent hung up and retried: wait again.
+                        let (tx, rx) = oneshot::channel();
+                        entry.waiter = Some(tx);
+                        return Gate::Wait {
+                            approval_id: id,
+                            heard: rx,
+                        };
+                    }
+                    return Gate::Refused(pending_refusal(&entry.approval, self.mode));
+                }
+                Status::Rejected | Status::Expired | Status::Halted
+                    if approval.used_by_call.is_none() =>
+                {
+                    // The ticket's answer stands for its retries.
+                    return Gate::Refused(decided_refusal(approval));
+                }
+                // Used already, or the same body is held by another live
+                // call: this call needs an approval of its own.
+                _ => {}
+            }
+        }
+        let approval = Approval {
+            approval_id: uuid::Uuid::now_v7().to_string(),
+            call_id: request.call_id.to_owned(),
+            agent: request.agent.to_owned(),
+            model: request.model.to_owned(),
+            endpoint: request.endpoint.to_owned(),
+            estimated_input_tokens: request.estimated_input_tokens,
+            estimated_cost_usd: request.estimated_cost.map(|c| c.to_string()),
+            requested_by: request.requested_by,
+            rule: request.rule,
+            reason: request.reason,
+            run_id: request.run_id.map(str::to_owned),
+            step_id: request.step_id.map(str::to_owned),
+            requested_at_us: now_us,
+            mode: self.mode.as_str(),
+            status: Status::Pending,
+            decided_at_us: None,
+            decided_by: None,
+            decision_reason: None,
+            used_by_call: None,
+            fingerprint: print,
+        };
+        let id = approval.approval_id.clone();
+        let (gate, waiter) = match self.holds() {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (
+                    Gate::Wait {
+                        approval_id: id.clone(),
+                        heard: rx,
+                    },
+                    Some(tx),
+                )
+            }
+            false => (Gate::Refused(pending_refusal(&approval, self.mode)), None),
+        };
+        state.by_fingerprint.insert(print, id.clone());
+        state.by_id.insert(
+            id,
+            Entry {
+                approval: approval.clone(),
+                waiter,
+            },
+        );
+        drop(state);
+        self.announce(&approval, request.estimated_cost);
+        gate
+    }
+
+    /// Row, audit entry, event and webhook for a new approval.
+    fn announce(&self, approval: &Approval, cost: Option<Usd>) {
+        self.recorder
+            .supervision(SupervisionChange::ApprovalRequested(Box::new(
+                ApprovalRow {
+                    approval_id: approval.approval_id.clone(),
+                    call_id: approval.call_id.clone(),
+                    run_id: approval.run_id.clone(),
+                    step_id: approval.step_id.clone(),
+                    requested_at_us: approval.requested_at_us,
+                    agent: approval.agent.clone(),
+                    model: approval.model.clone(),
+                    endpoint: approval.endpoint.clone(),
+                    estimated_input_tokens: approval.estimated_input_tokens,
+                    estimated_cost: cost,
+                    requested_by: approval.requested_by.clone(),
+                    rule: approval.rule.clone(),
+                    request_reason: approval.reason.clone(),
+                    fingerprint: hex::encode(approval.fingerprint),
+                    mode: approval.mode,
+                },
+            )));
+        let summary = format!(
+            "{} asks approval for a {} call of agent {} (~${}, rule {}): {}",
+            approval.requested_by,
+            approval.model,
+            approval.agent,
+            approval.estimated_cost_usd.as_deref().unwrap_or("?"),
+            approval.rule,
+            approval.reason
+        );
+        self.recorder.audit(
+            &approval.requested_by,
+            "approval_requested",
+            Some(&approval.approval_id),
+            json!({
+                "call_id": approval.call_id,
+                "agent": approval.agent,
+                "model": approval.model,
+                "endpoint": approval.endpoint,
+                "estimated_input_tokens": approval.estimated_input_tokens,
+                "estimated_cost_usd": approval.estimated_cost_usd,
+                "rule": approval.rule,
+                "reason": approval.reason,
+                "run_id": approval.run_id,
+                "step_id": approval.step_id,
+                "mode": approval.mode,
+            }),
+        );
+        self.events.publish(|| EventParts {
+            kind: "approval_requested",
+            actor: approval.requested_by.clone(),
+            subject: Some(approval.approval_id.clone()),
+            message: summary.clone(),
+            data: serde_json::to_value(approval).unwrap_or_default(),
+        });
+        self.alerts.raise(crate::alerts::Alert {
+            rule: "approval_requested".into(),
+            severity: crate::alerts::Severity::Warning,
+            subject: approval.approval_id.clone(),
+            message: format!(
+                "{summary}. Approve with `warden approvals approve {}`.",
+                approval.approval_id
+            ),
+        });
+    }
+
+    fn record_use(&self, id: &str, call_id: &str, at_us: i64) {
+        self.recorder.supervision(SupervisionChange::ApprovalUsed {
+            approval_id: id.to_owned(),
+            call_id: call_id.to_owned(),
+            at_us,
+        });
+        self.recorder.audit(
+            "warden",
+            "approval_used",
+            Some(id),
+            json!({"call_id": call_id}),
+        );
+    }
+
+    /// A held call approved while it waited goes ahead: the approval is
+    /// used by it.
+    pub fn mark_used(&self, id: &str, call_id: &str) {
+        let mut state = self.lock();
+        if let Some(entry) = state.by_id.get_mut(id) {
+            entry.approval.used_by_call = Some(call_id.to_owned());
+            entry.waiter = None;
+        }
+        drop(state);
+        self.record_use(id, call_id, now_micros());
+    }
+
+    /// The held call's wait ran out. Returns the decision if one came in
+    /// meanwhile; otherwise the approval is expired.
+    pub fn expire(&self, id: &str) -> Option<Heard> {
+        let mut state = self.lock();
+        let entry = state.by_id.get_mut(id)?;
+        entry.waiter = None;
+        let approval = &mut entry.approval;
+        match approval.status {
+            Status::Approved => {
+                return Some(Heard::Approved {
+                    by: approval.decided_by.clone().unwrap_or_default(),
+                });
+            }
+            Status::Rejected => {
+                return Some(Heard::Rejected {
+                    by: approval.decided_by.clone().unwrap_or_default(),
+                    reason: approval.decision_reason.clone().unwrap_or_default(),
+                });
+            }
+            Status::Pending => {}
+            Status::Expired | Status::Halted => return None,
+        }
+        let reason = format!(
+            "no operator decided within {} s ([approvals] timeout_secs)",
+            self.timeout.as_secs()
+        );
+        let changed = close(approval, Status::Expired, "warden", &reason);
+        drop(state);
+        self.record_decision(&changed);
+        None
+    }
+
+    /// A held call was cut by a halt: its approval is closed with it.
+    pub fn close_halted(&self, id: &str, halt: &crate::halts::Halt) {
+        let mut state = self.lock();
+        let Some(entry) = state.by_id.get_mut(id) else {
+            return;
+        };
+        entry.waiter = None;
+        if entry.approval.status != Status::Pending {
+            return;
+        }
+        let changed = close(
+            &mut entry.approval,
+            Status::Halted,
+            &halt.by,
+            &halt.message(),
+        );
+        drop(state);
+        self.record_decision(&changed);
+    }
+
+    /// An operator's decision. Committed before the waiting call hears it.
+    pub async fn decide(
+        &self,
+        id: &str,
+        approve: bool,
+        operator: &str,
+        reason: &str,
+    ) -> Result<Approval, DecideError> {
+        let now_us = now_micros();
+        let (changed, waiter) = {
+            let mut state = self.lock();
+            let Some(entry) = state.by_id.get_mut(id) else {
+                return Err(DecideError::NotFound(id.to_owned()));
+            };
+            self.expire_stale(entry, now_us);
+            let approval = &mut entry.approval;
+            if approval.status != Status::Pending {
+                return Err(DecideError::AlreadyDecided {
+                    id: id.to_owned(),
+                    status: approval.status.as_str(),
+                    by: approval.decided_by.clone().unwrap_or_default(),
+                    reason: approval.decision_reason.clone().unwrap_or_default(),
+                });
+            }
+            let status = if approve {
+                Status::Approved
+            } else {
+                Status::Rejected
+            };
+            let changed = close(approval, status, operator, reason);
+            (changed, entry.waiter.take())
+        };
+        self.record_decision(&changed);
+        self.recorder.flush().await;
+        if let Some(waiter) = waiter {
+            let heard = if approve {
+                Heard::Approved {
+                    by: operator.to_owned(),
+                }
+            } else {
+                Heard::Rejected {
+                    by: operator.to_owned(),
+                    reason: reason.to_owned(),
+                }
+            };
+            if let Err(heard) = waiter.send(heard) {
+                // The agent hung up meanwhile: the approval is a ticket for
+                // its retry.
+                tracing::debug!(
+                    approval_id = id,
+                    ?heard,
+                    "held call is gone; approval kept as a ticket"
+                );
+            }
+        }
+        Ok(changed)
+    }
+
+    fn record_decision(&self, approval: &Approval) {
+        let status = approval.status.as_str();
+        let by = approval.decided_by.clone().unwrap_or_default();
+        let reason = approval.decision_reason.clone().unwrap_or_default();
+        self.recorder
+            .supervision(SupervisionChange::ApprovalDecided {
+                approval_id: approval.approval_id.clone(),
+                decision: status,
+                operator: by.clone(),
+                reason: reason.clone(),
+                at_us: approval.decided_at_us.unwrap_or_else(now_micros),
+            });
+        self.recorder.audit(
+            &by,
+            "approval_decided",
+            Some(&approval.approval_id),
+            json!({"decision": status, "reason": reason, "call_id": approval.call_id, "agent": approval.agent}),
+        );
+        self.events.publish(|| EventParts {
+            kind: "approval_decided",
+            actor: by.clone(),
+            subject: Some(approval.approval_id.clone()),
+            message: format!(
+                "approval {} for agent {} {status} by {by}{}",
+                approval.approval_id,
+                approval.agent,
+                reason_suffix(&reason)
+            ),
+            data: serde_json::to_value(approval).unwrap_or_default(),
+        });
+    }
+
+    /// Pending approvals, oldest first; with `all`, decided ones too.
+    pub fn list(&self, all: bool) -> Vec<Approval> {
+        let now_us = now_micros();
+        let mut state = self.lock();
+        self.sweep(&mut state, now_us);
+        let mut approvals: Vec<Approval> = state
+            .by_id
+            .values()
+            .filter(|e| all || e.approval.status == Status::Pending)
+            .map(|e| e.approval.clone())
+            .collect();
+        approvals.sort_by(|a, b| a.approval_id.cmp(&b.approval_id));
+        approvals
+    }
+
+    /// Warden is stopping: every held call is answered that its approval
+    /// stays pending.
+    pub fn release_all(&self) {
+        self.closing.store(true, Ordering::Release);
+        let mut state = self.lock();
+        for entry in state.by_id.values_mut() {
+            if let Some(waiter) = entry.waiter.take() {
+                let _ = waiter.send(Heard::Released);
+            }
+        }
+    }
+
+    /// Calls waiting now.
+    pub fn held(&self) -> usize {
+        self.lock()
+            .by_id
+            .values()
+            .filter(|e| e.has_live_waiter())
+            .count()
+    }
+
+    /// A ticket past its time is expired; decided approvals past it are
+    /// forgotten (the store keeps them).
+    fn sweep(&self, state: &mut QueueState, now_us: i64) {
+        let mut expired = Vec::new();
+        for entry in state.by_id.values_mut() {
+            if let Some(changed) = self.expire_stale_inner(entry, now_us) {
+                expired.push(changed);
+            }
+        }
+        let horizon = now_us - self.ticket_ttl_us;
+        let stale: Vec<String> = state
+            .by_id
+            .values()
+            .filter(|e| {
+                e.approval.status != Status::Pending
+                    && e.approval.decided_at_us.unwrap_or(i64::MAX) < horizon
+            })
+            .map(|e| e.approval.approval_id.clone())
+            .collect();
+        for id in stale {
+            if let Some(entry) = state.by_id.remove(&id)
+                && state.by_fingerprint.get(&entry.approval.fingerprint) == Some(&id)
+            {
+                state.by_fingerprint.remove(&entry.approval.fingerprint);
+            }
+        }
+        for changed in expired {
+            self.record_decision(&changed);
+        }
+    }
+
+    fn expire_stale(&self, entry: &mut Entry, now_us: i64) {
+        if let Some(changed) = self.expire_stale_inner(entry, now_us) {
+            self.record_decision(&changed);
+        }
+    }
+
+    /// A pending ticket nobody waits on, or an approved one never used,
+    /// older than the ticket lifetime.
+    fn expire_stale_inner(&self, entry: &mut Entry, now_us: i64) -> Option<Approval> {
+        let live_waiter = entry.has_live_waiter();
+        let approval = &mut entry.approval;
+        let since = match approval.status {
+            Status::Pending if !live_waiter => approval.requested_at_us,
+            Status::Approved if approval.used_by_call.is_none() => {
+                approval.decided_at_us.unwrap_or(approval.requested_at_us)
+            }
+            _ => return None,
+        };
+        if now_us - since < self.ticket_ttl_us {
+            return None;
+        }
+        Some(close(
+            approval,
+            Status::Expired,
+            "warden",
+            &format!(
+                "not used within {} s ([approvals] ticket_ttl_secs)",
+                self.ticket_ttl_us / 1_000_000
+            ),
+        ))
+    }
+}
+
+fn close(approval: &mut Approval, status: Status, by: &str, reason: &str) -> Approval {
+    approval.status = status;
+    approval.decided_at_us = Some(now_micros());
+    approval.decided_by = Some(by.to_owned());
+    approval.decision_reason = Some(reason.to_owned());
+    approval.clone()
+}
+
+fn pending_refusal(approval: &Approval, mode: Mode) -> GateRefusal {
+    let why = match mode {
+        Mode::Ticket => "",
+        Mode::Hold => " (the earlier request stopped waiting)",
+    };
+    GateRefusal {
+        kind: RefusalKind::Pending,
+        approval_id: approval.approval_id.clone(),
+        message: format!(
+            "this call needs an operator's approval ({} rule `{}`: {}); approval {} is pending{why}. Retry the same request once it is approved (`warden approvals approve {}`).",
+            approval.requested_by,
+            approval.rule,
+            approval.reason,
+            approval.approval_id,
+            approval.approval_id
+        ),
+    }
+}
+
+fn decided_refusal(approval: &Approval) -> GateRefusal {
+    let by = approval.decided_by.as_deref().unwrap_or("warden");
+    let reason = approval.decision_reason.as_deref().unwrap_or("");
+    let (kind, what) = match approval.status {
+        Status::Rejected => (RefusalKind::Rejected, "rejected"),
+        Status::Halted => (RefusalKind::Halted, "closed by a halt"),
+        _ => (RefusalKind::Expired, "expired"),
+    };
+    GateRefusal {
+        kind,
+        approval_id: approval.approval_id.clone(),
+        message: format!(
+            "approval {} for this call was {what} by {by}: {reason}",
+            approval.approval_id
+        ),
+    }
+}
+
+/// Approvals a restarted Warden must still know: pending ones, approved
+/// tickets not yet used, and decisions young enough to answer a retry.
+pub fn restore(conn: &duckdb::Connection, ticket_ttl: Duration) -> duckdb::Result<Vec<Approval>> {
+    let horizon = now_micros() - ticket_ttl.as_micros() as i64;
+    let mut stmt = conn.prepare(
+        "SELECT approval_id, coalesce(call_id, ''), agent, coalesce(model, ''), coalesce(endpoint, ''), \
+                coalesce(estimated_input_tokens, 0), CAST(estimated_cost_usd AS VARCHAR), requested_by, \
+                coalesce(rule, ''), coalesce(request_reason, ''), run_id, step_id, epoch_us(requested_at), mode, \
+                decision, epoch_us(decided_at), operator, reason, used_by_call, fingerprint \
+         FROM approvals \
+         WHERE decision IS NULL OR (decision = 'approved' AND used_at IS NULL) OR decided_at >= make_timestamp(?) \
+         ORDER BY requested_at",
+    )?;
+    let rows = stmt.query_map([horizon], |row| {
+        let mode: String = row.get(13)?;
+        let decision: Option<String> = row.get(14)?;
+        let print: String = row.get(19)?;
+        let mut fingerprint = [0u8; 32];
+        let _ = hex::decode_to_slice(&print, &mut fingerprint);
+        let cost: Option<String> = row.get(6)?;
+        Ok(Approval {
+            approval_id: row.get(0)?,
+            call_id: row.get(1)?,
+            agent: row.get(2)?,
+            model: row.get(3)?,
+            endpoint: row.get(4)?,
+            estimated_input_tokens: row.get::<_, i64>(5)?.max(0) as u64,
+            estimated_cost_usd: cost
+                .and_then(|c| Usd::parse(&c).ok())
+                .map(|c| c.to_string()),
+            requested_by: row.get(7)?,
+            rule: row.get(8)?,
+            reason: row.get(9)?,
+            run_id: row.get(10)?,
+            step_id: row.get(11)?,
+            requested_at_us: row.get(12)?,
+            mode: Mode::parse(&mode).unwrap_or(Mode::Hold).as_str(),
+            status: decision.as_deref().map_or(Status::Pending, |d| {
+                Status::parse(d).unwrap_or(Status::Expired)
+            }),
+            decided_at_us: row.get(15)?,
+            decided_by: row.get(16)?,
+            decision_reason: row.get(17)?,
+            used_by_call: row.get(18)?,
+            fingerprint,
+        })
+    })?;
+    rows.collect()
+}

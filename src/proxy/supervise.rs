@@ -1,0 +1,207 @@
+//! The supervision stages of the request path: the halt check, halts that
+//! policies and budgets take, and the approval hold.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+
+use super::ProxyState;
+use super::call::{Call, Refusal};
+use crate::approvals::{ApprovalRequest, Gate, GateRefusal, Heard, RefusalKind};
+use crate::halts::{Halt, HaltError, HaltScope};
+use crate::limits::{self, BudgetRefusal};
+use crate::providers::{Endpoint, ErrorKind, RequestFacts};
+use crate::store::record::Outcome;
+
+pub const APPROVAL_ID_HEADER: &str = "x-warden-approval-id";
+
+/// Why a call must wait for an operator.
+#[derive(Debug)]
+pub struct ApprovalAsk {
+    /// `policy:NAME` or `budget:SCOPE`.
+    pub requested_by: String,
+    pub rule: String,
+    pub reason: String,
+}
+
+impl ApprovalAsk {
+    pub fn for_budget(refusal: &BudgetRefusal) -> ApprovalAsk {
+        ApprovalAsk {
+            requested_by: format!("budget:{}", budget_scope_text(&refusal.subject)),
+            rule: "budget_exceeded".into(),
+            reason: refusal.message(),
+        }
+    }
+}
+
+/// `agent:a (day)` → `agent:a`.
+fn budget_scope_text(subject: &str) -> &str {
+    subject.split(" (").next().unwrap_or(subject)
+}
+
+/// New calls in a halted scope are refused.
+pub fn check_halts(state: &ProxyState, agent: &str, run: Option<&str>) -> Result<(), Refusal> {
+    match state.supervisor.halts.refusing(agent, run) {
+        Some(halt) => Err(Refusal::halted(&halt)),
+        None => Ok(()),
+    }
+}
+
+/// Takes a halt for a policy or a budget; a scope already halted keeps its
+/// first halt, which refuses the call all the same.
+pub fn halt_for(state: &ProxyState, scope: HaltScope, reason: &str, by: &str) -> Arc<Halt> {
+    match state.supervisor.halt(scope.clone(), false, reason, by) {
+        Ok(halt) => halt,
+        Err(HaltError::AlreadyHalted { .. } | HaltError::NotHalted(_)) => state
+            .supervisor
+            .halts
+            .list()
+            .into_iter()
+            .find(|h| h.scope == scope)
+            .unwrap_or_else(|| {
+                Arc::new(Halt {
+                    halt_id: String::new(),
+                    scope,
+                    drain: false,
+                    reason: reason.to_owned(),
+                    by: by.to_owned(),
+                    since_us: 0,
+                })
+            }),
+    }
+}
+
+/// An exhausted `on_exceed = "halt"` budget halts its agent or run (for a
+/// global, model or workflow budget: the call's run, else its agent).
+pub fn budget_halt(
+    state: &ProxyState,
+    agent: &str,
+    run: Option<&str>,
+    refusal: &BudgetRefusal,
+) -> Refusal {
+    let scope_text = budget_scope_text(&refusal.subject);
+    let scope = match HaltScope::parse(scope_text) {
+        Ok(scope @ (HaltScope::Agent(_) | HaltScope::Run(_))) => scope,
+        _ => match run {
+            Some(run) => HaltScope::Run(run.to_owned()),
+            None => HaltScope::Agent(agent.to_owned()),
+        },
+    };
+    let halt = halt_for(
+        state,
+        scope,
+        &refusal.message(),
+        &format!("budget:{scope_text}"),
+    );
+    Refusal::halted(&halt)
+}
+
+/// Holds the call for an operator (or lets an approved ticket through).
+pub async fn await_approval(
+    state: &ProxyState,
+    call: &mut Call,
+    ask: ApprovalAsk,
+    endpoint: Endpoint,
+    facts: &RequestFacts,
+    body: &Bytes,
+) -> Result<(), Refusal> {
+    let queue = &state.supervisor.approvals;
+    let agent = call.agent.clone().unwrap_or_else(|| "".into());
+    let input_tokens = limits::input_upper_bound(body);
+    let output_tokens =
+        limits::output_upper_bound(endpoint, facts.max_tokens, call.price.as_deref());
+    let gate = queue.gate(ApprovalRequest {
+        call_id: &call.id,
+        agent: &agent,
+        model: &facts.model,
+        endpoint: endpoint.as_str(),
+        body,
+        estimated_input_tokens: input_tokens,
+        estimated_cost: call
+            .price
+            .as_ref()
+            .map(|p| p.upper_bound_cost(input_tokens, output_tokens)),
+        requested_by: ask.requested_by,
+        rule: ask.rule,
+        reason: ask.reason,
+        run_id: call.run_id.as_deref(),
+        step_id: call.step_id.as_deref(),
+    });
+    let (approval_id, heard) = match gate {
+        Gate::Admitted { approval_id } => {
+            tracing::info!(call_id = %call.id, %approval_id, "approved ticket admits the call");
+            return Ok(());
+        }
+        Gate::Refused(refusal) => return Err(gate_refusal(refusal)),
+        Gate::Wait { approval_id, heard } => (approval_id, heard),
+    };
+    tracing::info!(call_id = %call.id, %approval_id, "call held for approval");
+    let call_id = call.id.clone();
+    call.watch_halts();
+    let waited = tokio::select! {
+        heard = heard => Waited::Heard(heard.unwrap_or(Heard::Released)),
+        () = tokio::time::sleep(queue.timeout) => match queue.expire(&approval_id) {
+            Some(heard) => Waited::Heard(heard),
+            None => Waited::TimedOut,
+        },
+        halt = call.halted() => Waited::Halted(halt),
+    };
+    let refusal = |kind, message: String| {
+        gate_refusal(GateRefusal {
+            kind,
+            approval_id: approval_id.clone(),
+            message,
+        })
+    };
+    match waited {
+        Waited::Heard(Heard::Approved { by }) => {
+            queue.mark_used(&approval_id, &call_id);
+            tracing::info!(call_id = %call_id, %approval_id, by, "approved; the call goes ahead");
+            Ok(())
+        }
+        Waited::Heard(Heard::Rejected { by, reason }) => Err(refusal(
+            RefusalKind::Rejected,
+            format!("an operator ({by}) rejected this call (approval {approval_id}): {reason}"),
+        )),
+        Waited::Heard(Heard::Released) => Err(refusal(
+            RefusalKind::Pending,
+            format!(
+                "Warden is restarting; approval {approval_id} stays pending. Retry the same request once it is approved (`warden approvals approve {approval_id}`)."
+            ),
+        )),
+        Waited::TimedOut => Err(refusal(
+            RefusalKind::Expired,
+            format!(
+                "no operator decided on approval {approval_id} within {} s ([approvals] timeout_secs); the call was not sent",
+                queue.timeout.as_secs()
+            ),
+        )),
+        Waited::Halted(halt) => {
+            queue.close_halted(&approval_id, &halt);
+            Err(Refusal::halted(&halt))
+        }
+    }
+}
+
+enum Waited {
+    Heard(Heard),
+    TimedOut,
+    Halted(Arc<Halt>),
+}
+
+fn gate_refusal(refusal: GateRefusal) -> Refusal {
+    let (code, outcome) = match refusal.kind {
+        RefusalKind::Pending => ("approval_pending", Outcome::Denied),
+        RefusalKind::Rejected => ("approval_rejected", Outcome::ApprovalRejected),
+        RefusalKind::Expired => ("approval_timeout", Outcome::ApprovalTimeout),
+        RefusalKind::Halted => ("halted", Outcome::Halted),
+    };
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&refusal.approval_id) {
+        headers.insert(APPROVAL_ID_HEADER, value);
+    }
+    Refusal::new(ErrorKind::Forbidden, code, refusal.message)
+        .with_outcome(outcome)
+        .with_headers(headers)
+}
