@@ -51,11 +51,18 @@ pub async fn sim_gateway(
     dir: &std::path::Path,
     customize: impl FnOnce(&mut warden::config::Config),
 ) -> (SimProvider, Gateway) {
-    let sim = SimProvider::start(SimOptions {
-        chunk_delay: std::time::Duration::ZERO,
-    })
-    .await
-    .unwrap();
+    sim_gateway_paced(dir, std::time::Duration::ZERO, customize).await
+}
+
+/// `sim_gateway` whose provider streams one chunk per `chunk_delay`.
+pub async fn sim_gateway_paced(
+    dir: &std::path::Path,
+    chunk_delay: std::time::Duration,
+    customize: impl FnOnce(&mut warden::config::Config),
+) -> (SimProvider, Gateway) {
+    let sim = SimProvider::start(SimOptions { chunk_delay })
+        .await
+        .unwrap();
     let mut config = warden::demo::demo_config(&sim, &dir.join("w.duckdb"));
     customize(&mut config);
     let gateway = Gateway::start(config).await.unwrap();
@@ -185,5 +192,103 @@ async fn official_sdks_work_unchanged_and_every_call_is_recorded() {
         tokens.rows[0][1].as_deref(),
         Some(results["chat"]["completion_tokens"].to_string().as_str())
     );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_sdks_wait_for_approvals_and_are_cut_by_halts() {
+    use warden::config::{BudgetConfig, OperatorConfig};
+    use warden::limits::Period;
+    let dir = tempfile::tempdir().unwrap();
+    let token = "wt_sdk_supervision_operator";
+    let spanned = |s: &str| toml::Spanned::new(0..0, s.to_owned());
+    let (_sim, gateway) = sim_gateway_paced(
+        dir.path(),
+        std::time::Duration::from_millis(150),
+        |config| {
+            config.operators.push(OperatorConfig {
+                name: spanned("olga"),
+                token_sha256: spanned(&warden::config::sha256_hex(token)),
+                read_only: false,
+            });
+            // Every call of the writer needs an operator's approval.
+            config.budgets.push(BudgetConfig {
+                scope: spanned("agent:writer"),
+                limit_usd: toml::Spanned::new(0..0, warden::config::Amount::Text("0".into())),
+                period: spanned(Period::Day.as_str()),
+                on_exceed: Some(spanned("require_approval")),
+            });
+            config.approvals.timeout_secs = 3;
+        },
+    )
+    .await;
+    let results = run_sdk_script(
+        "sdk_supervision.py",
+        vec![
+            ("WARDEN_URL", format!("http://{}", gateway.proxy_addr())),
+            ("WARDEN_ADMIN", format!("http://{}", gateway.admin_addr())),
+            ("WARDEN_TOKEN", token.to_owned()),
+            ("HELD_KEY", warden::demo::WRITER_KEY.to_owned()),
+            ("FREE_KEY", warden::demo::RESEARCHER_KEY.to_owned()),
+        ],
+    )
+    .await;
+    assert!(
+        results["approved"].as_str().is_some_and(|t| !t.is_empty()),
+        "{results}"
+    );
+    assert!(
+        results["approved_stream"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{results}"
+    );
+    assert_eq!(
+        results["rejected"]["class"], "PermissionDeniedError",
+        "{results}"
+    );
+    assert_eq!(results["rejected"]["code"], "approval_rejected");
+    assert!(
+        results["rejected"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not during the freeze")
+    );
+    assert_eq!(results["second_decision"]["status"], 409);
+    assert!(
+        results["second_decision"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rejected by olga")
+    );
+    assert_eq!(results["timeout"]["code"], "approval_timeout", "{results}");
+    assert_eq!(results["halt_status"], 200);
+    assert_eq!(results["streams_raised"], 50, "{results}");
+    assert_eq!(results["stream_error_mentions_reason"], true, "{results}");
+    assert_eq!(results["after_halt"]["code"], "halted");
+    assert_eq!(results["after_resume"], true);
+
+    gateway.flush().await;
+    let reader = gateway.reader().clone();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        reader
+            .query(
+                "SELECT outcome, count(*) FROM calls GROUP BY outcome ORDER BY outcome",
+                100,
+            )
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let count = |outcome: &str| {
+        outcomes
+            .rows
+            .iter()
+            .find(|r| r[0].as_deref() == Some(outcome))
+            .and_then(|r| r[1].clone())
+    };
+    assert_eq!(count("halted").as_deref(), Some("51"), "{outcomes:?}");
+    assert_eq!(count("approval_rejected").as_deref(), Some("1"));
+    assert_eq!(count("approval_timeout").as_deref(), Some("1"));
     gateway.shutdown().await;
 }
