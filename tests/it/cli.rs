@@ -289,3 +289,203 @@ fn demo_runs_offline_and_prints_the_cost_tables() {
         "two agents in the cost table:\n{stdout}"
     );
 }
+
+/// Runs the `warden` binary against a running Warden's admin API.
+async fn cli(tw: &TestWarden, args: &[&str]) -> std::process::Output {
+    let admin = tw.admin();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        warden()
+            .args(&args)
+            .args(["--admin-url", &admin])
+            .env("WARDEN_TOKEN", OPERATOR_TOKEN)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_approve_halt_watch_and_check_the_audit_trail_from_the_cli() {
+    let extra = format!(
+        "[[policies]]\nname = \"cost_gate\"\nmodule = \"{}/policies/cost_gate.wasm\"\nconfig = {{ max_call_usd = 0.05, hard_max_usd = 5.0 }}\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut tw = TestWarden::start_with(
+        Options {
+            extra,
+            ..Options::default()
+        },
+        |_| Reply::json(fixture("openai/chat_completion.json")),
+    )
+    .await;
+    let mut watch = warden()
+        .args([
+            "watch",
+            "--kind",
+            "approval_requested,approval_decided,halt",
+            "--admin-url",
+            &tw.admin(),
+        ])
+        .env("WARDEN_TOKEN", OPERATOR_TOKEN)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watcher is subscribed once Warden counts it.
+    let body = json!({"model": "gpt-4o", "max_tokens": 40000, "messages": [{"role": "user", "content": "big job"}]}).to_string();
+    for _ in 0..400 {
+        if tw.gateway().supervisor().events.is_watched() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        tw.gateway().supervisor().events.is_watched(),
+        "warden watch never connected"
+    );
+    let client = tw.client.clone();
+    let request = tw
+        .request("/v1/chat/completions", Some(AGENT_KEY))
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let held = tokio::spawn(async move { client.request(request).await.unwrap().status() });
+
+    let mut listing = String::new();
+    for _ in 0..200 {
+        listing = stdout_of(&cli(&tw, &["approvals", "list"]).await);
+        if listing.contains("alpha") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        listing.contains("cost_gate") && listing.contains("gpt-4o"),
+        "{listing}"
+    );
+    let id = listing
+        .lines()
+        .nth(2)
+        .and_then(|line| line.split_whitespace().next())
+        .expect("a row")
+        .to_owned();
+    let approved = stdout_of(&cli(&tw, &["approvals", "approve", &id, "--reason", "fine"]).await);
+    assert!(approved.contains("approved"), "{approved}");
+    assert_eq!(held.await.unwrap(), http::StatusCode::OK);
+    let again = cli(&tw, &["approvals", "reject", &id, "--reason", "late"]).await;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already approved by olga"));
+
+    let halted = stdout_of(
+        &cli(
+            &tw,
+            &["halt", "--agent", "beta", "--reason", "looping on search"],
+        )
+        .await,
+    );
+    assert!(halted.contains("agent:beta halted"), "{halted}");
+    let halts = stdout_of(&cli(&tw, &["halts"]).await);
+    assert!(
+        halts.contains("agent:beta")
+            && halts.contains("olga")
+            && halts.contains("looping on search"),
+        "{halts}"
+    );
+    let both = cli(&tw, &["halt", "--agent", "beta", "--all", "--reason", "x"]).await;
+    assert!(!both.status.success());
+    stdout_of(&cli(&tw, &["resume", "--agent", "beta"]).await);
+    assert!(stdout_of(&cli(&tw, &["halts"]).await).contains("no active halts"));
+
+    // The watcher printed each event as one line.
+    let _ = watch.kill();
+    let printed = tokio::task::spawn_blocking(move || watch.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    let kinds: Vec<&str> = printed
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["approval_requested", "approval_decided", "halt"],
+        "{printed}"
+    );
+
+    let verified = stdout_of(&cli(&tw, &["audit", "verify"]).await);
+    assert!(verified.contains("audit chain intact"), "{verified}");
+    let csv = stdout_of(&cli(&tw, &["audit", "export", "--format", "csv"]).await);
+    assert!(csv.starts_with("seq,ts,actor,kind"), "{csv}");
+    assert!(
+        csv.contains("approval_decided") && csv.contains("resume"),
+        "{csv}"
+    );
+    let parquet = tw.dir.path().join("audit.parquet");
+    stdout_of(
+        &cli(
+            &tw,
+            &[
+                "audit",
+                "export",
+                "--format",
+                "parquet",
+                "--output",
+                parquet.to_str().unwrap(),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(&std::fs::read(&parquet).unwrap()[..4], b"PAR1");
+    let future = stdout_of(&cli(&tw, &["audit", "export", "--since", "2999-01-01"]).await);
+    assert!(future.is_empty(), "{future}");
+
+    // Tampering with the stopped store is found, naming the first bad entry.
+    tw.stop().await;
+    let store = tw.store_path();
+    let offline = |store: &std::path::Path| {
+        warden()
+            .args(["audit", "verify", "--store"])
+            .arg(store)
+            .output()
+            .unwrap()
+    };
+    assert!(stdout_of(&offline(&store)).contains("intact"));
+    let tampered = [
+        (
+            "UPDATE audit_log SET actor = 'mallory' WHERE seq = 3",
+            "seq 3",
+        ),
+        ("DELETE FROM audit_log WHERE seq = 4", "seq 5"),
+        (
+            "INSERT INTO audit_log SELECT 4, ts, actor, kind, subject, payload, prev_hash, hash FROM audit_log WHERE seq = 2",
+            "seq 4",
+        ),
+        (
+            "UPDATE audit_log SET seq = CASE seq WHEN 5 THEN 6 WHEN 6 THEN 5 ELSE seq END",
+            "seq 5",
+        ),
+    ];
+    for (edit, named) in tampered {
+        let copy = tw.dir.path().join("tampered.duckdb");
+        std::fs::copy(&store, &copy).unwrap();
+        let _ = std::fs::remove_file(tw.dir.path().join("tampered.duckdb.wal"));
+        duckdb::Connection::open(&copy)
+            .unwrap()
+            .execute_batch(edit)
+            .unwrap();
+        let out = offline(&copy);
+        assert!(!out.status.success(), "{edit} went unnoticed");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{edit}: {stderr}");
+        std::fs::remove_file(&copy).unwrap();
+    }
+}
