@@ -510,6 +510,8 @@ impl Budget {
         }
         let mut exhausted_alert = None;
         if on_exceed != OnExceed::Alert && free < need {
+            // `totals` locks every shard, this worker's too.
+            let had_shard = shard.take().is_some();
             let totals = self.totals(&state, key);
             let refusal = BudgetRefusal {
                 subject: self.subject(key),
@@ -541,8 +543,8 @@ impl Budget {
                 // Reserved all the same: the call waits for an operator with
                 // its cost held, and gives it back if it is not approved.
                 *over = Some(refusal);
+                shard = had_shard.then(|| lock(&self.shards[index]));
             } else {
-                drop(shard);
                 self.publish(&state);
                 drop(state);
                 if let Some(alert) = exhausted_alert {
@@ -1090,6 +1092,37 @@ mod tests {
             .reserve(&call("a", None), usd("0.01"), NOW)
             .unwrap_err();
         assert_eq!((refusal.spent, refusal.reserved), (usd("1"), Usd::ZERO));
+    }
+
+    #[test]
+    fn an_exhausted_approval_budget_holds_every_call_across_threads() {
+        let (book, _inbox) = book(&[("agent:a", "0.05", Period::Day, OnExceed::RequireApproval)]);
+        leasing(&book);
+        let book = Arc::new(book);
+        let asked: Vec<(usize, usize)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let book = book.clone();
+                    scope.spawn(move || {
+                        let (mut free, mut held) = (0, 0);
+                        for _ in 0..50 {
+                            let hold = book.reserve(&call("a", None), usd("0.01"), NOW).unwrap();
+                            match hold.needs_approval {
+                                Some(_) => held += 1,
+                                None => free += 1,
+                            }
+                            // Held calls keep their reservation while they wait.
+                            std::mem::forget(hold);
+                        }
+                        (free, held)
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let free: usize = asked.iter().map(|(f, _)| f).sum();
+        let held: usize = asked.iter().map(|(_, h)| h).sum();
+        assert_eq!((free, held), (5, 195), "what fits goes, the rest waits");
     }
 
     #[test]
