@@ -272,6 +272,25 @@ async fn run() {
     // --- held calls -----------------------------------------------------
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = warden.child.id();
+    // What the connections alone cost: 10,000 open, idle, no request yet.
+    let idle_before = rss_kib(pid);
+    let address = warden.proxy.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::with_capacity(HELD);
+    for n in 0..HELD {
+        idle.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+        if n % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let idle_with = rss_kib(pid);
+    println!(
+        "held: {HELD} idle connections alone add {:.1} MB ({:.0} bytes each)",
+        idle_with.saturating_sub(idle_before) as f64 / 1024.0,
+        idle_with.saturating_sub(idle_before) as f64 * 1024.0 / HELD as f64,
+    );
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     let baseline = rss_kib(pid);
     let mut held = Vec::with_capacity(HELD);
     for n in 0..HELD {
@@ -342,6 +361,11 @@ async fn run() {
         }
     }
     println!("held: a halt answered {answered} of {HELD} held calls with 403 halted");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "held: RSS {:.1} MB once they are answered (what stays is allocator and store memory, not held calls)",
+        rss_kib(pid) as f64 / 1024.0
+    );
 }
 
 fn raise_fd_limit() {
