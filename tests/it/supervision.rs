@@ -684,3 +684,30 @@ async fn operators_are_named_read_only_ones_refused_and_changes_rate_limited() {
             >= 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_warden_answers_held_calls_pending_and_their_retry_goes_once_approved() {
+    let mut tw = TestWarden::start_with(gated(""), answer_in_kind).await;
+    let body = costly("held across a restart", false);
+    let held = spawn_post(&tw, body.clone());
+    let ids = pending(&tw, 1).await;
+    tw.stop().await;
+    let answer = held.await.unwrap();
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert_eq!(answer.json()["error"]["code"], "approval_pending");
+    assert_eq!(answer.header("x-warden-approval-id"), Some(ids[0].clone()));
+
+    tw.restart().await;
+    assert_eq!(pending(&tw, 1).await, ids);
+    let approved = admin_post(
+        &tw,
+        OPERATOR_TOKEN,
+        &format!("/admin/v1/approvals/{}/approve", ids[0]),
+        json!({}),
+    )
+    .await;
+    assert_eq!(approved.status, StatusCode::OK);
+    let retry = tw.post("/v1/chat/completions", AGENT_KEY, body).await;
+    assert_eq!(retry.status, StatusCode::OK, "{}", retry.text());
+    assert_eq!(tw.upstream.requests().len(), 1);
+}
