@@ -711,3 +711,98 @@ async fn stopping_warden_answers_held_calls_pending_and_their_retry_goes_once_ap
     assert_eq!(retry.status, StatusCode::OK, "{}", retry.text());
     assert_eq!(tw.upstream.requests().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_answers_a_call_waiting_on_its_upstream() {
+    let tw = TestWarden::start(|seen: &Seen| {
+        if seen.body.windows(4).any(|w| w == b"hang") {
+            Reply::Hang
+        } else {
+            Reply::json(fixture("openai/chat_completion.json"))
+        }
+    })
+    .await;
+    let waiting = spawn_post(&tw, cheap("hang"));
+    for _ in 0..400 {
+        if !tw.upstream.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        tw.upstream.requests().len(),
+        1,
+        "the call reached the upstream"
+    );
+    admin_post(
+        &tw,
+        OPERATOR_TOKEN,
+        "/admin/v1/halts",
+        json!({"scope": "agent:alpha", "reason": "stuck"}),
+    )
+    .await;
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert_eq!(answer.json()["error"]["code"], "halted");
+    assert!(answer.text().contains("stuck"));
+    tw.wait_for_calls(1).await;
+    assert_eq!(
+        tw.scalar("SELECT outcome || ':' || usage_source || ':' || (input_tokens > 0) FROM calls")
+            .await
+            .as_deref(),
+        Some("halted:estimated:true")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_halts_the_run_of_a_call_and_only_that_run() {
+    let extra = format!(
+        "[[policies]]\nname = \"stop_runs\"\nmodule = \"{}\"\n",
+        repo("tests/wat/halt_run.wat")
+    );
+    let tw = TestWarden::start_with(
+        Options {
+            extra,
+            ..Options::default()
+        },
+        answer_in_kind,
+    )
+    .await;
+    let in_run = |run: &str| {
+        tw.request("/v1/chat/completions", Some(AGENT_KEY))
+            .header("x-warden-run", run)
+            .body(http_body_util::Full::new(Bytes::from(cheap("step"))))
+            .unwrap()
+    };
+    let halted = tw.send(in_run("run-42")).await;
+    assert_eq!(
+        halted.json()["error"]["code"],
+        "halted",
+        "{}",
+        halted.text()
+    );
+    assert!(halted.text().contains("the run is over"));
+    let halts = admin_get(&tw, "/admin/v1/halts").await;
+    assert_eq!(halts["halts"].as_array().unwrap().len(), 1, "{halts}");
+    assert_eq!(halts["halts"][0]["scope"], "run:run-42");
+    assert_eq!(halts["halts"][0]["by"], "policy:stop_runs");
+    // A call in no run is refused, and nothing else is halted.
+    let loose = tw
+        .post("/v1/chat/completions", AGENT_KEY, cheap("no run"))
+        .await;
+    assert_eq!(loose.json()["error"]["code"], "halted");
+    assert!(loose.text().contains("names no run"), "{}", loose.text());
+    assert_eq!(
+        admin_get(&tw, "/admin/v1/halts").await["halts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        tw.scalar("SELECT count(*) FROM audit_log WHERE kind = 'halt' AND actor = 'policy:stop_runs' AND subject = 'run:run-42'")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+}
