@@ -806,3 +806,130 @@ async fn a_policy_halts_the_run_of_a_call_and_only_that_run() {
         Some("1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook() {
+    let posts = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+    let posts2 = posts.clone();
+    let hook = FakeUpstream::start(move |seen| {
+        posts2.lock().unwrap().push(seen.body.clone());
+        Reply::json(Bytes::from_static(b"{\"ok\":true}"))
+    })
+    .await;
+    let options = gated(&format!(
+        "[approvals]\nmode = \"ticket\"\n\n[alerts]\nwebhook = \"{}/hook\"\n\n[[budgets]]\nscope = \"agent:beta\"\nlimit_usd = \"0.00001\"\nperiod = \"day\"\n",
+        hook.url()
+    ));
+    let tw = TestWarden::start_with(options, answer_in_kind).await;
+    let mut events = tw
+        .client
+        .request(
+            http::Request::get(format!("{}/admin/v1/events", tw.admin()))
+                .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .into_body();
+    next_chunk(&mut events).await;
+    let unknown = tw
+        .admin_request(
+            Method::GET,
+            "/admin/v1/events?kind=nope",
+            Some(OPERATOR_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+
+    let pending_call = tw
+        .post("/v1/chat/completions", AGENT_KEY, costly("ticket", false))
+        .await;
+    let id = pending_call.header("x-warden-approval-id").unwrap();
+    admin_post(
+        &tw,
+        OPERATOR_TOKEN,
+        &format!("/admin/v1/approvals/{id}/approve"),
+        json!({}),
+    )
+    .await;
+    let denied = tw
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "gpt-4o", "max_tokens": 1_000_000, "messages": [{"role": "user", "content": "x"}]}).to_string(),
+        )
+        .await;
+    assert_eq!(denied.json()["error"]["code"], "policy_denied");
+    tw.post(
+        "/v1/chat/completions",
+        OTHER_AGENT_KEY,
+        cheap("over budget"),
+    )
+    .await;
+    admin_post(
+        &tw,
+        OPERATOR_TOKEN,
+        "/admin/v1/halts",
+        json!({"scope": "all", "reason": "r"}),
+    )
+    .await;
+    admin_post(
+        &tw,
+        OPERATOR_TOKEN,
+        "/admin/v1/resume",
+        json!({"scope": "all"}),
+    )
+    .await;
+
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < warden::events::KINDS.len() {
+        let chunk = String::from_utf8_lossy(&next_chunk(&mut events).await).into_owned();
+        for event in chunk.split("\n\n") {
+            if let Some(kind) = event.strip_prefix("event: ").and_then(|e| e.lines().next()) {
+                let data: Value = serde_json::from_str(
+                    event
+                        .lines()
+                        .find_map(|l| l.strip_prefix("data: "))
+                        .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(data["kind"], kind);
+                assert!(!data["message"].as_str().unwrap().is_empty());
+                seen.insert(kind.to_owned());
+            }
+        }
+    }
+    let expected: std::collections::BTreeSet<String> = warden::events::KINDS
+        .iter()
+        .map(|k| (*k).to_owned())
+        .collect();
+    assert_eq!(seen, expected);
+
+    // The approval request was posted to the webhook, off the request path.
+    for _ in 0..100 {
+        if posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| String::from_utf8_lossy(p).contains(&id))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let posted = posts.lock().unwrap().clone();
+    let approval_post = posted
+        .iter()
+        .map(|p| serde_json::from_slice::<Value>(p).unwrap())
+        .find(|p| p["warden"]["rule"] == "approval_requested")
+        .expect("the approval request was posted");
+    assert!(
+        approval_post["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("warden approvals approve {id}")),
+        "{approval_post}"
+    );
+}
