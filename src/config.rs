@@ -712,7 +712,7 @@ fn parse_addr(text: &Spanned<String>) -> Option<SocketAddr> {
     text.get_ref().parse().ok()
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
         .filter(|&&b| b == b'\n')

@@ -24,6 +24,7 @@ pub mod providers;
 pub mod proxy;
 pub mod store;
 pub mod supervisor;
+pub mod workflow;
 
 /// Provider wire-format fixtures for unit tests (`tests/fixtures/`).
 #[cfg(test)]

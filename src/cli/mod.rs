@@ -9,6 +9,7 @@ mod policy;
 mod query;
 mod serve;
 mod supervise;
+mod workflows;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -146,6 +147,11 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Workflow definitions: `validate` a file offline.
+    Workflows {
+        #[command(subcommand)]
+        action: WorkflowsAction,
+    },
     /// Wasm policies and plugins: `list`, `deploy`, and `test` offline.
     Policy {
         #[command(subcommand)]
@@ -196,6 +202,18 @@ enum ApprovalsAction {
         id: String,
         #[arg(long)]
         reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkflowsAction {
+    /// Check a workflow file: its DAG, references and agents.
+    Validate {
+        file: PathBuf,
+        /// The Warden config whose agents the steps name (default:
+        /// ./warden.toml when it exists).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -371,6 +389,11 @@ pub fn main() -> ExitCode {
                 },
                 &admin,
             ),
+        },
+        Command::Workflows { action } => match action {
+            WorkflowsAction::Validate { file, config } => {
+                workflows::validate(&file, config.as_deref())
+            }
         },
         Command::Policy { action, admin } => match action {
             PolicyAction::List { format } => policy::list(format, &admin),
