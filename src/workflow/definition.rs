@@ -341,6 +341,23 @@ fn validate(
         }
     };
 
+    // Each step's upstream steps as a bit set, built in topological order:
+    // a step's ancestors are its needs and their ancestors.
+    let words = raw.steps.len().div_ceil(64);
+    let mut upstream = vec![vec![0u64; words]; raw.steps.len()];
+    for node in &order {
+        let i = graph[*node];
+        let mut set = vec![0u64; words];
+        for parent in graph.neighbors_directed(*node, petgraph::Direction::Incoming) {
+            let p = graph[parent];
+            set[p / 64] |= 1 << (p % 64);
+            for (word, bits) in set.iter_mut().zip(&upstream[p]) {
+                *word |= bits;
+            }
+        }
+        upstream[i] = set;
+    }
+
     let templates = minijinja::Environment::new();
     let mut steps = Vec::with_capacity(raw.steps.len());
     for node in &order {
@@ -386,7 +403,7 @@ fn validate(
             let mut variables: Vec<String> = variables.into_iter().collect();
             variables.sort();
             for variable in variables {
-                check_reference(&variable, &id, i, &inputs, &index, &graph, &nodes)
+                check_reference(&variable, &id, &upstream[i], &inputs, &index)
                     .map_err(|message| (text.span().start, message))?;
             }
         }
@@ -602,11 +619,9 @@ fn text_of(text: &Option<Spanned<String>>) -> String {
 fn check_reference(
     variable: &str,
     step: &str,
-    step_index: usize,
+    upstream: &[u64],
     inputs: &BTreeMap<String, Input>,
     index: &HashMap<&str, usize>,
-    graph: &DiGraph<usize, ()>,
-    nodes: &[NodeIndex],
 ) -> Result<(), String> {
     let mut parts = variable.split('.');
     match (parts.next(), parts.next()) {
@@ -626,14 +641,7 @@ fn check_reference(
                     "step `{step}` reads `steps.{other}`, which is not a step of this workflow"
                 ));
             };
-            if other_index != step_index
-                && petgraph::algo::has_path_connecting(
-                    graph,
-                    nodes[other_index],
-                    nodes[step_index],
-                    None,
-                )
-            {
+            if upstream[other_index / 64] & (1 << (other_index % 64)) != 0 {
                 Ok(())
             } else {
                 Err(format!(
