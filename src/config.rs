@@ -59,6 +59,8 @@ pub struct Config {
     #[serde(default)]
     pub approvals: ApprovalsConfig,
     #[serde(default)]
+    pub workflows: WorkflowsConfig,
+    #[serde(default)]
     pub policies: Vec<ModuleConfig>,
     #[serde(default)]
     pub plugins: Vec<ModuleConfig>,
@@ -203,6 +205,14 @@ impl Amount {
 pub struct AlertsConfig {
     /// A Slack-compatible incoming webhook that receives every alert.
     pub webhook: Option<Spanned<String>>,
+}
+
+/// `[workflows]`: where the workflow definitions live.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowsConfig {
+    /// A directory of `*.toml` workflow files, relative to this file.
+    pub dir: Option<Spanned<PathBuf>>,
 }
 
 /// `[approvals]`: how calls that need an operator's approval wait.
@@ -813,6 +823,11 @@ token_sha256 = "{operator_token_sha256}"
 # [approvals]
 # mode = "hold"
 # timeout_secs = 300
+
+# Workflow definitions, one TOML file each (`warden workflows validate FILE`
+# checks one offline); edits are picked up without a restart.
+# [workflows]
+# dir = "workflows"
 
 # Wasm policies decide every call (allow, require_approval, deny, halt_run,
 # halt_agent); plugins rewrite the request before it leaves. See

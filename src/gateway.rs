@@ -27,6 +27,7 @@ use crate::proxy::upstream::UpstreamError;
 use crate::proxy::{ProxyState, pipeline};
 use crate::store::{Recorder, Store, StoreError, StoreReader, WriterHandle};
 use crate::supervisor::Supervisor;
+use crate::workflow::{WorkflowAgents, WorkflowSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -154,6 +155,27 @@ impl Gateway {
         };
         let modules = Arc::new(modules);
         background.extend(modules.watch(MODULE_POLL));
+        let workflows = {
+            let dir = config
+                .workflows
+                .dir
+                .as_ref()
+                .map(|d| config.resolve_path(d.get_ref()));
+            let agents = WorkflowAgents::from_config(&config);
+            let reader = reader.clone();
+            let recorder = recorder.clone();
+            tokio::task::spawn_blocking(move || {
+                let known = reader.with_connection(|conn| {
+                    crate::workflow::registry::known_versions(conn)
+                        .map_err(|e| StoreError::Sql(e.to_string()))
+                })?;
+                Ok::<_, StoreError>(WorkflowSet::load(dir, agents, known, recorder))
+            })
+            .await
+            .map_err(|e| StoreError::Sql(e.to_string()))??
+        };
+        let workflows = Arc::new(workflows);
+        background.extend(workflows.watch(MODULE_POLL));
         // One proxy worker per core, each a single-threaded runtime with its
         // own SO_REUSEPORT listener and upstream pool: a call's request,
         // upstream exchange and response never hop between threads.
@@ -180,6 +202,7 @@ impl Gateway {
             limits.clone(),
             modules.clone(),
             supervisor.clone(),
+            workflows.clone(),
         ));
 
         let bind = |addr: SocketAddr, what: &'static str| async move {
@@ -343,7 +366,7 @@ impl Gateway {
     }
 }
 
-/// How often module files are checked for changes.
+/// How often module and workflow files are checked for changes.
 const MODULE_POLL: Duration = Duration::from_secs(1);
 
 /// Module loads and refusals, into the audit log.

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod file_stamp;
 pub mod gateway;
 pub mod halts;
 pub mod http_server;

@@ -45,6 +45,7 @@ pub struct AdminState {
     limits: Arc<Limits>,
     modules: Arc<ModuleSet>,
     supervisor: Arc<crate::supervisor::Supervisor>,
+    workflows: Arc<crate::workflow::WorkflowSet>,
     /// Changes per operator per minute.
     changes: governor::DefaultKeyedRateLimiter<String>,
     changes_per_minute: u32,
@@ -59,6 +60,7 @@ impl AdminState {
         limits: Arc<Limits>,
         modules: Arc<ModuleSet>,
         supervisor: Arc<crate::supervisor::Supervisor>,
+        workflows: Arc<crate::workflow::WorkflowSet>,
     ) -> AdminState {
         let per_minute = std::num::NonZeroU32::new(config.server.admin_changes_per_minute)
             .unwrap_or(std::num::NonZeroU32::MIN);
@@ -90,6 +92,7 @@ impl AdminState {
             limits,
             modules,
             supervisor,
+            workflows,
             changes: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
             changes_per_minute: per_minute.get(),
         }
@@ -318,6 +321,9 @@ async fn admin_api(
             }
             let id = id.to_owned();
             supervision::decide(state, &operator, &id, approve, request).await
+        }
+        (Method::GET, "/admin/v1/workflows") => {
+            json_response(StatusCode::OK, json!({"workflows": state.workflows.list()}))
         }
         (Method::GET, "/admin/v1/halts") => json_response(
             StatusCode::OK,

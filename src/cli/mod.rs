@@ -147,10 +147,12 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Workflow definitions: `validate` a file offline.
+    /// Workflow definitions: `validate` a file offline, `list` those served.
     Workflows {
         #[command(subcommand)]
         action: WorkflowsAction,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Wasm policies and plugins: `list`, `deploy`, and `test` offline.
     Policy {
@@ -214,6 +216,11 @@ enum WorkflowsAction {
         /// ./warden.toml when it exists).
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// The workflows a running Warden serves, with their current versions.
+    List {
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
     },
 }
 
@@ -390,10 +397,11 @@ pub fn main() -> ExitCode {
                 &admin,
             ),
         },
-        Command::Workflows { action } => match action {
+        Command::Workflows { action, admin } => match action {
             WorkflowsAction::Validate { file, config } => {
                 workflows::validate(&file, config.as_deref())
             }
+            WorkflowsAction::List { format } => workflows::list(format, &admin),
         },
         Command::Policy { action, admin } => match action {
             PolicyAction::List { format } => policy::list(format, &admin),

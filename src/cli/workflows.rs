@@ -1,4 +1,5 @@
-//! `warden workflows validate FILE`: the offline DAG check.
+//! `warden workflows validate FILE` (the offline DAG check) and `warden
+//! workflows list`.
 
 use std::path::Path;
 
@@ -49,5 +50,41 @@ pub fn validate(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
     if config_path.is_none() {
         println!("(no warden.toml here: agents and capabilities were not checked; pass --config)");
     }
+    Ok(())
+}
+
+pub fn list(format: super::query::Format, admin: &super::AdminArgs) -> anyhow::Result<()> {
+    let client = super::AdminClient::new(admin);
+    let value = super::runtime()?.block_on(client.get("/admin/v1/workflows"))?;
+    let workflows = value["workflows"]
+        .as_array()
+        .context("unexpected answer from the admin API")?;
+    if workflows.is_empty() && format == super::query::Format::Table {
+        println!("no workflows ([workflows] dir in warden.toml)");
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = workflows
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "name": w["name"],
+                "version": w["version_hash"].as_str().map(|h| &h[..12.min(h.len())]),
+                "steps": w["steps"],
+                "description": w["description"],
+                "file": w["file"],
+            })
+        })
+        .collect();
+    let fields = [
+        ("name", "text"),
+        ("version", "text"),
+        ("steps", "number"),
+        ("description", "text"),
+        ("file", "text"),
+    ];
+    print!(
+        "{}",
+        super::query::render(&super::budgets::table(&fields, &rows), format)
+    );
     Ok(())
 }

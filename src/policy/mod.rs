@@ -11,10 +11,11 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 
+use crate::file_stamp::FileStamp;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -87,23 +88,6 @@ pub struct ModuleSpec {
     pub include_messages: bool,
     /// The `config` table as JSON.
     pub config_json: String,
-}
-
-/// The file a module was loaded from, to notice it changing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    modified: Option<SystemTime>,
-    len: u64,
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> Option<FileStamp> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some(FileStamp {
-            modified: meta.modified().ok(),
-            len: meta.len(),
-        })
-    }
 }
 
 /// A module in service.
@@ -586,20 +570,11 @@ impl ModuleSet {
     pub fn watch(self: &Arc<Self>, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
         self.runtime.as_ref()?;
         let set = self.clone();
-        Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let set = set.clone();
-                if tokio::task::spawn_blocking(move || set.reload_changed())
-                    .await
-                    .is_err()
-                {
-                    tracing::error!("the module reload task panicked");
-                }
-            }
-        }))
+        Some(crate::file_stamp::poll_blocking(
+            every,
+            "module",
+            move || set.reload_changed(),
+        ))
     }
 }
 

@@ -219,3 +219,14 @@ pub enum SupervisionChange {
         at_us: i64,
     },
 }
+
+/// A workflow definition seen for the first time (`workflow_versions`).
+#[derive(Debug, Clone)]
+pub struct WorkflowVersionRow {
+    pub workflow: String,
+    pub version_hash: String,
+    pub definition: String,
+    pub source: String,
+    pub loaded_at_us: i64,
+    pub loaded_by: String,
+}

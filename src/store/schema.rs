@@ -183,6 +183,20 @@ CREATE TABLE halts (
 );
 "#,
     },
+    Migration {
+        version: 5,
+        description: "workflow versions",
+        sql: r#"
+CREATE TABLE workflow_versions (
+    workflow VARCHAR NOT NULL,
+    version_hash VARCHAR NOT NULL,
+    definition VARCHAR NOT NULL,
+    source VARCHAR,
+    loaded_at TIMESTAMP NOT NULL,
+    loaded_by VARCHAR NOT NULL
+);
+"#,
+    },
 ];
 
 pub fn latest_version() -> i32 {

@@ -18,7 +18,7 @@ use duckdb::types::{TimeUnit, Value};
 use super::audit::{ChainFields, canonical_json, chain_hash, chain_head};
 use super::record::{
     AlertRow, AuditEntry, CallRecord, DecisionRow, SettingChange, SupervisionChange, UsageSource,
-    now_micros,
+    WorkflowVersionRow, now_micros,
 };
 use crate::metering::estimate;
 use crate::metrics::Metrics;
@@ -36,6 +36,7 @@ pub enum StoreCommand {
     Setting(SettingChange),
     Decision(Box<DecisionRow>),
     Supervision(Box<SupervisionChange>),
+    WorkflowVersion(Box<WorkflowVersionRow>),
     /// Commit everything received so far, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Commit everything received so far and stop.
@@ -80,6 +81,10 @@ impl Recorder {
     /// Records an approval or halt change; `flush` to know it is durable.
     pub fn supervision(&self, change: SupervisionChange) {
         self.send(StoreCommand::Supervision(Box::new(change)));
+    }
+
+    pub fn workflow_version(&self, row: WorkflowVersionRow) {
+        self.send(StoreCommand::WorkflowVersion(Box::new(row)));
     }
 
     pub fn alert(&self, row: AlertRow) {
@@ -264,7 +269,8 @@ impl Writer {
             other @ (StoreCommand::Alert(_)
             | StoreCommand::AlertDelivered(_)
             | StoreCommand::Setting(_)
-            | StoreCommand::Supervision(_)) => self.others.push(other),
+            | StoreCommand::Supervision(_)
+            | StoreCommand::WorkflowVersion(_)) => self.others.push(other),
         }
     }
 
@@ -425,6 +431,17 @@ impl Writer {
                 ],
             ),
             StoreCommand::Supervision(change) => self.write_supervision(change),
+            StoreCommand::WorkflowVersion(row) => self.conn.execute(
+                "INSERT INTO workflow_versions (workflow, version_hash, definition, source, loaded_at, loaded_by) VALUES (?, ?, ?, ?, ?, ?)",
+                duckdb::params![
+                    row.workflow,
+                    row.version_hash,
+                    row.definition,
+                    row.source,
+                    Value::Timestamp(TimeUnit::Microsecond, row.loaded_at_us),
+                    row.loaded_by
+                ],
+            ),
             _ => Ok(0),
         }
         .map(|_| ())

@@ -13,3 +13,4 @@ mod policies;
 mod store;
 mod streaming;
 mod supervision;
+mod workflows;
