@@ -196,13 +196,15 @@ impl Gateway {
         proxy_states.push(Arc::new(first));
         let admin_state = Arc::new(AdminState::new(
             &config,
-            reader.clone(),
-            recorder.clone(),
-            metrics.clone(),
-            limits.clone(),
-            modules.clone(),
-            supervisor.clone(),
-            workflows.clone(),
+            admin::Services {
+                reader: reader.clone(),
+                recorder: recorder.clone(),
+                metrics: metrics.clone(),
+                limits: limits.clone(),
+                modules: modules.clone(),
+                supervisor: supervisor.clone(),
+                workflows: workflows.clone(),
+            },
         ));
 
         let bind = |addr: SocketAddr, what: &'static str| async move {

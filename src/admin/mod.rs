@@ -51,17 +51,28 @@ pub struct AdminState {
     changes_per_minute: u32,
 }
 
+/// The running parts of Warden the admin API reads and changes.
+pub struct Services {
+    pub reader: StoreReader,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub limits: Arc<Limits>,
+    pub modules: Arc<ModuleSet>,
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
+    pub workflows: Arc<crate::workflow::WorkflowSet>,
+}
+
 impl AdminState {
-    pub fn new(
-        config: &Config,
-        reader: StoreReader,
-        recorder: Recorder,
-        metrics: Arc<Metrics>,
-        limits: Arc<Limits>,
-        modules: Arc<ModuleSet>,
-        supervisor: Arc<crate::supervisor::Supervisor>,
-        workflows: Arc<crate::workflow::WorkflowSet>,
-    ) -> AdminState {
+    pub fn new(config: &Config, services: Services) -> AdminState {
+        let Services {
+            reader,
+            recorder,
+            metrics,
+            limits,
+            modules,
+            supervisor,
+            workflows,
+        } = services;
         let per_minute = std::num::NonZeroU32::new(config.server.admin_changes_per_minute)
             .unwrap_or(std::num::NonZeroU32::MIN);
         let operators = config
