@@ -353,12 +353,11 @@ async fn operators_approve_halt_watch_and_check_the_audit_trail_from_the_cli() {
         tw.gateway().supervisor().events.is_watched(),
         "warden watch never connected"
     );
-    let client = tw.client.clone();
-    let request = tw
-        .request("/v1/chat/completions", Some(AGENT_KEY))
-        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let held = tokio::spawn(async move { client.request(request).await.unwrap().status() });
+    let held = tw.spawn_send(
+        tw.request("/v1/chat/completions", Some(AGENT_KEY))
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap(),
+    );
 
     let mut listing = String::new();
     for _ in 0..200 {
@@ -380,7 +379,7 @@ async fn operators_approve_halt_watch_and_check_the_audit_trail_from_the_cli() {
         .to_owned();
     let approved = stdout_of(&cli(&tw, &["approvals", "approve", &id, "--reason", "fine"]).await);
     assert!(approved.contains("approved"), "{approved}");
-    assert_eq!(held.await.unwrap(), http::StatusCode::OK);
+    assert_eq!(held.await.unwrap().status, http::StatusCode::OK);
     let again = cli(&tw, &["approvals", "reject", &id, "--reason", "late"]).await;
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already approved by olga"));

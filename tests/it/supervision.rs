@@ -87,24 +87,11 @@ async fn pending(tw: &TestWarden, n: usize) -> Vec<String> {
 }
 
 fn spawn_post(tw: &TestWarden, body: String) -> tokio::task::JoinHandle<Answer> {
-    let client = tw.client.clone();
-    let request = tw
-        .request("/v1/chat/completions", Some(AGENT_KEY))
-        .body(http_body_util::Full::new(Bytes::from(body)))
-        .unwrap();
-    tokio::spawn(async move {
-        let response = client.request(request).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let body = http_body_util::BodyExt::collect(body)
-            .await
-            .unwrap()
-            .to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
-    })
+    tw.spawn_send(
+        tw.request("/v1/chat/completions", Some(AGENT_KEY))
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,21 +309,16 @@ async fn a_hundred_held_calls_are_approved_at_once() {
     let decisions: Vec<_> = ids
         .iter()
         .map(|id| {
-            let (client, url) = (
-                tw.client.clone(),
-                format!("{}/admin/v1/approvals/{id}/approve", tw.admin()),
-            );
-            tokio::spawn(async move {
-                let request = http::Request::post(url)
+            tw.spawn_send(
+                http::Request::post(format!("{}/admin/v1/approvals/{id}/approve", tw.admin()))
                     .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
                     .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
-                    .unwrap();
-                client.request(request).await.unwrap().status()
-            })
+                    .unwrap(),
+            )
         })
         .collect();
     for decision in decisions {
-        assert_eq!(decision.await.unwrap(), StatusCode::OK);
+        assert_eq!(decision.await.unwrap().status, StatusCode::OK);
     }
     for call in held {
         assert_eq!(call.await.unwrap().status, StatusCode::OK);
@@ -369,18 +351,7 @@ fn stream_body(text: &str) -> String {
 async fn an_immediate_halt_cuts_live_streams_and_refuses_new_calls_until_resumed() {
     let release = Arc::new(Notify::new());
     let mut tw = TestWarden::start_with(Options::default(), parked_stream(release.clone())).await;
-    let mut watcher = tw
-        .client
-        .request(
-            http::Request::get(format!("{}/admin/v1/events?kind=halt,resume", tw.admin()))
-                .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .into_body();
-    next_chunk(&mut watcher).await; // the greeting comment
+    let mut watcher = tw.events("?kind=halt,resume").await;
 
     let mut streams = Vec::new();
     for i in 0..10 {
@@ -507,20 +478,15 @@ async fn a_drain_halt_lets_calls_in_flight_finish_and_a_halt_answers_held_calls(
     .await;
 
     // A held call in a halted run is answered `halted`.
-    let client = tw.client.clone();
-    let request = tw
-        .request("/v1/chat/completions", Some(AGENT_KEY))
-        .header("x-warden-run", "run-7")
-        .body(http_body_util::Full::new(Bytes::from(costly(
-            "held in a run",
-            false,
-        ))))
-        .unwrap();
-    let held = tokio::spawn(async move {
-        let response = client.request(request).await.unwrap();
-        let status = response.status();
-        (status, read_all(response.into_body()).await)
-    });
+    let held = tw.spawn_send(
+        tw.request("/v1/chat/completions", Some(AGENT_KEY))
+            .header("x-warden-run", "run-7")
+            .body(http_body_util::Full::new(Bytes::from(costly(
+                "held in a run",
+                false,
+            ))))
+            .unwrap(),
+    );
     pending(&tw, 1).await;
     admin_post(
         &tw,
@@ -529,9 +495,9 @@ async fn a_drain_halt_lets_calls_in_flight_finish_and_a_halt_answers_held_calls(
         json!({"scope": "run:run-7", "reason": "run went wrong"}),
     )
     .await;
-    let (status, body) = held.await.unwrap();
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    assert!(String::from_utf8_lossy(&body).contains("run went wrong"));
+    let answer = held.await.unwrap();
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert!(answer.text().contains("run went wrong"));
     assert_eq!(
         tw.scalar("SELECT decision FROM approvals").await.as_deref(),
         Some("halted")
@@ -821,18 +787,7 @@ async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook
         hook.url()
     ));
     let tw = TestWarden::start_with(options, answer_in_kind).await;
-    let mut events = tw
-        .client
-        .request(
-            http::Request::get(format!("{}/admin/v1/events", tw.admin()))
-                .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .into_body();
-    next_chunk(&mut events).await;
+    let mut events = tw.events("").await;
     let unknown = tw
         .admin_request(
             Method::GET,

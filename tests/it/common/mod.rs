@@ -398,14 +398,26 @@ impl TestWarden {
     }
 
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
-        let response = self.client.request(request).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        answer(&self.client, request).await
+    }
+
+    /// Sends a request from a task of its own, for calls that wait (held
+    /// for approval, or on a hanging upstream) while the test acts.
+    pub fn spawn_send(&self, request: Request<Full<Bytes>>) -> tokio::task::JoinHandle<Answer> {
+        let client = self.client.clone();
+        tokio::spawn(async move { answer(&client, request).await })
+    }
+
+    /// The admin event stream (`query`: "" or like "?kind=halt"), read past
+    /// its greeting comment.
+    pub async fn events(&self, query: &str) -> Incoming {
+        let request = Request::get(format!("{}/admin/v1/events{query}", self.admin()))
+            .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let mut body = self.client.request(request).await.unwrap().into_body();
+        next_chunk(&mut body).await;
+        body
     }
 
     pub async fn post(&self, path: &str, key: &str, body: impl Into<Bytes>) -> Answer {
@@ -490,6 +502,20 @@ impl TestWarden {
         self.stop().await;
         let config = Config::parse(&self.config_text, Path::new("test.toml")).unwrap();
         self.gateway = Some(Gateway::start(config).await.unwrap());
+    }
+}
+
+async fn answer(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> Answer {
+    let response = client.request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
     }
 }
 
