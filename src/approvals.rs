@@ -25,8 +25,10 @@ use crate::money::Usd;
 use crate::store::Recorder;
 use crate::store::record::{ApprovalRow, SupervisionChange, now_micros};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
+    #[default]
     Hold,
     Ticket,
 }
@@ -115,7 +117,7 @@ pub struct Approval {
     pub run_id: Option<String>,
     pub step_id: Option<String>,
     pub requested_at_us: i64,
-    pub mode: &'static str,
+    pub mode: Mode,
     pub status: Status,
     pub decided_at_us: Option<i64>,
     pub decided_by: Option<String>,
@@ -336,7 +338,7 @@ impl ApprovalQueue {
             run_id: request.run_id.map(str::to_owned),
             step_id: request.step_id.map(str::to_owned),
             requested_at_us: now_us,
-            mode: self.mode.as_str(),
+            mode: self.mode,
             status: Status::Pending,
             decided_at_us: None,
             decided_by: None,
@@ -345,18 +347,15 @@ impl ApprovalQueue {
             fingerprint: print,
         };
         let id = approval.approval_id.clone();
-        let (gate, waiter) = match self.holds() {
-            true => {
-                let (tx, rx) = oneshot::channel();
-                (
-                    Gate::Wait {
-                        approval_id: id.clone(),
-                        heard: rx,
-                    },
-                    Some(tx),
-                )
-            }
-            false => (Gate::Refused(pending_refusal(&approval, self.mode)), None),
+        let (gate, waiter) = if self.holds() {
+            let (tx, rx) = oneshot::channel();
+            let gate = Gate::Wait {
+                approval_id: id.clone(),
+                heard: rx,
+            };
+            (gate, Some(tx))
+        } else {
+            (Gate::Refused(pending_refusal(&approval, self.mode)), None)
         };
         state.by_fingerprint.insert(print, id.clone());
         state.by_id.insert(
@@ -390,7 +389,7 @@ impl ApprovalQueue {
                     rule: approval.rule.clone(),
                     request_reason: approval.reason.clone(),
                     fingerprint: hex::encode(approval.fingerprint),
-                    mode: approval.mode,
+                    mode: approval.mode.as_str(),
                 },
             )));
         let summary = format!(
@@ -417,7 +416,7 @@ impl ApprovalQueue {
                 "reason": approval.reason,
                 "run_id": approval.run_id,
                 "step_id": approval.step_id,
-                "mode": approval.mode,
+                "mode": approval.mode.as_str(),
             }),
         );
         self.events.publish(|| EventParts {
@@ -633,15 +632,6 @@ impl ApprovalQueue {
         }
     }
 
-    /// Calls waiting now.
-    pub fn held(&self) -> usize {
-        self.lock()
-            .by_id
-            .values()
-            .filter(|e| e.has_live_waiter())
-            .count()
-    }
-
     /// A ticket past its time is expired; decided approvals past it are
     /// forgotten (the store keeps them).
     fn sweep(&self, state: &mut QueueState, now_us: i64) {
@@ -787,7 +777,7 @@ pub fn restore(conn: &duckdb::Connection, ticket_ttl: Duration) -> duckdb::Resul
             run_id: row.get(10)?,
             step_id: row.get(11)?,
             requested_at_us: row.get(12)?,
-            mode: Mode::parse(&mode).unwrap_or(Mode::Hold).as_str(),
+            mode: Mode::parse(&mode).unwrap_or_default(),
             status: decision.as_deref().map_or(Status::Pending, |d| {
                 Status::parse(d).unwrap_or(Status::Expired)
             }),

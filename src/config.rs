@@ -221,7 +221,7 @@ pub struct WorkflowsConfig {
 pub struct ApprovalsConfig {
     /// `hold`: the agent's request waits for the decision; `ticket`: it is
     /// refused at once and its identical retry goes through once approved.
-    pub mode: Spanned<String>,
+    pub mode: crate::approvals::Mode,
     /// How long a held call waits before it is answered `approval_timeout`.
     pub timeout_secs: u64,
     /// How long a pending or approved ticket stays usable.
@@ -231,7 +231,7 @@ pub struct ApprovalsConfig {
 impl Default for ApprovalsConfig {
     fn default() -> Self {
         ApprovalsConfig {
-            mode: Spanned::new(0..0, "hold".to_owned()),
+            mode: crate::approvals::Mode::Hold,
             timeout_secs: 300,
             ticket_ttl_secs: 86_400,
         }
@@ -447,15 +447,6 @@ impl Config {
                     ),
                 ));
             }
-        }
-        if !matches!(self.approvals.mode.get_ref().as_str(), "hold" | "ticket") {
-            return Err((
-                self.approvals.mode.span(),
-                format!(
-                    "approvals.mode `{}` is not `hold` or `ticket`",
-                    self.approvals.mode.get_ref()
-                ),
-            ));
         }
         if self.approvals.timeout_secs == 0 || self.approvals.ticket_ttl_secs == 0 {
             return Err((
@@ -1020,6 +1011,7 @@ mod tests {
             ),
             ("[limits]\nrequests_per_minute = 0\n", 2, "above 0"),
             ("[alerts]\nwebhook = \"slack\"\n", 2, "not an http"),
+            ("[approvals]\nmode = \"queue\"\n", 2, "`hold` or `ticket`"),
         ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(

@@ -17,17 +17,13 @@ use crate::store::record::now_micros;
 /// Events a slow watcher may fall behind by before it loses some.
 const BACKLOG: usize = 4_096;
 
+/// An event as watchers receive it: what happened, and when.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     /// Microseconds since the epoch.
     pub ts_us: i64,
-    pub kind: &'static str,
-    /// Who caused it: an operator, `policy:NAME`, `budget:SCOPE`, `warden`.
-    pub actor: String,
-    pub subject: Option<String>,
-    /// One readable line.
-    pub message: String,
-    pub data: serde_json::Value,
+    #[serde(flatten)]
+    pub what: EventParts,
 }
 
 /// The event kinds, as `warden watch --kind` takes them.
@@ -73,14 +69,9 @@ impl EventBus {
         if !self.is_watched() {
             return;
         }
-        let parts = build();
         let _ = self.inner.tx.send(Arc::new(Event {
             ts_us: now_micros(),
-            kind: parts.kind,
-            actor: parts.actor,
-            subject: parts.subject,
-            message: parts.message,
-            data: parts.data,
+            what: build(),
         }));
     }
 
@@ -94,10 +85,13 @@ impl EventBus {
 }
 
 /// What a publisher says; the bus stamps the time.
+#[derive(Debug, Clone, Serialize)]
 pub struct EventParts {
     pub kind: &'static str,
+    /// Who caused it: an operator, `policy:NAME`, `budget:SCOPE`, `warden`.
     pub actor: String,
     pub subject: Option<String>,
+    /// One readable line.
     pub message: String,
     pub data: serde_json::Value,
 }
@@ -158,7 +152,7 @@ mod tests {
             data: serde_json::Value::Null,
         });
         match watcher.next().await {
-            Received::Event(event) => assert_eq!(event.kind, "resume"),
+            Received::Event(event) => assert_eq!(event.what.kind, "resume"),
             _ => panic!("expected the event"),
         }
         drop(watcher);

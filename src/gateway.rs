@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::alerts::AlertSink;
-use crate::approvals::{ApprovalQueue, Mode};
+use crate::approvals::ApprovalQueue;
 use crate::config::{Config, ConfigError};
 use crate::events::EventBus;
 use crate::halts::Halts;
@@ -130,7 +130,7 @@ impl Gateway {
                 );
             }
             let queue = ApprovalQueue::new(
-                Mode::parse(config.approvals.mode.get_ref()).unwrap_or(Mode::Hold),
+                config.approvals.mode,
                 Duration::from_secs(config.approvals.timeout_secs),
                 ttl,
                 approvals,

@@ -94,17 +94,15 @@ impl Halt {
     }
 }
 
+/// A halt refused because its scope is halted already: the halt in force.
 #[derive(Debug, thiserror::Error)]
-pub enum HaltError {
-    #[error("{scope} is already halted by {by}: {reason}")]
-    AlreadyHalted {
-        scope: String,
-        by: String,
-        reason: String,
-    },
-    #[error("{0} is not halted")]
-    NotHalted(String),
-}
+#[error("{} is already halted by {}: {}", .0.scope, .0.by, .0.reason)]
+pub struct AlreadyHalted(pub Arc<Halt>);
+
+/// A resume of a scope that is not halted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is not halted")]
+pub struct NotHalted(pub String);
 
 /// The active halts, shared by every worker and the admin API.
 pub struct Halts {
@@ -165,7 +163,7 @@ impl Halts {
     /// Adds a halt and wakes every in-flight call to check it. A drain halt
     /// on a scope already drained may be made immediate; anything else on a
     /// halted scope is refused, naming who halted it.
-    pub fn halt(&self, halt: Halt) -> Result<Arc<Halt>, HaltError> {
+    pub fn halt(&self, halt: Halt) -> Result<Arc<Halt>, AlreadyHalted> {
         let _edit = self.edit.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.active.load_full();
         let mut next: Vec<Arc<Halt>> = Vec::with_capacity(current.len() + 1);
@@ -174,11 +172,7 @@ impl Halts {
                 if existing.drain && !halt.drain {
                     continue;
                 }
-                return Err(HaltError::AlreadyHalted {
-                    scope: existing.scope.to_string(),
-                    by: existing.by.clone(),
-                    reason: existing.reason.clone(),
-                });
+                return Err(AlreadyHalted(existing.clone()));
             }
             next.push(existing.clone());
         }
@@ -192,11 +186,11 @@ impl Halts {
     }
 
     /// Lifts the halt on exactly this scope.
-    pub fn resume(&self, scope: &HaltScope) -> Result<Arc<Halt>, HaltError> {
+    pub fn resume(&self, scope: &HaltScope) -> Result<Arc<Halt>, NotHalted> {
         let _edit = self.edit.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.active.load_full();
         let Some(lifted) = current.iter().find(|h| h.scope == *scope).cloned() else {
-            return Err(HaltError::NotHalted(scope.to_string()));
+            return Err(NotHalted(scope.to_string()));
         };
         let next: Vec<Arc<Halt>> = current
             .iter()
@@ -343,11 +337,6 @@ impl HaltWatch {
     pub async fn cut(&mut self, agent: &str, run: Option<&str>) -> Arc<Halt> {
         std::future::poll_fn(|cx| self.poll_cut(cx, agent, run)).await
     }
-
-    /// A halt already in force when the call starts waiting.
-    pub fn already_cut(&self, agent: &str, run: Option<&str>) -> Option<Arc<Halt>> {
-        self.halts.cutting(agent, run)
-    }
 }
 
 impl Drop for HaltWatch {
@@ -396,7 +385,7 @@ mod tests {
         assert!(halts.cutting("a", None).is_some());
         assert!(matches!(
             halts.halt(halt("agent:a", false)),
-            Err(HaltError::AlreadyHalted { .. })
+            Err(AlreadyHalted(_))
         ));
         halts.resume(&HaltScope::Agent("a".into())).unwrap();
         assert!(halts.refusing("a", None).is_none());

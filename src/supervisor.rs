@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::approvals::ApprovalQueue;
 use crate::events::{EventBus, EventParts};
-use crate::halts::{Halt, HaltError, HaltScope, Halts};
+use crate::halts::{AlreadyHalted, Halt, HaltScope, Halts, NotHalted};
 use crate::store::Recorder;
 use crate::store::record::{SupervisionChange, now_micros};
 
@@ -43,7 +43,7 @@ impl Supervisor {
         drain: bool,
         reason: &str,
         by: &str,
-    ) -> Result<Arc<Halt>, HaltError> {
+    ) -> Result<Arc<Halt>, AlreadyHalted> {
         let halt = self.halts.halt(Halt {
             halt_id: uuid::Uuid::now_v7().to_string(),
             scope,
@@ -81,7 +81,7 @@ impl Supervisor {
         Ok(halt)
     }
 
-    pub fn resume(&self, scope: &HaltScope, by: &str) -> Result<Arc<Halt>, HaltError> {
+    pub fn resume(&self, scope: &HaltScope, by: &str) -> Result<Arc<Halt>, NotHalted> {
         let lifted = self.halts.resume(scope)?;
         let scope_text = scope.to_string();
         tracing::info!(scope = %scope_text, by, "resume");
@@ -117,32 +117,35 @@ pub fn restore_halts(conn: &duckdb::Connection) -> duckdb::Result<Vec<Halt>> {
         "SELECT halt_id, scope, drain, reason, halted_by, epoch_us(halted_at) FROM halts WHERE resumed_at IS NULL ORDER BY halted_at",
     )?;
     let rows = stmt.query_map([], |row| {
-        let scope: String = row.get(1)?;
         Ok((
-            scope,
-            Halt {
-                halt_id: row.get(0)?,
-                scope: HaltScope::All,
-                drain: row.get(2)?,
-                reason: row.get(3)?,
-                by: row.get(4)?,
-                since_us: row.get(5)?,
-            },
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, bool>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, String>(4)?,
+            row.get::<_, i64>(5)?,
         ))
     })?;
     let mut halts: Vec<Halt> = Vec::new();
     for row in rows {
-        let (scope, mut halt) = row?;
-        match HaltScope::parse(&scope) {
-            Ok(scope) => halt.scope = scope,
+        let (halt_id, scope, drain, reason, by, since_us) = row?;
+        let scope = match HaltScope::parse(&scope) {
+            Ok(scope) => scope,
             Err(e) => {
-                tracing::error!(halt_id = %halt.halt_id, error = %e, "a stored halt has a scope Warden cannot read; it is not restored");
+                tracing::error!(%halt_id, error = %e, "a stored halt has a scope Warden cannot read; it is not restored");
                 continue;
             }
-        }
-        // A later halt of the same scope (made immediate) replaces it.
-        halts.retain(|h| h.scope != halt.scope);
-        halts.push(halt);
+        };
+        // A later halt of the same scope (a drain made immediate) replaces it.
+        halts.retain(|h| h.scope != scope);
+        halts.push(Halt {
+            halt_id,
+            scope,
+            drain,
+            reason,
+            by,
+            since_us,
+        });
     }
     Ok(halts)
 }

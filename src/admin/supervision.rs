@@ -13,7 +13,7 @@ use serde_json::json;
 use super::{AdminState, Operator, error, json_response, query_param, read_json};
 use crate::approvals::DecideError;
 use crate::events::Received;
-use crate::halts::{HaltError, HaltScope};
+use crate::halts::HaltScope;
 use crate::proxy::body::ProxyBody;
 use crate::store::export::ExportFormat;
 
@@ -128,12 +128,11 @@ pub async fn resume(
             state.supervisor.flush().await;
             json_response(StatusCode::OK, json!({"resumed": &*lifted}))
         }
-        Err(e @ HaltError::NotHalted(_)) => error(
+        Err(e) => error(
             StatusCode::NOT_FOUND,
             "not_halted",
             format!("{e}; `warden halts` lists the active halts"),
         ),
-        Err(e) => error(StatusCode::CONFLICT, "halt_error", e.to_string()),
     }
 }
 
@@ -188,11 +187,11 @@ pub fn events(state: &Arc<AdminState>, uri: &http::Uri) -> Response<ProxyBody> {
             let chunk = tokio::select! {
                 received = watcher.next() => match received {
                     Received::Event(event) => {
-                        if kinds.as_ref().is_some_and(|k| !k.iter().any(|k| k == event.kind)) {
+                        if kinds.as_ref().is_some_and(|k| !k.iter().any(|k| k == event.what.kind)) {
                             continue;
                         }
                         let data = serde_json::to_string(&*event).unwrap_or_default();
-                        format!("event: {}\ndata: {data}\n\n", event.kind)
+                        format!("event: {}\ndata: {data}\n\n", event.what.kind)
                     }
                     Received::Lagged(lost) => format!(": {lost} events were lost (this watcher fell behind)\n\n"),
                     Received::Closed => return,

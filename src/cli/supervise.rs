@@ -293,7 +293,13 @@ pub fn audit_export(args: ExportArgs<'_>, admin: &AdminArgs) -> anyhow::Result<(
             let mut query = format!("format={}", args.format);
             for (name, value) in [("since", args.since), ("until", args.until)] {
                 if let Some(value) = value {
-                    query.push_str(&format!("&{name}={}", percent_encode(value)));
+                    query.push_str(&format!(
+                        "&{name}={}",
+                        percent_encoding::utf8_percent_encode(
+                            value,
+                            percent_encoding::NON_ALPHANUMERIC
+                        )
+                    ));
                 }
             }
             let client = AdminClient::new(admin);
@@ -314,17 +320,6 @@ pub fn audit_export(args: ExportArgs<'_>, admin: &AdminArgs) -> anyhow::Result<(
         None => std::io::stdout().write_all(&bytes)?,
     }
     Ok(())
-}
-
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// The store file of a stopped Warden, opened read-only.

@@ -456,7 +456,7 @@ impl Budget {
         amount: Usd,
         now_us: i64,
         over: &mut Option<BudgetRefusal>,
-    ) -> Result<Reservation, BudgetRefusal> {
+    ) -> Result<Reservation, Box<BudgetRefusal>> {
         let leasing = key.is_empty() && self.hot.leasing.load(Ordering::Relaxed);
         if leasing {
             let index = shard_index(self.shards.len());
@@ -514,7 +514,9 @@ impl Budget {
             let had_shard = shard.take().is_some();
             let totals = self.totals(&state, key);
             let refusal = BudgetRefusal {
-                subject: self.subject(key),
+                scope: self.scope.clone(),
+                run: (!key.is_empty()).then(|| key.to_owned()),
+                period: self.period,
                 limit,
                 spent: totals.spent,
                 reserved: totals.reserved,
@@ -550,7 +552,7 @@ impl Budget {
                 if let Some(alert) = exhausted_alert {
                     self.alerts.raise(alert);
                 }
-                return Err(refusal);
+                return Err(Box::new(refusal));
             }
         }
         let reservation = if let Some(mut shard) = shard {
@@ -679,7 +681,10 @@ fn remaining(limit: Usd, totals: &Totals) -> Usd {
 /// Why a call was refused for money.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetRefusal {
-    pub subject: String,
+    /// The budget's scope; for a `run` budget, `run` names the run.
+    pub scope: BudgetScope,
+    pub run: Option<String>,
+    pub period: Period,
     pub limit: Usd,
     pub spent: Usd,
     pub reserved: Usd,
@@ -688,6 +693,20 @@ pub struct BudgetRefusal {
 }
 
 impl BudgetRefusal {
+    /// `agent:NAME`, `global`, … or `run:ID`: who a halt or an approval
+    /// request is from (`budget:` + this).
+    pub fn scope_text(&self) -> String {
+        match &self.run {
+            Some(run) => format!("run:{run}"),
+            None => self.scope.to_string(),
+        }
+    }
+
+    /// `scope (period)`, as budgets are named to operators.
+    pub fn subject(&self) -> String {
+        format!("{} ({})", self.scope_text(), self.period)
+    }
+
     pub fn message(&self) -> String {
         let what = match self.on_exceed {
             OnExceed::RequireApproval => {
@@ -698,7 +717,11 @@ impl BudgetRefusal {
         };
         format!(
             "budget {} is exhausted: spent ${} and ${} reserved by calls in flight, of a ${} limit; this call may cost up to ${}.{what} Ask an operator to raise it (`warden budgets set`).",
-            self.subject, self.spent, self.reserved, self.limit, self.asked
+            self.subject(),
+            self.spent,
+            self.reserved,
+            self.limit,
+            self.asked
         )
     }
 }
@@ -819,7 +842,7 @@ impl BudgetBook {
         call: &CallSubject<'_>,
         amount: Usd,
         now_us: i64,
-    ) -> Result<BudgetHold, BudgetRefusal> {
+    ) -> Result<BudgetHold, Box<BudgetRefusal>> {
         let budgets = self.budgets.load();
         let mut hold = BudgetHold {
             reservations: Vec::new(),

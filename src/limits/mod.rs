@@ -31,7 +31,7 @@ pub const IMAGE_TOKENS_UPPER_BOUND: u64 = 1_600;
 #[derive(Debug)]
 pub enum AdmitError {
     Rate(Box<RateRefusal>),
-    Budget(BudgetRefusal),
+    Budget(Box<BudgetRefusal>),
     /// A budget counts this call but its model has no price.
     Unpriced,
 }
@@ -76,12 +76,35 @@ pub struct CallFacts<'a> {
 }
 
 impl CallFacts<'_> {
-    fn input_upper_bound(&self) -> u64 {
-        input_upper_bound(self.body)
+    fn upper_bound(&self) -> UpperBound {
+        UpperBound::of(self.endpoint, self.body, self.max_tokens, self.price)
     }
+}
 
-    fn output_upper_bound(&self) -> u64 {
-        output_upper_bound(self.endpoint, self.max_tokens, self.price)
+/// The most a call can use and cost before it runs: what admission
+/// reserves, what policies see and what an approval request shows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpperBound {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `None` for a model without a price.
+    pub cost: Option<Usd>,
+}
+
+impl UpperBound {
+    pub fn of(
+        endpoint: Endpoint,
+        body: &[u8],
+        max_tokens: Option<u64>,
+        price: Option<&ModelPrice>,
+    ) -> UpperBound {
+        let input_tokens = input_upper_bound(body);
+        let output_tokens = output_upper_bound(endpoint, max_tokens, price);
+        UpperBound {
+            input_tokens,
+            output_tokens,
+            cost: price.map(|p| p.upper_bound_cost(input_tokens, output_tokens)),
+        }
     }
 }
 
@@ -151,10 +174,9 @@ impl Limits {
                 ..Admission::default()
             });
         }
-        let (input, output) = (call.input_upper_bound(), call.output_upper_bound());
+        let bound = call.upper_bound();
         let budget = if budgets_apply {
-            let price = call.price.ok_or(AdmitError::Unpriced)?;
-            let amount = price.upper_bound_cost(input, output);
+            let amount = bound.cost.ok_or(AdmitError::Unpriced)?;
             self.budgets
                 .reserve(&call.subject, amount, crate::store::record::now_micros())
                 .map_err(AdmitError::Budget)?
@@ -162,7 +184,7 @@ impl Limits {
             BudgetHold::default()
         };
         let tokens = rates
-            .charge_tokens(agent, model, input + output)
+            .charge_tokens(agent, model, bound.input_tokens + bound.output_tokens)
             .map_err(AdmitError::Rate)?;
         Ok(Admission {
             tokens,

@@ -138,6 +138,8 @@ pub struct Call {
     pub admission: Option<Admission>,
     /// The agent, when its activity is counted (policies are loaded).
     pub counted_agent: Option<Arc<super::Agent>>,
+    /// Its upper-bound usage and cost, worked out once when first needed.
+    upper_bound: Option<crate::limits::UpperBound>,
     /// Set once the call may be cut by a halt (it waits on an operator or
     /// the upstream).
     halt_watch: Option<crate::halts::HaltWatch>,
@@ -173,6 +175,7 @@ impl Call {
             price: None,
             admission: None,
             counted_agent: None,
+            upper_bound: None,
             halt_watch: None,
             ttft_ms: None,
             recorded: false,
@@ -186,6 +189,19 @@ impl Call {
     /// The upstream's name for messages; "upstream" before routing.
     pub fn upstream_name(&self) -> Arc<str> {
         self.upstream.clone().unwrap_or_else(|| "upstream".into())
+    }
+
+    /// The most this call can use and cost (its body, `max_tokens`, price).
+    pub fn upper_bound(
+        &mut self,
+        endpoint: Endpoint,
+        body: &[u8],
+        max_tokens: Option<u64>,
+    ) -> crate::limits::UpperBound {
+        let price = self.price.as_deref();
+        *self
+            .upper_bound
+            .get_or_insert_with(|| crate::limits::UpperBound::of(endpoint, body, max_tokens, price))
     }
 
     /// From now on an immediate halt of this call's agent or run cuts it.

@@ -13,7 +13,7 @@ use super::supervise::{self, ApprovalAsk};
 use super::upstream::Upstream;
 use super::{Agent, ProxyState};
 use crate::halts::HaltScope;
-use crate::limits::{self, CallSubject};
+use crate::limits::CallSubject;
 use crate::policy::input::{
     BodyShape, BudgetInput, CallInput, RunInput, TimeInput, decimal_number, usd_number,
 };
@@ -49,9 +49,7 @@ pub async fn apply_policies(
     agent.activity.call_started();
     call.counted_agent = Some(agent.clone());
     let shape = BodyShape::read(body);
-    let price = call.price.as_deref();
-    let input_tokens = limits::input_upper_bound(body);
-    let output_tokens = limits::output_upper_bound(endpoint, facts.max_tokens, price);
+    let bound = call.upper_bound(endpoint, body, facts.max_tokens);
     let subject = CallSubject {
         agent: &agent.name,
         model: &facts.model,
@@ -89,10 +87,9 @@ pub async fn apply_policies(
             endpoint: endpoint.as_str(),
             stream: facts.stream,
             max_tokens: facts.max_tokens,
-            estimated_input_tokens: input_tokens,
-            estimated_output_tokens: output_tokens,
-            estimated_cost_usd: price
-                .map(|p| usd_number(p.upper_bound_cost(input_tokens, output_tokens))),
+            estimated_input_tokens: bound.input_tokens,
+            estimated_output_tokens: bound.output_tokens,
+            estimated_cost_usd: bound.cost.map(usd_number),
             message_count: shape.message_count(),
             tool_names: shape.tool_names(),
             headers: warden_headers,

@@ -9,8 +9,8 @@ use http::{HeaderMap, HeaderValue};
 use super::ProxyState;
 use super::call::{Call, Refusal};
 use crate::approvals::{ApprovalRequest, Gate, GateRefusal, Heard, RefusalKind};
-use crate::halts::{Halt, HaltError, HaltScope};
-use crate::limits::{self, BudgetRefusal};
+use crate::halts::{AlreadyHalted, Halt, HaltScope};
+use crate::limits::{BudgetRefusal, BudgetScope};
 use crate::providers::{Endpoint, ErrorKind, RequestFacts};
 use crate::store::record::Outcome;
 
@@ -28,16 +28,11 @@ pub struct ApprovalAsk {
 impl ApprovalAsk {
     pub fn for_budget(refusal: &BudgetRefusal) -> ApprovalAsk {
         ApprovalAsk {
-            requested_by: format!("budget:{}", budget_scope_text(&refusal.subject)),
+            requested_by: format!("budget:{}", refusal.scope_text()),
             rule: "budget_exceeded".into(),
             reason: refusal.message(),
         }
     }
-}
-
-/// `agent:a (day)` → `agent:a`.
-fn budget_scope_text(subject: &str) -> &str {
-    subject.split(" (").next().unwrap_or(subject)
 }
 
 /// New calls in a halted scope are refused.
@@ -51,24 +46,8 @@ pub fn check_halts(state: &ProxyState, agent: &str, run: Option<&str>) -> Result
 /// Takes a halt for a policy or a budget; a scope already halted keeps its
 /// first halt, which refuses the call all the same.
 pub fn halt_for(state: &ProxyState, scope: HaltScope, reason: &str, by: &str) -> Arc<Halt> {
-    match state.supervisor.halt(scope.clone(), false, reason, by) {
-        Ok(halt) => halt,
-        Err(HaltError::AlreadyHalted { .. } | HaltError::NotHalted(_)) => state
-            .supervisor
-            .halts
-            .list()
-            .into_iter()
-            .find(|h| h.scope == scope)
-            .unwrap_or_else(|| {
-                Arc::new(Halt {
-                    halt_id: String::new(),
-                    scope,
-                    drain: false,
-                    reason: reason.to_owned(),
-                    by: by.to_owned(),
-                    since_us: 0,
-                })
-            }),
+    match state.supervisor.halt(scope, false, reason, by) {
+        Ok(halt) | Err(AlreadyHalted(halt)) => halt,
     }
 }
 
@@ -80,9 +59,9 @@ pub fn budget_halt(
     run: Option<&str>,
     refusal: &BudgetRefusal,
 ) -> Refusal {
-    let scope_text = budget_scope_text(&refusal.subject);
-    let scope = match HaltScope::parse(scope_text) {
-        Ok(scope @ (HaltScope::Agent(_) | HaltScope::Run(_))) => scope,
+    let scope = match (&refusal.scope, &refusal.run) {
+        (_, Some(budget_run)) => HaltScope::Run(budget_run.clone()),
+        (BudgetScope::Agent(name), None) => HaltScope::Agent(name.clone()),
         _ => match run {
             Some(run) => HaltScope::Run(run.to_owned()),
             None => HaltScope::Agent(agent.to_owned()),
@@ -92,7 +71,7 @@ pub fn budget_halt(
         state,
         scope,
         &refusal.message(),
-        &format!("budget:{scope_text}"),
+        &format!("budget:{}", refusal.scope_text()),
     );
     Refusal::halted(&halt)
 }
@@ -108,20 +87,15 @@ pub async fn await_approval(
 ) -> Result<(), Refusal> {
     let queue = &state.supervisor.approvals;
     let agent = call.agent.clone().unwrap_or_else(|| "".into());
-    let input_tokens = limits::input_upper_bound(body);
-    let output_tokens =
-        limits::output_upper_bound(endpoint, facts.max_tokens, call.price.as_deref());
+    let bound = call.upper_bound(endpoint, body, facts.max_tokens);
     let gate = queue.gate(ApprovalRequest {
         call_id: &call.id,
         agent: &agent,
         model: &facts.model,
         endpoint: endpoint.as_str(),
         body,
-        estimated_input_tokens: input_tokens,
-        estimated_cost: call
-            .price
-            .as_ref()
-            .map(|p| p.upper_bound_cost(input_tokens, output_tokens)),
+        estimated_input_tokens: bound.input_tokens,
+        estimated_cost: bound.cost,
         requested_by: ask.requested_by,
         rule: ask.rule,
         reason: ask.reason,

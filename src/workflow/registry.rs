@@ -64,13 +64,6 @@ impl WorkflowSet {
         set
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Definition>> {
-        self.current
-            .load()
-            .get(name)
-            .map(|served| served.definition.clone())
-    }
-
     pub fn list(&self) -> Vec<WorkflowSummary> {
         self.current
             .load()
