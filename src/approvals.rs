@@ -222,6 +222,19 @@ pub struct ApprovalQueue {
     alerts: crate::alerts::AlertSink,
     /// Warden is stopping: nothing new is held.
     closing: AtomicBool,
+    /// Told of every decision (workflow approval steps advance on it).
+    on_decided: std::sync::OnceLock<DecisionObserver>,
+}
+
+/// Hears every closed approval (approved, rejected, expired, halted).
+pub type DecisionObserver = Box<dyn Fn(&Approval) + Send + Sync>;
+
+/// A human gate of a workflow run: an approval with no call behind it.
+pub struct GateRequest<'a> {
+    pub workflow: &'a str,
+    pub run_id: &'a str,
+    pub step_id: &'a str,
+    pub message: String,
 }
 
 /// The fingerprint of a call for ticket retries: its agent and exact body.
@@ -265,7 +278,61 @@ impl ApprovalQueue {
             events,
             alerts,
             closing: AtomicBool::new(false),
+            on_decided: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets who hears decisions; only the first observer set counts.
+    pub fn observe_decisions(&self, observer: DecisionObserver) {
+        let _ = self.on_decided.set(observer);
+    }
+
+    /// Opens an approval for a workflow's approval step. Nothing waits on it
+    /// in memory: the decision reaches the run through the observer, so it
+    /// survives restarts like any pending ticket.
+    pub fn open_gate(&self, request: GateRequest<'_>) -> Approval {
+        let requested_by = format!("workflow:{}", request.workflow);
+        let mut hasher = Sha256::new();
+        for part in [
+            "gate",
+            request.run_id,
+            request.step_id,
+            &uuid::Uuid::now_v7().to_string(),
+        ] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        let approval = Approval {
+            approval_id: uuid::Uuid::now_v7().to_string(),
+            call_id: String::new(),
+            agent: requested_by.clone(),
+            model: String::new(),
+            endpoint: String::new(),
+            estimated_input_tokens: 0,
+            estimated_cost_usd: None,
+            requested_by,
+            rule: format!("step:{}", request.step_id),
+            reason: request.message,
+            run_id: Some(request.run_id.to_owned()),
+            step_id: Some(request.step_id.to_owned()),
+            requested_at_us: now_micros(),
+            mode: Mode::Ticket,
+            status: Status::Pending,
+            decided_at_us: None,
+            decided_by: None,
+            decision_reason: None,
+            used_by_call: None,
+            fingerprint: hasher.finalize().into(),
+        };
+        self.lock().by_id.insert(
+            approval.approval_id.clone(),
+            Entry {
+                approval: approval.clone(),
+                waiter: None,
+            },
+        );
+        self.announce(&approval, None);
+        approval
     }
 
     fn holds(&self) -> bool {
@@ -497,6 +564,12 @@ impl ApprovalQueue {
 
     /// A held call was cut by a halt: its approval is closed with it.
     pub fn close_halted(&self, id: &str, halt: &crate::halts::Halt) {
+        self.withdraw(id, &halt.by, &halt.message());
+    }
+
+    /// Closes a pending approval nobody needs any more (its call was cut, its
+    /// run cancelled), as `halted`, by whoever withdrew it.
+    pub fn withdraw(&self, id: &str, by: &str, reason: &str) {
         let mut state = self.lock();
         let Some(entry) = state.by_id.get_mut(id) else {
             return;
@@ -505,12 +578,7 @@ impl ApprovalQueue {
         if entry.approval.status != Status::Pending {
             return;
         }
-        let changed = close(
-            &mut entry.approval,
-            Status::Halted,
-            &halt.by,
-            &halt.message(),
-        );
+        let changed = close(&mut entry.approval, Status::Halted, by, reason);
         drop(state);
         self.record_decision(&changed);
     }
@@ -574,6 +642,9 @@ impl ApprovalQueue {
     }
 
     fn record_decision(&self, approval: &Approval) {
+        if let Some(observer) = self.on_decided.get() {
+            observer(approval);
+        }
         let status = approval.status.as_str();
         let by = approval.decided_by.clone().unwrap_or_default();
         let reason = approval.decision_reason.clone().unwrap_or_default();

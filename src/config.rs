@@ -729,6 +729,17 @@ pub fn line_in_file(path: &Path, span: Range<usize>) -> usize {
 }
 
 /// The sha256 of a secret as lowercase hex, as written in the config.
+/// A random secret with a readable prefix: `wk_` agent keys, `wt_` tokens.
+pub fn new_secret(prefix: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let body: String = (0..40)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}{body}")
+}
+
 pub fn sha256_hex(secret: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(secret.as_bytes()))

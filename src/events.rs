@@ -35,6 +35,9 @@ pub const KINDS: &[&str] = &[
     "budget_alert",
     "policy_deny",
     "call_refused",
+    "run_started",
+    "run_ended",
+    "step_changed",
 ];
 
 #[derive(Clone)]

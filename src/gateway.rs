@@ -23,11 +23,13 @@ use crate::metering::PriceTable;
 use crate::metering::prices::PriceError;
 use crate::metrics::Metrics;
 use crate::policy::{LoadEvent, LoadObserver, ModuleSet};
+use crate::providers::ProviderKind;
+use crate::proxy::upstream::Route;
 use crate::proxy::upstream::UpstreamError;
 use crate::proxy::{ProxyState, pipeline};
 use crate::store::{Recorder, Store, StoreError, StoreReader, WriterHandle};
 use crate::supervisor::Supervisor;
-use crate::workflow::{WorkflowAgents, WorkflowSet};
+use crate::workflow::{Runs, WorkflowAgents, WorkflowSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -65,6 +67,7 @@ pub struct Gateway {
     reader: StoreReader,
     metrics: Arc<Metrics>,
     supervisor: Arc<Supervisor>,
+    runs: Arc<Runs>,
 }
 
 impl Gateway {
@@ -169,26 +172,68 @@ impl Gateway {
                     crate::workflow::registry::known_versions(conn)
                         .map_err(|e| StoreError::Sql(e.to_string()))
                 })?;
-                Ok::<_, StoreError>(WorkflowSet::load(dir, agents, known, recorder))
+                Ok::<_, StoreError>(WorkflowSet::load(
+                    dir,
+                    agents,
+                    known,
+                    Some(reader),
+                    recorder,
+                ))
             })
             .await
             .map_err(|e| StoreError::Sql(e.to_string()))??
         };
         let workflows = Arc::new(workflows);
         background.extend(workflows.watch(MODULE_POLL));
+        let runs = {
+            let reader = reader.clone();
+            let set = workflows.clone();
+            let restored = tokio::task::spawn_blocking(move || {
+                reader.with_connection(|conn| {
+                    set.apply_pins(conn)
+                        .and_then(|()| crate::workflow::store::restore_runs(conn, &set))
+                        .map_err(|e| StoreError::Sql(e.to_string()))
+                })
+            })
+            .await
+            .map_err(|e| StoreError::Sql(e.to_string()))??;
+            if !restored.is_empty() {
+                tracing::info!(
+                    runs = restored.len(),
+                    "workflow runs from before the restart resume"
+                );
+            }
+            let agents = config
+                .agents
+                .iter()
+                .map(|a| (a.name.get_ref().clone(), a.capabilities.clone()))
+                .collect();
+            Runs::new(
+                workflows.clone(),
+                agents,
+                restored,
+                recorder.clone(),
+                supervisor.clone(),
+            )
+        };
+        background.push(runs.drive());
         // One proxy worker per core, each a single-threaded runtime with its
         // own SO_REUSEPORT listener and upstream pool: a call's request,
         // upstream exchange and response never hop between threads.
         let workers = config.server.workers();
         let first = ProxyState::new(
             &config,
-            prices.clone(),
-            limits.clone(),
-            modules.clone(),
-            supervisor.clone(),
-            recorder.clone(),
-            metrics.clone(),
+            crate::proxy::Shared {
+                prices: prices.clone(),
+                limits: limits.clone(),
+                modules: modules.clone(),
+                supervisor: supervisor.clone(),
+                runs: runs.clone(),
+                recorder: recorder.clone(),
+                metrics: metrics.clone(),
+            },
         )?;
+        let router = first.router.clone();
         let mut proxy_states = Vec::with_capacity(workers);
         for _ in 1..workers {
             proxy_states.push(Arc::new(first.for_worker()?));
@@ -203,7 +248,7 @@ impl Gateway {
                 limits: limits.clone(),
                 modules: modules.clone(),
                 supervisor: supervisor.clone(),
-                workflows: workflows.clone(),
+                runs: runs.clone(),
             },
         ));
 
@@ -229,6 +274,15 @@ impl Gateway {
                 source,
             })?;
 
+        runs.set_model_caller(crate::workflow::ModelCaller {
+            proxy_addr: loopback(proxy_addr),
+            protocol_of: Box::new(
+                move |model| match router.route(model, ProviderKind::OpenAi) {
+                    Route::Found(upstream) | Route::WrongFormat(upstream) => Some(upstream.kind),
+                    Route::Unknown => None,
+                },
+            ),
+        });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let mut proxy_workers = Vec::with_capacity(workers);
@@ -309,7 +363,12 @@ impl Gateway {
             reader,
             metrics,
             supervisor,
+            runs,
         })
+    }
+
+    pub fn runs(&self) -> &Arc<Runs> {
+        &self.runs
     }
 
     pub fn supervisor(&self) -> &Arc<Supervisor> {
@@ -365,6 +424,18 @@ impl Gateway {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
         tracing::info!("warden stopped; every record is committed");
+    }
+}
+
+/// The address Warden's own calls reach the proxy on: a wildcard listen
+/// address is reached on loopback.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
     }
 }
 

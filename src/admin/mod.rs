@@ -1,6 +1,7 @@
 //! The operator-facing listener: `/healthz`, `/metrics`, and the admin API
 //! under `/admin/v1/` behind operator tokens.
 
+mod runs;
 mod supervision;
 
 use std::collections::{HashMap, HashSet};
@@ -45,7 +46,7 @@ pub struct AdminState {
     limits: Arc<Limits>,
     modules: Arc<ModuleSet>,
     supervisor: Arc<crate::supervisor::Supervisor>,
-    workflows: Arc<crate::workflow::WorkflowSet>,
+    runs: Arc<crate::workflow::Runs>,
     /// Changes per operator per minute.
     changes: governor::DefaultKeyedRateLimiter<String>,
     changes_per_minute: u32,
@@ -59,7 +60,7 @@ pub struct Services {
     pub limits: Arc<Limits>,
     pub modules: Arc<ModuleSet>,
     pub supervisor: Arc<crate::supervisor::Supervisor>,
-    pub workflows: Arc<crate::workflow::WorkflowSet>,
+    pub runs: Arc<crate::workflow::Runs>,
 }
 
 impl AdminState {
@@ -71,7 +72,7 @@ impl AdminState {
             limits,
             modules,
             supervisor,
-            workflows,
+            runs,
         } = services;
         let per_minute = std::num::NonZeroU32::new(config.server.admin_changes_per_minute)
             .unwrap_or(std::num::NonZeroU32::MIN);
@@ -103,7 +104,7 @@ impl AdminState {
             limits,
             modules,
             supervisor,
-            workflows,
+            runs,
             changes: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
             changes_per_minute: per_minute.get(),
         }
@@ -333,8 +334,37 @@ async fn admin_api(
             let id = id.to_owned();
             supervision::decide(state, &operator, &id, approve, request).await
         }
-        (Method::GET, "/admin/v1/workflows") => {
-            json_response(StatusCode::OK, json!({"workflows": state.workflows.list()}))
+        (Method::GET, "/admin/v1/workflows") => json_response(
+            StatusCode::OK,
+            json!({"workflows": state.runs.workflows().list()}),
+        ),
+        (Method::GET, p) if p.starts_with("/admin/v1/workflows/") && p.ends_with("/history") => {
+            let name = &p["/admin/v1/workflows/".len()..p.len() - "/history".len()];
+            runs::history(state, name).await
+        }
+        (Method::POST, p) if p.starts_with("/admin/v1/workflows/") && p.ends_with("/rollback") => {
+            if let Some(refused) = state.may_change(&operator, "roll back a workflow") {
+                return refused;
+            }
+            let name = p["/admin/v1/workflows/".len()..p.len() - "/rollback".len()].to_owned();
+            runs::rollback(state, &operator, &name, request).await
+        }
+        (Method::POST, "/admin/v1/runs") => {
+            if let Some(refused) = state.may_change(&operator, "start a run") {
+                return refused;
+            }
+            runs::start(state, &operator, request).await
+        }
+        (Method::GET, "/admin/v1/runs") => runs::list(state, request.uri()).await,
+        (Method::POST, p) if p.starts_with("/admin/v1/runs/") && p.ends_with("/cancel") => {
+            if let Some(refused) = state.may_change(&operator, "cancel a run") {
+                return refused;
+            }
+            let run_id = p["/admin/v1/runs/".len()..p.len() - "/cancel".len()].to_owned();
+            runs::cancel(state, &operator, &run_id, request).await
+        }
+        (Method::GET, p) if p.starts_with("/admin/v1/runs/") => {
+            runs::show(state, &p["/admin/v1/runs/".len()..]).await
         }
         (Method::GET, "/admin/v1/halts") => json_response(
             StatusCode::OK,

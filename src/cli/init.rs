@@ -2,20 +2,8 @@
 
 use std::path::Path;
 
+use crate::config::{init_template, new_secret, sha256_hex};
 use anyhow::bail;
-use rand::Rng;
-
-use crate::config::{init_template, sha256_hex};
-
-/// A random secret with a readable prefix: `wk_` agent keys, `wt_` tokens.
-pub fn new_secret(prefix: &str) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let body: String = (0..40)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("{prefix}{body}")
-}
 
 pub fn run(path: &Path, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {

@@ -7,6 +7,7 @@ mod demo;
 mod init;
 mod policy;
 mod query;
+mod runs;
 mod serve;
 mod supervise;
 mod workflows;
@@ -147,7 +148,15 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Workflow definitions: `validate` a file offline, `list` those served.
+    /// Workflow runs: `start`, `list`, `show` (the DAG), `watch`, `cancel`.
+    Runs {
+        #[command(subcommand)]
+        action: RunsAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Workflow definitions: `validate` a file offline, `list` those served,
+    /// `history` of versions, `rollback` to one.
     Workflows {
         #[command(subcommand)]
         action: WorkflowsAction,
@@ -221,6 +230,57 @@ enum WorkflowsAction {
     List {
         #[arg(long, value_enum, default_value_t = query::Format::Table)]
         format: query::Format,
+    },
+    /// A workflow's versions with their run counts and success rates.
+    History {
+        workflow: String,
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+    },
+    /// Make an older version current (audited); new runs use it.
+    Rollback {
+        workflow: String,
+        /// The version's hash (or a unique prefix of 8+ characters).
+        version: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsAction {
+    /// Start a run; prints the estimated cost and, last, the run id.
+    Start {
+        workflow: String,
+        /// An input, NAME=VALUE (repeat for each).
+        #[arg(long = "input", short = 'i')]
+        inputs: Vec<String>,
+        /// Run this older version (hash or 8+ character prefix).
+        #[arg(long)]
+        version: Option<String>,
+        /// `json` prints {"run_id", "estimated_cost_usd"}.
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+    },
+    /// Runs, newest first.
+    List {
+        /// running, succeeded, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+    },
+    /// The run's DAG with each step's state, agent, duration, tokens and cost.
+    Show {
+        run: String,
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+    },
+    /// Redraw the run live until it ends.
+    Watch { run: String },
+    /// Halt the run: its in-flight calls are cut, pending steps cancelled.
+    Cancel {
+        run: String,
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -402,6 +462,24 @@ pub fn main() -> ExitCode {
                 workflows::validate(&file, config.as_deref())
             }
             WorkflowsAction::List { format } => workflows::list(format, &admin),
+            WorkflowsAction::History { workflow, format } => {
+                runs::history(&workflow, format, &admin)
+            }
+            WorkflowsAction::Rollback { workflow, version } => {
+                runs::rollback(&workflow, &version, &admin)
+            }
+        },
+        Command::Runs { action, admin } => match action {
+            RunsAction::Start {
+                workflow,
+                inputs,
+                version,
+                format,
+            } => runs::start(&workflow, &inputs, version.as_deref(), format, &admin),
+            RunsAction::List { status, format } => runs::list(status.as_deref(), format, &admin),
+            RunsAction::Show { run, format } => runs::show(&run, format, &admin),
+            RunsAction::Watch { run } => runs::watch(&run, &admin),
+            RunsAction::Cancel { run, reason } => runs::cancel(&run, reason.as_deref(), &admin),
         },
         Command::Policy { action, admin } => match action {
             PolicyAction::List { format } => policy::list(format, &admin),

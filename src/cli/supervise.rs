@@ -79,7 +79,7 @@ pub fn list_approvals(all: bool, format: Format, admin: &AdminArgs) -> anyhow::R
     Ok(())
 }
 
-fn human_age(micros: i64) -> String {
+pub fn human_age(micros: i64) -> String {
     let secs = (micros / 1_000_000).max(0);
     match secs {
         0..60 => format!("{secs}s"),

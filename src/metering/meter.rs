@@ -12,6 +12,7 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use super::sse::{SseEvent, SseParser};
+use crate::providers::answer::{Answer, AnswerStream};
 use crate::providers::{Endpoint, ProviderKind, RawUsage, Usage};
 
 /// Output text kept for estimates; beyond it, only its length counts.
@@ -35,6 +36,8 @@ pub struct MeterReport {
     pub text: Vec<u8>,
     /// Output bytes seen beyond `MAX_TEXT`.
     pub text_overflow: u64,
+    /// The model's answer, read for calls bound to a workflow step.
+    pub answer: Option<Answer>,
 }
 
 pub struct StreamMeter {
@@ -45,6 +48,7 @@ pub struct StreamMeter {
     strip_usage_chunk: bool,
     last_event_end: u64,
     drops: Vec<(u64, u64)>,
+    answer: Option<Box<AnswerStream>>,
 }
 
 struct Patterns {
@@ -82,7 +86,14 @@ impl StreamMeter {
             strip_usage_chunk,
             last_event_end: 0,
             drops: Vec::new(),
+            answer: None,
         }
+    }
+
+    /// Also reads the answer's text (a call bound to a workflow step).
+    pub fn with_answer(mut self) -> Self {
+        self.answer = Some(Box::new(AnswerStream::new(self.endpoint)));
+        self
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
@@ -93,8 +104,12 @@ impl StreamMeter {
             strip_usage_chunk,
             last_event_end,
             drops,
+            answer,
         } = self;
         parser.feed(chunk, |event| {
+            if let Some(answer) = answer.as_mut() {
+                answer.on_event(event.event, event.data);
+            }
             let start = *last_event_end;
             *last_event_end = event.end;
             let drop = match endpoint.protocol() {
@@ -118,12 +133,14 @@ impl StreamMeter {
         &self.report
     }
 
-    pub fn into_report(self) -> MeterReport {
-        self.report
+    pub fn into_report(mut self) -> MeterReport {
+        self.take_report()
     }
 
     pub fn take_report(&mut self) -> MeterReport {
-        std::mem::take(&mut self.report)
+        let mut report = std::mem::take(&mut self.report);
+        report.answer = self.answer.take().map(|a| a.finish());
+        report
     }
 
     pub fn strips_usage_chunk(&self) -> bool {

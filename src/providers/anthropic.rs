@@ -11,7 +11,7 @@ pub const DEFAULT_VERSION: &str = "2023-06-01";
 fn error_type(kind: ErrorKind) -> &'static str {
     match kind {
         ErrorKind::InvalidKey => "authentication_error",
-        ErrorKind::InvalidRequest => "invalid_request_error",
+        ErrorKind::InvalidRequest | ErrorKind::Conflict => "invalid_request_error",
         ErrorKind::NotFound => "not_found_error",
         ErrorKind::TooLarge => "request_too_large",
         ErrorKind::Forbidden => "permission_error",

@@ -2,6 +2,7 @@
 //! a request, the usage a response reports, and each provider's error shape.
 //! Provider quirks stay in `openai.rs` and `anthropic.rs`.
 
+pub mod answer;
 pub mod anthropic;
 pub mod openai;
 
@@ -302,6 +303,8 @@ pub enum ErrorKind {
     TooLarge,
     /// A policy or an operator said no (403).
     Forbidden,
+    /// The request does not fit the current state (409).
+    Conflict,
     /// A rate limit or a budget (429).
     RateLimited,
     UpstreamFailed,
@@ -317,6 +320,7 @@ impl ErrorKind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -11,7 +11,8 @@ fn error_type(kind: ErrorKind) -> &'static str {
         ErrorKind::InvalidKey
         | ErrorKind::InvalidRequest
         | ErrorKind::NotFound
-        | ErrorKind::TooLarge => "invalid_request_error",
+        | ErrorKind::TooLarge
+        | ErrorKind::Conflict => "invalid_request_error",
         ErrorKind::Forbidden => "permission_error",
         ErrorKind::RateLimited => "rate_limit_exceeded",
         ErrorKind::UpstreamFailed | ErrorKind::UpstreamTimeout => "api_error",

@@ -94,6 +94,7 @@ pub struct Settlement {
     pub output_text: Vec<u8>,
     pub output_overflow: u64,
     pub error: Option<String>,
+    pub answer: Option<crate::providers::answer::Answer>,
 }
 
 impl Settlement {
@@ -112,6 +113,7 @@ impl Settlement {
             output_text: report.text,
             output_overflow: report.text_overflow,
             error: error.or(report.error),
+            answer: report.answer,
         }
     }
 }
@@ -132,6 +134,8 @@ pub struct Call {
     pub stream: bool,
     pub run_id: Option<String>,
     pub step_id: Option<String>,
+    /// The workflow run and step this call serves.
+    pub binding: Option<crate::workflow::Binding>,
     pub request_body: Bytes,
     pub price: Option<Arc<ModelPrice>>,
     /// Rate-limit and budget charges, settled when the call ends.
@@ -171,6 +175,7 @@ impl Call {
             stream: false,
             run_id: None,
             step_id: None,
+            binding: None,
             request_body: Bytes::new(),
             price: None,
             admission: None,
@@ -202,6 +207,22 @@ impl Call {
         *self
             .upper_bound
             .get_or_insert_with(|| crate::limits::UpperBound::of(endpoint, body, max_tokens, price))
+    }
+
+    /// Whether the answer is read: the call may end its workflow step.
+    pub fn reads_answer(&self) -> bool {
+        self.binding
+            .as_ref()
+            .and_then(|b| b.step.as_ref())
+            .is_some_and(|s| s.ends_on_answer)
+    }
+
+    /// Holds the call's upper-bound cost against its step's `budget_usd`.
+    pub fn reserve_step_budget(&mut self, cost: Usd) -> Result<(), String> {
+        match self.binding.as_mut() {
+            Some(binding) => self.state.runs.reserve(binding, cost),
+            None => Ok(()),
+        }
     }
 
     /// From now on an immediate halt of this call's agent or run cuts it.
@@ -280,6 +301,7 @@ impl Call {
             None
         };
         self.record(CallEnd {
+            answer: None,
             status,
             outcome: refusal.outcome,
             usage: Usage::default(),
@@ -335,6 +357,7 @@ impl Call {
             None => None,
         };
         self.record(CallEnd {
+            answer: settlement.answer,
             status: settlement.status,
             outcome: settlement.outcome,
             usage: settlement.usage,
@@ -352,6 +375,7 @@ impl Call {
     /// Records a call Warden answered itself (the model list).
     pub fn settle_local(&mut self, status: StatusCode) {
         self.record(CallEnd {
+            answer: None,
             status,
             outcome: Outcome::Ok,
             usage: Usage::default(),
@@ -395,6 +419,21 @@ impl Call {
             (None, Some(path)) => path.clone(),
             (None, None) => String::new(),
         };
+        if let Some(binding) = self.binding.take() {
+            self.state.runs.call_ended(
+                &binding,
+                crate::workflow::CallEnded {
+                    call_id: self.id.clone(),
+                    ok: end.outcome == Outcome::Ok && end.status.is_success(),
+                    status: end.status.as_u16(),
+                    error: end.error.clone(),
+                    cost: end.cost,
+                    input_tokens: end.usage.input_tokens,
+                    output_tokens: end.usage.output_tokens,
+                    answer: end.answer,
+                },
+            );
+        }
         let record = CallRecord {
             call_id: std::mem::take(&mut self.id),
             ts_start_us: self.ts_start_us,
@@ -422,6 +461,7 @@ impl Call {
 }
 
 struct CallEnd {
+    answer: Option<crate::providers::answer::Answer>,
     status: StatusCode,
     outcome: Outcome,
     usage: Usage,
@@ -441,6 +481,7 @@ impl Drop for Call {
         }
         let pending = self.estimate_pending(true);
         self.record(CallEnd {
+            answer: None,
             status: StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             outcome: Outcome::Cancelled,
             usage: Usage::default(),

@@ -8,6 +8,7 @@ pub mod headers;
 pub mod pipeline;
 pub mod supervise;
 pub mod upstream;
+pub mod work;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,8 +46,10 @@ pub struct AgentDirectory {
 }
 
 impl AgentDirectory {
-    pub fn from_config(config: &Config) -> AgentDirectory {
-        let by_digest = config
+    /// The configured agents, and Warden itself (the agent of its own
+    /// model-step calls) under a key that exists only in memory.
+    pub fn from_config(config: &Config, internal_key_digest: [u8; 32]) -> AgentDirectory {
+        let mut by_digest: HashMap<[u8; 32], Arc<Agent>> = config
             .agents
             .iter()
             .filter_map(|agent| {
@@ -61,6 +64,15 @@ impl AgentDirectory {
                 Some((digest, Arc::new(entry)))
             })
             .collect();
+        by_digest.insert(
+            internal_key_digest,
+            Arc::new(Agent {
+                name: crate::workflow::WARDEN_AGENT.into(),
+                role: "workflow".into(),
+                capabilities: Vec::new(),
+                activity: Default::default(),
+            }),
+        );
         AgentDirectory { by_digest }
     }
 
@@ -88,6 +100,7 @@ pub struct ProxyState {
     pub limits: Arc<Limits>,
     pub modules: Arc<ModuleSet>,
     pub supervisor: Arc<crate::supervisor::Supervisor>,
+    pub runs: Arc<crate::workflow::Runs>,
     /// This worker's in-flight calls, woken by halts.
     pub halt_slots: Arc<crate::halts::WakerSlots>,
     pub client: HttpClient,
@@ -99,16 +112,28 @@ pub struct ProxyState {
     models_anthropic: Bytes,
 }
 
+/// The services every proxy worker shares.
+pub struct Shared {
+    pub prices: Arc<PriceTable>,
+    pub limits: Arc<Limits>,
+    pub modules: Arc<ModuleSet>,
+    pub supervisor: Arc<crate::supervisor::Supervisor>,
+    pub runs: Arc<crate::workflow::Runs>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
 impl ProxyState {
-    pub fn new(
-        config: &Config,
-        prices: Arc<PriceTable>,
-        limits: Arc<Limits>,
-        modules: Arc<ModuleSet>,
-        supervisor: Arc<crate::supervisor::Supervisor>,
-        recorder: Recorder,
-        metrics: Arc<Metrics>,
-    ) -> Result<ProxyState, UpstreamError> {
+    pub fn new(config: &Config, shared: Shared) -> Result<ProxyState, UpstreamError> {
+        let Shared {
+            prices,
+            limits,
+            modules,
+            supervisor,
+            runs,
+            recorder,
+            metrics,
+        } = shared;
         let upstreams = config
             .upstreams
             .iter()
@@ -117,13 +142,17 @@ impl ProxyState {
         let router = Router::new(upstreams);
         let (models_openai, models_anthropic) = model_listings(&router, &prices);
         Ok(ProxyState {
-            agents: Arc::new(AgentDirectory::from_config(config)),
+            agents: Arc::new(AgentDirectory::from_config(
+                config,
+                runs.internal_key_digest(),
+            )),
             router: Arc::new(router),
             prices,
             limits,
             modules,
             halt_slots: supervisor.halts.worker_slots(),
             supervisor,
+            runs,
             client: upstream::build_client()?,
             recorder,
             metrics,
@@ -144,6 +173,7 @@ impl ProxyState {
             limits: self.limits.clone(),
             modules: self.modules.clone(),
             supervisor: self.supervisor.clone(),
+            runs: self.runs.clone(),
             halt_slots: self.supervisor.halts.worker_slots(),
             client: upstream::build_client()?,
             recorder: self.recorder.clone(),

@@ -29,6 +29,9 @@ use crate::store::record::Outcome;
 
 /// The driver: runs the stages and turns a refusal into an answer.
 pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
+    if request.uri().path().starts_with(super::work::PREFIX) {
+        return super::work::handle(&state, request).await;
+    }
     let endpoint = Endpoint::from_request(request.method(), request.uri().path());
     // The model list is shared by both APIs: the caller's SDK tells which.
     let protocol = match endpoint {
@@ -93,8 +96,9 @@ async fn serve(
         return Ok(Reply::Done(state.models_response(call)));
     }
 
-    // halt check
+    // halt check, then the workflow step the call serves
     supervise::check_halts(state, &agent.name, call.run_id.as_deref())?;
+    bind_to_run(state, call, &agent.name)?;
 
     // read
     let body = read_body(body, &parts.headers, state.max_body_bytes).await?;
@@ -148,7 +152,7 @@ async fn serve(
                 agent: &agent.name,
                 model: &facts.model,
                 run_id: call.run_id.as_deref(),
-                workflow: None,
+                workflow: call.binding.as_ref().map(|b| &*b.workflow),
             },
             endpoint,
             body: &body,
@@ -163,6 +167,17 @@ async fn serve(
         })?;
     let mut approval = admission.needs_approval().map(ApprovalAsk::for_budget);
     call.admission = Some(admission);
+    if call.binding.as_ref().is_some_and(|b| b.step.is_some()) {
+        let bound = call.upper_bound(endpoint, &body, facts.max_tokens);
+        let limit = call.reserve_step_budget(bound.cost.unwrap_or(crate::money::Usd::ZERO));
+        limit.map_err(|message| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            Refusal::new(ErrorKind::RateLimited, "budget_exceeded", message)
+                .with_outcome(Outcome::BudgetExceeded)
+                .with_headers(headers)
+        })?;
+    }
 
     // policies, the approval hold, then plugins
     let mut body = body;
@@ -241,6 +256,29 @@ async fn serve(
         response,
         strip_usage_chunk,
     }))
+}
+
+/// Binds the call to the workflow run and step it serves (its
+/// `x-warden-run` / `x-warden-step` headers, or its agent's only running
+/// step), so that run budgets apply and its answer can end the step.
+fn bind_to_run(state: &ProxyState, call: &mut Call, agent: &str) -> Result<(), Refusal> {
+    use crate::workflow::RunsError;
+    let binding = state
+        .runs
+        .bind(agent, call.run_id.as_deref(), call.step_id.as_deref())
+        .map_err(|e| {
+            let (kind, code) = match e {
+                RunsError::UnknownStep { .. } => (ErrorKind::InvalidRequest, "unknown_step"),
+                _ => (ErrorKind::Forbidden, "step_not_assigned"),
+            };
+            Refusal::new(kind, code, e.to_string())
+        })?;
+    if let Some(binding) = binding {
+        call.run_id = Some(binding.run_id.clone());
+        call.step_id = binding.step.as_ref().map(|s| s.id.clone());
+        call.binding = Some(binding);
+    }
+    Ok(())
 }
 
 /// A refused admission in the caller's format. Rate limits carry the
@@ -444,7 +482,10 @@ async fn respond(
         .is_some_and(|v| v.starts_with("text/event-stream"));
 
     if is_stream && parts.status.is_success() {
-        let meter = StreamMeter::new(endpoint, upstream.strip_usage_chunk);
+        let mut meter = StreamMeter::new(endpoint, upstream.strip_usage_chunk);
+        if call.reads_answer() {
+            meter = meter.with_answer();
+        }
         let stream = MeteredStream::new(body, meter, call, parts.status);
         return Response::from_parts(parts, ProxyBody::Metered(Box::new(stream)));
     }
@@ -467,6 +508,9 @@ async fn respond(
     let status = parts.status;
     let settlement = if status.is_success() {
         let mut report = MeterReport::default();
+        if call.reads_answer() {
+            report.answer = crate::providers::answer::Answer::from_body(endpoint, &bytes);
+        }
         match providers::usage_from_body(endpoint, &bytes) {
             Some(usage) => {
                 report.usage = usage;

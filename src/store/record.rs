@@ -230,3 +230,41 @@ pub struct WorkflowVersionRow {
     pub loaded_at_us: i64,
     pub loaded_by: String,
 }
+
+/// A workflow run as it stands (`runs`): written whole on every change.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    pub run_id: String,
+    pub workflow: String,
+    pub version_hash: String,
+    pub status: &'static str,
+    pub triggered_by: String,
+    pub inputs: String,
+    pub started_at_us: i64,
+    pub ended_at_us: Option<i64>,
+    pub error: Option<String>,
+    pub cost: Usd,
+}
+
+/// A step of a run as it stands (`steps`): written whole on every change.
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub run_id: String,
+    pub step_id: String,
+    pub status: &'static str,
+    pub agent: Option<String>,
+    pub attempts: u32,
+    pub started_at_us: Option<i64>,
+    pub ended_at_us: Option<i64>,
+    pub output: Option<String>,
+    pub output_json: Option<String>,
+    pub error: Option<String>,
+    pub call_id: Option<String>,
+    pub calls: u32,
+    pub cost: Usd,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub retry_at_us: Option<i64>,
+    pub deadline_us: Option<i64>,
+    pub approval_id: Option<String>,
+}

@@ -197,6 +197,60 @@ CREATE TABLE workflow_versions (
 );
 "#,
     },
+    Migration {
+        version: 6,
+        description: "workflow steps, current-version pins and the workflow insight views",
+        sql: r#"
+CREATE TABLE steps (
+    run_id VARCHAR NOT NULL,
+    step_id VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    agent VARCHAR,
+    attempts INTEGER NOT NULL,
+    started_at TIMESTAMP,
+    ended_at TIMESTAMP,
+    output VARCHAR,
+    output_json JSON,
+    error VARCHAR,
+    call_id VARCHAR,
+    calls INTEGER NOT NULL,
+    cost_usd DECIMAL(38, 18) NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    retry_at TIMESTAMP,
+    deadline TIMESTAMP,
+    approval_id VARCHAR
+);
+CREATE TABLE workflow_pins (
+    ts TIMESTAMP NOT NULL,
+    workflow VARCHAR NOT NULL,
+    version_hash VARCHAR NOT NULL,
+    operator VARCHAR NOT NULL
+);
+CREATE VIEW workflow_stats AS
+SELECT workflow, version_hash,
+       count(*) AS runs,
+       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status IN ('succeeded', 'failed')) AS completed,
+       round(count(*) FILTER (WHERE status = 'succeeded') / nullif(count(*) FILTER (WHERE status IN ('succeeded', 'failed')), 0), 4) AS success_rate,
+       avg(cost_usd) FILTER (WHERE status IN ('succeeded', 'failed')) AS avg_cost_usd,
+       avg(epoch(ended_at) - epoch(started_at)) FILTER (WHERE status IN ('succeeded', 'failed')) AS avg_duration_s,
+       min(started_at) AS first_run, max(started_at) AS last_run
+FROM runs GROUP BY workflow, version_hash ORDER BY workflow, first_run;
+CREATE VIEW agent_step_stats AS
+SELECT r.workflow, s.step_id, s.agent,
+       count(*) AS steps,
+       count(*) FILTER (WHERE s.status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE s.status = 'failed') AS failed,
+       round(count(*) FILTER (WHERE s.status = 'succeeded') / nullif(count(*) FILTER (WHERE s.status IN ('succeeded', 'failed')), 0), 4) AS success_rate,
+       avg(s.cost_usd) FILTER (WHERE s.status IN ('succeeded', 'failed')) AS avg_cost_usd,
+       avg(epoch(s.ended_at) - epoch(s.started_at)) FILTER (WHERE s.status IN ('succeeded', 'failed')) AS avg_duration_s
+FROM steps s JOIN runs r ON r.run_id = s.run_id
+WHERE s.agent IS NOT NULL
+GROUP BY r.workflow, s.step_id, s.agent ORDER BY r.workflow, s.step_id, s.agent;
+"#,
+    },
 ];
 
 pub fn latest_version() -> i32 {

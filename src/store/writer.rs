@@ -17,8 +17,8 @@ use duckdb::types::{TimeUnit, Value};
 
 use super::audit::{ChainFields, canonical_json, chain_hash, chain_head};
 use super::record::{
-    AlertRow, AuditEntry, CallRecord, DecisionRow, SettingChange, SupervisionChange, UsageSource,
-    WorkflowVersionRow, now_micros,
+    AlertRow, AuditEntry, CallRecord, DecisionRow, RunRow, SettingChange, StepRow,
+    SupervisionChange, UsageSource, WorkflowVersionRow, now_micros,
 };
 use crate::metering::estimate;
 use crate::metrics::Metrics;
@@ -37,6 +37,13 @@ pub enum StoreCommand {
     Decision(Box<DecisionRow>),
     Supervision(Box<SupervisionChange>),
     WorkflowVersion(Box<WorkflowVersionRow>),
+    WorkflowPin {
+        workflow: String,
+        version_hash: String,
+        operator: String,
+    },
+    Run(Box<RunRow>),
+    Step(Box<StepRow>),
     /// Commit everything received so far, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Commit everything received so far and stop.
@@ -85,6 +92,25 @@ impl Recorder {
 
     pub fn workflow_version(&self, row: WorkflowVersionRow) {
         self.send(StoreCommand::WorkflowVersion(Box::new(row)));
+    }
+
+    /// An operator made an older version of a workflow current.
+    pub fn workflow_pin(&self, workflow: &str, version_hash: &str, operator: &str) {
+        self.send(StoreCommand::WorkflowPin {
+            workflow: workflow.to_owned(),
+            version_hash: version_hash.to_owned(),
+            operator: operator.to_owned(),
+        });
+    }
+
+    /// A run's row as it stands now; `flush` to know it is durable.
+    pub fn run_state(&self, row: RunRow) {
+        self.send(StoreCommand::Run(Box::new(row)));
+    }
+
+    /// A step's row as it stands now.
+    pub fn step_state(&self, row: StepRow) {
+        self.send(StoreCommand::Step(Box::new(row)));
     }
 
     pub fn alert(&self, row: AlertRow) {
@@ -270,7 +296,10 @@ impl Writer {
             | StoreCommand::AlertDelivered(_)
             | StoreCommand::Setting(_)
             | StoreCommand::Supervision(_)
-            | StoreCommand::WorkflowVersion(_)) => self.others.push(other),
+            | StoreCommand::WorkflowVersion(_)
+            | StoreCommand::WorkflowPin { .. }
+            | StoreCommand::Run(_)
+            | StoreCommand::Step(_)) => self.others.push(other),
         }
     }
 
@@ -442,9 +471,76 @@ impl Writer {
                     row.loaded_by
                 ],
             ),
+            StoreCommand::WorkflowPin {
+                workflow,
+                version_hash,
+                operator,
+            } => self.conn.execute(
+                "INSERT INTO workflow_pins (ts, workflow, version_hash, operator) VALUES (?, ?, ?, ?)",
+                duckdb::params![
+                    Value::Timestamp(TimeUnit::Microsecond, now_micros()),
+                    workflow,
+                    version_hash,
+                    operator
+                ],
+            ),
+            StoreCommand::Run(row) => self.write_run(row),
+            StoreCommand::Step(row) => self.write_step(row),
             _ => Ok(0),
         }
         .map(|_| ())
+    }
+
+    /// Runs and steps are rewritten whole: a row per run or step, as it
+    /// stands after its latest change.
+    fn write_run(&self, row: &RunRow) -> duckdb::Result<usize> {
+        let ts = |us: i64| Value::Timestamp(TimeUnit::Microsecond, us);
+        self.conn
+            .prepare_cached("DELETE FROM runs WHERE run_id = ?")?
+            .execute([&row.run_id])?;
+        self.conn
+            .prepare_cached("INSERT INTO runs (run_id, workflow, version_hash, status, triggered_by, inputs, started_at, ended_at, error, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")?
+            .execute(duckdb::params![
+                row.run_id,
+                row.workflow,
+                row.version_hash,
+                row.status,
+                row.triggered_by,
+                row.inputs,
+                ts(row.started_at_us),
+                row.ended_at_us.map(ts),
+                row.error,
+                Value::Decimal(money_decimal(row.cost)?),
+            ])
+    }
+
+    fn write_step(&self, row: &StepRow) -> duckdb::Result<usize> {
+        let ts = |us: i64| Value::Timestamp(TimeUnit::Microsecond, us);
+        self.conn
+            .prepare_cached("DELETE FROM steps WHERE run_id = ? AND step_id = ?")?
+            .execute([&row.run_id, &row.step_id])?;
+        self.conn
+            .prepare_cached("INSERT INTO steps (run_id, step_id, status, agent, attempts, started_at, ended_at, output, output_json, error, call_id, calls, cost_usd, input_tokens, output_tokens, retry_at, deadline, approval_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")?
+            .execute(duckdb::params![
+                row.run_id,
+                row.step_id,
+                row.status,
+                row.agent,
+                row.attempts,
+                row.started_at_us.map(ts),
+                row.ended_at_us.map(ts),
+                row.output,
+                row.output_json,
+                row.error,
+                row.call_id,
+                row.calls,
+                Value::Decimal(money_decimal(row.cost)?),
+                row.input_tokens as i64,
+                row.output_tokens as i64,
+                row.retry_at_us.map(ts),
+                row.deadline_us.map(ts),
+                row.approval_id,
+            ])
     }
 
     fn write_supervision(&self, change: &SupervisionChange) -> duckdb::Result<usize> {

@@ -150,6 +150,10 @@ pub struct Definition {
     pub inputs: BTreeMap<String, Input>,
     /// In a topological order: every step after the steps it needs.
     pub steps: Vec<Step>,
+    /// Step id → its position in `steps`.
+    pub positions: HashMap<String, usize>,
+    /// Each step's needs as positions in `steps` (all before it).
+    pub need_positions: Vec<Vec<usize>>,
     /// sha256 of the file's exact text: the version a run is pinned to.
     pub hash: String,
     pub text: String,
@@ -431,11 +435,27 @@ fn validate(
             kind,
         });
     }
+    let positions: HashMap<String, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.clone(), i))
+        .collect();
+    let need_positions = steps
+        .iter()
+        .map(|s| {
+            s.needs
+                .iter()
+                .filter_map(|n| positions.get(n).copied())
+                .collect()
+        })
+        .collect();
     Ok(Definition {
         name,
         description: raw.description,
         inputs,
         steps,
+        positions,
+        need_positions,
         hash: hex::encode(Sha256::digest(text.as_bytes())),
         text: text.to_owned(),
     })

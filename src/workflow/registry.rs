@@ -15,8 +15,8 @@ use serde_json::json;
 
 use super::definition::{Definition, WorkflowAgents};
 use crate::file_stamp::FileStamp;
-use crate::store::Recorder;
 use crate::store::record::{WorkflowVersionRow, now_micros};
+use crate::store::{Recorder, StoreReader};
 
 /// A workflow as `warden workflows list` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +35,9 @@ pub struct WorkflowSet {
     /// Files as last seen by the poller, and the workflow each defined.
     files: Mutex<HashMap<PathBuf, Option<FileStamp>>>,
     known_versions: Mutex<HashSet<String>>,
+    /// Every definition seen or read back, by version hash.
+    by_hash: Mutex<HashMap<String, Arc<Definition>>>,
+    reader: Option<StoreReader>,
     recorder: Recorder,
 }
 
@@ -50,6 +53,7 @@ impl WorkflowSet {
         dir: Option<PathBuf>,
         agents: WorkflowAgents,
         known_versions: HashSet<String>,
+        reader: Option<StoreReader>,
         recorder: Recorder,
     ) -> WorkflowSet {
         let set = WorkflowSet {
@@ -58,6 +62,8 @@ impl WorkflowSet {
             current: ArcSwap::from_pointee(BTreeMap::new()),
             files: Mutex::new(HashMap::new()),
             known_versions: Mutex::new(known_versions),
+            by_hash: Mutex::new(HashMap::new()),
+            reader,
             recorder,
         };
         set.reload_changed();
@@ -76,6 +82,129 @@ impl WorkflowSet {
                 file: served.file.display().to_string(),
             })
             .collect()
+    }
+
+    /// The version in service.
+    pub fn current(&self, name: &str) -> Option<Arc<Definition>> {
+        self.current
+            .load()
+            .get(name)
+            .map(|served| served.definition.clone())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.current.load().keys().cloned().collect()
+    }
+
+    /// A version of a workflow by its hash (a unique prefix of at least 8
+    /// characters will do): one seen by this process, or read back from
+    /// `workflow_versions`. Blocking: may read the store.
+    pub fn version(&self, name: &str, hash: &str) -> Option<Arc<Definition>> {
+        let matches =
+            |d: &Definition| d.name == name && d.hash.starts_with(hash) && hash.len() >= 8;
+        if let Some(found) = lock(&self.by_hash).values().find(|d| matches(d)) {
+            return Some(found.clone());
+        }
+        let reader = self.reader.as_ref()?;
+        let rows: Vec<(String, String, String)> = reader
+            .with_connection(|conn| {
+                let mut stmt = conn
+                    .prepare("SELECT version_hash, definition, coalesce(source, '') FROM workflow_versions WHERE workflow = ? AND starts_with(version_hash, ?)")
+                    .map_err(|e| crate::store::StoreError::Sql(e.to_string()))?;
+                let rows = stmt
+                    .query_map(duckdb::params![name, hash], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| crate::store::StoreError::Sql(e.to_string()))?;
+                Ok::<_, crate::store::StoreError>(rows)
+            })
+            .ok()?;
+        let [(_, text, source)] = rows.as_slice() else {
+            return None;
+        };
+        // Agents are not checked again: a version stays runnable as it was
+        // validated when it was loaded.
+        let definition = Definition::parse(text, Path::new(source), &WorkflowAgents::default())
+            .map_err(|e| tracing::error!(workflow = name, error = %e, "a stored workflow version no longer parses"))
+            .ok()?;
+        let definition = Arc::new(definition);
+        lock(&self.by_hash).insert(definition.hash.clone(), definition.clone());
+        Some(definition)
+    }
+
+    /// `warden workflows rollback`: an older version becomes current (until
+    /// its file changes again). Returns it and the version it replaced.
+    /// Blocking: may read the store.
+    pub fn pin(
+        &self,
+        name: &str,
+        hash: &str,
+        by: &str,
+    ) -> Result<(Arc<Definition>, Option<String>), super::RunsError> {
+        let definition =
+            self.version(name, hash)
+                .ok_or_else(|| super::RunsError::UnknownVersion {
+                    workflow: name.to_owned(),
+                    hash: hash.to_owned(),
+                })?;
+        let previous = self.make_current(definition.clone());
+        self.recorder.workflow_pin(name, &definition.hash, by);
+        self.recorder.audit(
+            by,
+            "workflow_rollback",
+            Some(name),
+            json!({"version_hash": definition.hash, "previous": previous}),
+        );
+        tracing::info!(
+            workflow = name,
+            version = &definition.hash[..12],
+            by,
+            "workflow rolled back"
+        );
+        Ok((definition, previous))
+    }
+
+    /// At start: a rollback made after the file's version was first loaded
+    /// still stands; a file edited since then wins.
+    pub fn apply_pins(&self, conn: &duckdb::Connection) -> duckdb::Result<()> {
+        for (name, hash, pinned_at) in super::store::latest_pins(conn)? {
+            let Some(current) = self.current(&name) else {
+                continue;
+            };
+            if current.hash == hash {
+                continue;
+            }
+            let file_since = super::store::first_loaded(conn, &current.hash)?.unwrap_or(i64::MAX);
+            if file_since < pinned_at
+                && let Some(definition) = self.version(&name, &hash)
+            {
+                tracing::info!(
+                    workflow = name,
+                    version = &hash[..12.min(hash.len())],
+                    "workflow stays rolled back to an older version"
+                );
+                self.make_current(definition);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves `definition` for its workflow; returns the hash it replaced.
+    fn make_current(&self, definition: Arc<Definition>) -> Option<String> {
+        let mut next = (**self.current.load()).clone();
+        let file = next
+            .get(&definition.name)
+            .map(|s| s.file.clone())
+            .unwrap_or_default();
+        let previous = next
+            .insert(
+                definition.name.clone(),
+                Arc::new(Served { definition, file }),
+            )
+            .map(|s| s.definition.hash.clone());
+        self.current.store(Arc::new(next));
+        previous
     }
 
     /// Looks at every file of the directory and (re)loads those that are
@@ -111,6 +240,7 @@ impl WorkflowSet {
         match Definition::load(path, &self.agents) {
             Ok(definition) => {
                 let definition = Arc::new(definition);
+                lock(&self.by_hash).insert(definition.hash.clone(), definition.clone());
                 let mut next = (**self.current.load()).clone();
                 if let Some(other) = next.get(&definition.name)
                     && other.file != path
@@ -186,6 +316,10 @@ impl WorkflowSet {
             move || set.reload_changed(),
         ))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The workflow versions the store already holds.

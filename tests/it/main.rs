@@ -10,6 +10,7 @@ mod forwarding;
 mod limits;
 mod operator;
 mod policies;
+mod runs;
 mod store;
 mod streaming;
 mod supervision;

@@ -838,8 +838,14 @@ async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook
     )
     .await;
 
+    // Run and step events have their own test (runs.rs).
+    let expected: std::collections::BTreeSet<String> = warden::events::KINDS
+        .iter()
+        .filter(|k| !k.starts_with("run_") && !k.starts_with("step_"))
+        .map(|k| (*k).to_owned())
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
-    while seen.len() < warden::events::KINDS.len() {
+    while seen.len() < expected.len() {
         let chunk = String::from_utf8_lossy(&next_chunk(&mut events).await).into_owned();
         for event in chunk.split("\n\n") {
             if let Some(kind) = event.strip_prefix("event: ").and_then(|e| e.lines().next()) {
@@ -856,10 +862,6 @@ async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook
             }
         }
     }
-    let expected: std::collections::BTreeSet<String> = warden::events::KINDS
-        .iter()
-        .map(|k| (*k).to_owned())
-        .collect();
     assert_eq!(seen, expected);
 
     // The approval request was posted to the webhook, off the request path.
