@@ -459,15 +459,22 @@ impl ApprovalQueue {
                     mode: approval.mode.as_str(),
                 },
             )));
-        let summary = format!(
-            "{} asks approval for a {} call of agent {} (~${}, rule {}): {}",
-            approval.requested_by,
-            approval.model,
-            approval.agent,
-            approval.estimated_cost_usd.as_deref().unwrap_or("?"),
-            approval.rule,
-            approval.reason
-        );
+        let summary = match (&approval.run_id, &approval.step_id) {
+            // A workflow's approval step: no call waits behind it.
+            (Some(run), Some(step)) if approval.call_id.is_empty() => format!(
+                "{} asks approval for step `{step}` of run {run}: {}",
+                approval.requested_by, approval.reason
+            ),
+            _ => format!(
+                "{} asks approval for a {} call of agent {} (~${}, rule {}): {}",
+                approval.requested_by,
+                approval.model,
+                approval.agent,
+                approval.estimated_cost_usd.as_deref().unwrap_or("?"),
+                approval.rule,
+                approval.reason
+            ),
+        };
         self.recorder.audit(
             &approval.requested_by,
             "approval_requested",

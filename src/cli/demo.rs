@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 pub fn run(store: Option<PathBuf>) -> anyhow::Result<()> {
-    super::init_logging("warn");
+    // The demo prints its own story; only errors are logged beside it.
+    super::init_logging("error");
     let temporary = store.is_none();
     let store = store.unwrap_or_else(|| {
         std::env::temp_dir()

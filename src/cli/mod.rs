@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 
 pub use admin_client::AdminClient;
 pub use query::render_table;
+pub use runs::draw_run;
 
 #[derive(Parser)]
 #[command(name = "warden", version, about = "A policy-and-governance sidecar for AI agents", long_about = None)]

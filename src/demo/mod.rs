@@ -1,8 +1,11 @@
 //! `warden demo`: Warden end to end with nothing but this binary. A
 //! simulated provider plays OpenAI and Anthropic on a local port; a real
-//! Warden (real listeners, real DuckDB file) sits in front of it; two agents
-//! make calls in both formats, streamed and not; then the store is asked
-//! what it all cost.
+//! Warden (real listeners, real DuckDB file) sits in front of it and serves
+//! the sample workflow of `examples/`. The demo operator starts a run; two
+//! simulated agents poll for their steps and do them with model calls in
+//! both formats, streamed and not; the operator grants the approval step;
+//! Warden sends the publish step itself. Then the run's DAG, the cost
+//! tables and the audit check are printed.
 
 pub mod sim;
 
@@ -36,12 +39,30 @@ pub enum DemoError {
     Io(#[from] std::io::Error),
 }
 
-/// The demo agents' keys: they exist only inside the demo and its tests.
+/// The demo agents' keys and the demo operator's token: they exist only
+/// inside the demo and its tests.
 pub const RESEARCHER_KEY: &str = "wk_demo_researcher_key_not_secret";
 pub const WRITER_KEY: &str = "wk_demo_writer_key_not_secret";
+pub const OPERATOR_TOKEN: &str = "wt_demo_operator_token_not_secret";
+
+/// The sample workflow the demo runs (`examples/research_brief.toml`).
+pub const SAMPLE_WORKFLOW: &str = include_str!("../../examples/research_brief.toml");
 
 /// The demo's configuration: both upstreams point at the simulated provider.
 pub fn demo_config(sim: &sim::SimProvider, store: &Path) -> Config {
+    demo_config_with_workflows(sim, store, None)
+}
+
+/// The demo's configuration, serving the workflows of `workflows` if given.
+pub fn demo_config_with_workflows(
+    sim: &sim::SimProvider,
+    store: &Path,
+    workflows: Option<&Path>,
+) -> Config {
+    let escape = |p: &Path| p.display().to_string().replace('\\', "\\\\");
+    let workflows = workflows
+        .map(|dir| format!("\n[workflows]\ndir = \"{}\"\n", escape(dir)))
+        .unwrap_or_default();
     let text = format!(
         r#"
 [server]
@@ -72,86 +93,138 @@ name = "writer"
 key_sha256 = "{writer}"
 role = "worker"
 capabilities = ["writing"]
-"#,
-        store = store.display().to_string().replace('\\', "\\\\"),
+
+[[operators]]
+name = "demo-operator"
+token_sha256 = "{operator}"
+{workflows}"#,
+        store = escape(store),
         openai = sim.openai_base_url(),
         anthropic = sim.anthropic_base_url(),
         researcher = sha256_hex(RESEARCHER_KEY),
         writer = sha256_hex(WRITER_KEY),
+        operator = sha256_hex(OPERATOR_TOKEN),
     );
     Config::parse(&text, Path::new("<demo config>")).expect("the demo config is valid")
 }
 
-struct DemoCall {
-    agent: &'static str,
-    key: &'static str,
-    path: &'static str,
-    body: Value,
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// One HTTP exchange of the demo, its body as JSON (or text for streams).
+async fn exchange(
+    client: &HttpClient,
+    request: Request<Full<Bytes>>,
+    what: &str,
+) -> Result<(http::StatusCode, http::HeaderMap, Bytes), DemoError> {
+    let failed = |message: String| DemoError::Call {
+        what: what.to_owned(),
+        message,
+    };
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .to_bytes();
+    if !parts.status.is_success() {
+        return Err(failed(format!(
+            "{}: {}",
+            parts.status,
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    Ok((parts.status, parts.headers, body))
 }
 
-fn demo_calls() -> Vec<DemoCall> {
-    let chat = |model: &str, stream: bool, text: &str| {
-        json!({"model": model, "stream": stream, "messages": [
-            {"role": "system", "content": "You are a careful research assistant."},
-            {"role": "user", "content": text}]})
-    };
-    let message = |model: &str, stream: bool, text: &str| json!({"model": model, "max_tokens": 512, "stream": stream, "messages": [{"role": "user", "content": text}]});
-    vec![
-        DemoCall {
-            agent: "researcher",
-            key: RESEARCHER_KEY,
-            path: "/v1/chat/completions",
-            body: chat(
-                "gpt-4o-mini",
-                false,
-                "List three sources on AI agent governance.",
-            ),
-        },
-        DemoCall {
-            agent: "researcher",
-            key: RESEARCHER_KEY,
-            path: "/v1/chat/completions",
-            body: chat(
-                "gpt-4o",
-                true,
-                "Summarise the strongest source in two sentences.",
-            ),
-        },
-        DemoCall {
-            agent: "researcher",
-            key: RESEARCHER_KEY,
-            path: "/v1/responses",
-            body: json!({"model": "gpt-4.1", "stream": true, "input": "Which claims need a fact-check?"}),
-        },
-        DemoCall {
-            agent: "researcher",
-            key: RESEARCHER_KEY,
-            path: "/v1/embeddings",
-            body: json!({"model": "text-embedding-3-small", "input": ["agent governance", "cost controls"]}),
-        },
-        DemoCall {
-            agent: "writer",
-            key: WRITER_KEY,
-            path: "/v1/messages",
-            body: message(
-                "claude-sonnet-4-5",
-                false,
-                "Draft a 100-word brief on agent governance.",
-            ),
-        },
-        DemoCall {
-            agent: "writer",
-            key: WRITER_KEY,
-            path: "/v1/messages",
-            body: message("claude-haiku-4-5", true, "Suggest a title for the brief."),
-        },
-        DemoCall {
-            agent: "writer",
-            key: WRITER_KEY,
-            path: "/v1/chat/completions",
-            body: json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "Polish the title."}]}),
-        },
-    ]
+fn json_request(
+    method: http::Method,
+    url: String,
+    auth: &str,
+    body: &Value,
+) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, format!("Bearer {auth}"))
+        .header("anthropic-version", "2023-06-01")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a valid demo request")
+}
+
+/// A simulated agent: polls Warden for its work and does each step with a
+/// model call through Warden, in its own style: the researcher calls
+/// OpenAI's chat API with the step headers (streamed for a fact-check), the
+/// writer calls Anthropic's messages API with no headers at all (Warden
+/// binds the call to its only running step).
+async fn agent_loop(
+    name: &'static str,
+    key: &'static str,
+    base: String,
+    client: HttpClient,
+    log: tokio::sync::mpsc::UnboundedSender<String>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), DemoError> {
+    loop {
+        let poll = Request::get(format!("{base}/v1/warden/work"))
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .expect("a valid demo request");
+        let (_, _, body) = exchange(&client, poll, &format!("{name} polls for work")).await?;
+        let work: Value = serde_json::from_slice(&body).unwrap_or_default();
+        for item in work["work"].as_array().into_iter().flatten() {
+            let step = item["step_id"].as_str().unwrap_or("?");
+            let run = item["run_id"].as_str().unwrap_or("?");
+            let instructions = item["instructions"].as_str().unwrap_or("");
+            let _ = log.send(format!("{name:<10} takes `{step}`: {instructions}"));
+            let (path, body, bound_by) = if name == "writer" {
+                (
+                    "/v1/messages",
+                    json!({"model": "claude-sonnet-4-5", "max_tokens": 600, "stream": true,
+                           "messages": [{"role": "user", "content": instructions}]}),
+                    "no headers: its only running step",
+                )
+            } else {
+                (
+                    "/v1/chat/completions",
+                    json!({"model": if step == "research" { "gpt-4o" } else { "gpt-4o-mini" },
+                           "stream": step != "research",
+                           "messages": [{"role": "system", "content": "You are a careful research assistant."},
+                                        {"role": "user", "content": instructions}]}),
+                    "x-warden-run / x-warden-step",
+                )
+            };
+            let mut request = json_request(http::Method::POST, format!("{base}{path}"), key, &body);
+            if name != "writer" {
+                let headers = request.headers_mut();
+                for header_name in ["x-warden-run", "x-warden-step"] {
+                    if let Some(value) = item["headers"][header_name]
+                        .as_str()
+                        .and_then(|v| http::HeaderValue::from_str(v).ok())
+                    {
+                        headers.insert(header_name, value);
+                    }
+                }
+            }
+            let (_, headers, _) =
+                exchange(&client, request, &format!("{name} works on `{step}`")).await?;
+            let call = headers
+                .get("x-warden-call-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?");
+            let _ = log.send(format!(
+                "{name:<10} answered `{step}` of {run} via {path} ({bound_by}); call {call}"
+            ));
+        }
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+    }
 }
 
 /// Runs the demo, writing its report to `out`.
@@ -159,71 +232,116 @@ pub async fn run(store: PathBuf, out: &mut dyn Write) -> Result<(), DemoError> {
     let sim = sim::SimProvider::start(sim::SimOptions::default())
         .await
         .map_err(DemoError::Sim)?;
-    let gateway = Gateway::start(demo_config(&sim, &store)).await?;
+    let flows = store.with_extension("workflows");
+    std::fs::create_dir_all(&flows)?;
+    std::fs::write(flows.join("research_brief.toml"), SAMPLE_WORKFLOW)?;
+    let gateway = Gateway::start(demo_config_with_workflows(&sim, &store, Some(&flows))).await?;
+    let base = format!("http://{}", gateway.proxy_addr());
+    let admin = format!("http://{}", gateway.admin_addr());
     writeln!(
         out,
-        "Warden demo: simulated provider at {}, Warden at http://{}/v1",
+        "Warden demo: simulated provider at {}, Warden at {base}/v1, admin at {admin}",
         sim.addr(),
-        gateway.proxy_addr()
     )?;
     writeln!(out, "store: {}\n", store.display())?;
 
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    // The operator starts the sample workflow (`warden runs start`).
+    let (_, _, started) = exchange(
+        &client,
+        json_request(
+            http::Method::POST,
+            format!("{admin}/admin/v1/runs"),
+            OPERATOR_TOKEN,
+            &json!({"workflow": "research_brief", "inputs": {"topic": "AI agent governance", "words": 120}}),
+        ),
+        "start the sample workflow",
+    )
+    .await?;
+    let started: Value = serde_json::from_slice(&started).unwrap_or_default();
+    let run_id = started["run_id"].as_str().unwrap_or("").to_owned();
     writeln!(
         out,
-        "{:<11} {:<21} {:<24} {:>6} {:>6}  cost (x-warden-cost-usd)",
-        "agent", "endpoint", "model", "stream", "status"
+        "demo-operator started run {run_id} of research_brief (research -> draft + fact_check -> approve -> publish)\n"
     )?;
-    for call in demo_calls() {
-        let model = call.body["model"].as_str().unwrap_or("").to_owned();
-        let stream = call.body["stream"].as_bool().unwrap_or(false);
-        let what = format!("{} {} {model}", call.agent, call.path);
-        let request = Request::post(format!("http://{}{}", gateway.proxy_addr(), call.path))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::AUTHORIZATION, format!("Bearer {}", call.key))
-            .header("anthropic-version", "2023-06-01")
-            .body(Full::new(Bytes::from(call.body.to_string())))
-            .map_err(|e| DemoError::Call {
-                what: what.clone(),
-                message: e.to_string(),
-            })?;
-        let response = client.request(request).await.map_err(|e| DemoError::Call {
-            what: what.clone(),
-            message: e.to_string(),
-        })?;
-        let status = response.status();
-        let cost = response
-            .headers()
-            .get("x-warden-cost-usd")
-            .and_then(|v| v.to_str().ok())
+
+    let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agents = [("researcher", RESEARCHER_KEY), ("writer", WRITER_KEY)].map(|(name, key)| {
+        tokio::spawn(agent_loop(
+            name,
+            key,
+            base.clone(),
+            client.clone(),
+            log_tx.clone(),
+            stop_rx.clone(),
+        ))
+    });
+    drop(log_tx);
+
+    // The operator watches the run and grants the approval step.
+    let show = || {
+        Request::get(format!("{admin}/admin/v1/runs/{run_id}"))
+            .header(header::AUTHORIZATION, format!("Bearer {OPERATOR_TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .expect("a valid demo request")
+    };
+    let mut approved = false;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let run = loop {
+        while let Ok(line) = log_rx.try_recv() {
+            writeln!(out, "{line}")?;
+        }
+        let (_, _, body) = exchange(&client, show(), "watch the run").await?;
+        let run: Value = serde_json::from_slice::<Value>(&body).unwrap_or_default()["run"].clone();
+        if run["status"] != "running" {
+            break run;
+        }
+        let gate = run["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["step_id"] == "approve")
+            .and_then(|s| s["approval_id"].as_str())
             .map(str::to_owned);
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| DemoError::Call {
-                what: what.clone(),
-                message: e.to_string(),
-            })?
-            .to_bytes();
-        if !status.is_success() {
+        if let (false, Some(approval)) = (approved, gate) {
+            exchange(
+                &client,
+                json_request(
+                    http::Method::POST,
+                    format!("{admin}/admin/v1/approvals/{approval}/approve"),
+                    OPERATOR_TOKEN,
+                    &json!({"reason": "draft and fact-check look right"}),
+                ),
+                "approve the gate",
+            )
+            .await?;
+            writeln!(
+                out,
+                "demo-operator approves {approval} (warden approvals approve)"
+            )?;
+            approved = true;
+        }
+        if tokio::time::Instant::now() > deadline {
             return Err(DemoError::Call {
-                what,
-                message: format!("{status}: {}", String::from_utf8_lossy(&body)),
+                what: "the sample run".into(),
+                message: format!("did not finish within 60 s: {run}"),
             });
         }
-        let shown = cost.map_or_else(|| "in the store (streamed)".to_owned(), |c| format!("${c}"));
-        writeln!(
-            out,
-            "{:<11} {:<21} {:<24} {:>6} {:>6}  {shown}",
-            call.agent,
-            call.path,
-            model,
-            stream,
-            status.as_u16()
-        )?;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let _ = stop_tx.send(true);
+    for agent in agents {
+        agent.await.map_err(|e| DemoError::Query(e.to_string()))??;
     }
+    while let Ok(line) = log_rx.try_recv() {
+        writeln!(out, "{line}")?;
+    }
+    writeln!(
+        out,
+        "\n{}",
+        crate::cli::draw_run(&run, crate::store::record::now_micros())
+    )?;
     gateway.flush().await;
 
     let reader = gateway.reader().clone();
@@ -237,8 +355,12 @@ pub async fn run(store: PathBuf, out: &mut dyn Write) -> Result<(), DemoError> {
             "SELECT provider, model, calls, input_tokens, output_tokens, cost_usd FROM cost_by_model",
         ),
         (
+            "Steps",
+            "SELECT step_id, status, agent, attempts, calls, input_tokens, output_tokens, cost_usd FROM steps ORDER BY started_at",
+        ),
+        (
             "Calls",
-            "SELECT agent, endpoint, model, stream, outcome, input_tokens AS input, output_tokens AS output, usage_source, cost_usd, round(latency_ms, 1) AS latency_ms FROM calls ORDER BY ts_start",
+            "SELECT agent, step_id, endpoint, model, stream, outcome, input_tokens AS input, output_tokens AS output, cost_usd, round(latency_ms, 1) AS latency_ms FROM calls ORDER BY ts_start",
         ),
     ];
     for (title, sql) in queries {
@@ -265,5 +387,6 @@ pub async fn run(store: PathBuf, out: &mut dyn Write) -> Result<(), DemoError> {
         }
     }
     gateway.shutdown().await;
+    let _ = std::fs::remove_dir_all(&flows);
     Ok(())
 }

@@ -1050,6 +1050,8 @@ impl Runs {
                 .clone()
                 .unwrap_or_else(|| "warden".into());
             let reason = approval.decision_reason.clone().unwrap_or_default();
+            // The step was the operator's to do: it is recorded as theirs.
+            run.steps[index].agent = Some(by.clone());
             let changes = match approval.status {
                 ApprovalStatus::Approved => run.complete(
                     index,

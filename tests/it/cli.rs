@@ -262,7 +262,7 @@ async fn serve_records_calls_answers_query_and_flushes_on_sigterm() {
 }
 
 #[test]
-fn demo_runs_offline_and_prints_the_cost_tables() {
+fn demo_runs_the_sample_workflow_offline_and_prints_its_dag_and_costs() {
     let out = warden().arg("demo").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -271,10 +271,15 @@ fn demo_runs_offline_and_prints_the_cost_tables() {
         String::from_utf8_lossy(&out.stderr)
     );
     for expected in [
+        "of research_brief",
+        "researcher takes `research`",
+        "writer     takes `draft`",
+        "(no headers: its only running step)",
+        "demo-operator approves",
+        "SUCCEEDED",
+        "5/5 steps done",
         "Cost by agent",
         "Cost by model",
-        "researcher",
-        "writer",
         "claude-sonnet-4-5",
         "gpt-4o-mini",
         "Audit chain: intact",
@@ -284,9 +289,20 @@ fn demo_runs_offline_and_prints_the_cost_tables() {
             "missing {expected:?} in\n{stdout}"
         );
     }
+    let dag_line = |step: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains(&format!(" {step} ")) && l.contains("succeeded"))
+            .unwrap_or_else(|| panic!("no DAG line for {step} in\n{stdout}"))
+            .to_owned()
+    };
+    assert!(dag_line("research").contains("researcher"));
+    assert!(dag_line("draft").contains("writer"));
+    assert!(dag_line("approve").contains("demo-operator"));
+    assert!(dag_line("publish").contains("warden"));
     assert!(
-        stdout.contains("(2 rows)"),
-        "two agents in the cost table:\n{stdout}"
+        stdout.contains("(3 rows)"),
+        "two agents and Warden's own model step in the cost table:\n{stdout}"
     );
 }
 

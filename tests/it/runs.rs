@@ -351,7 +351,11 @@ async fn a_diamond_run_is_advanced_by_the_calls_warden_sees() {
         );
     }
     assert_eq!(kinds.first().map(String::as_str), Some("run_started"));
-    assert!(kinds.iter().filter(|k| *k == "step_changed").count() >= 10, "{kinds:?}");
+    assert!(
+        kinds.iter().filter(|k| *k == "step_changed").count() >= 10,
+        "{kinds:?}"
+    );
+    drop(events);
 
     // A second run gets an estimate from the first.
     let second = start_run(&tw, "brief", json!({"topic": "moons"})).await;
