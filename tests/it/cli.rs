@@ -504,3 +504,81 @@ async fn operators_approve_halt_watch_and_check_the_audit_trail_from_the_cli() {
         std::fs::remove_file(&copy).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
+    use crate::runs::{DIAMOND, poll, script, step_call, with_flows};
+    let (mut tw, flows) = with_flows(&[("brief.toml", DIAMOND)], script).await;
+
+    let started = stdout_of(&cli(&tw, &["runs", "start", "brief", "--input", "topic=tides", "-i", "words=120"]).await);
+    assert!(started.contains("no completed runs of this version yet"), "{started}");
+    let run_id = started.lines().last().unwrap().trim().to_owned();
+    assert!(run_id.starts_with("run-"), "the run id is the last line: {started}");
+    let refused = cli(&tw, &["runs", "start", "brief", "--input", "words=12"]).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("`topic` is required"));
+
+    let work = poll(&tw, AGENT_KEY).await;
+    step_call(&tw, AGENT_KEY, &work[0], "REPLY=sources").await;
+    let shown = stdout_of(&cli(&tw, &["runs", "show", &run_id]).await);
+    let line = |needle: &str| {
+        shown
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle} in\n{shown}"))
+            .to_owned()
+    };
+    assert!(line("RUNNING").contains(&run_id));
+    assert!(line("research").contains("succeeded") && line("research").contains("alpha"));
+    assert!(line(" draft").contains("ready"));
+    assert!(line("publish").contains("pending"));
+    let listed = stdout_of(&cli(&tw, &["runs", "list", "--status", "running"]).await);
+    assert!(listed.contains(&run_id), "{listed}");
+
+    // `watch` redraws until the run ends: cancel it meanwhile.
+    let admin = tw.admin();
+    let watched_id = run_id.clone();
+    let watcher = tokio::task::spawn_blocking(move || {
+        warden()
+            .args(["runs", "watch", &watched_id, "--admin-url", &admin])
+            .env("WARDEN_TOKEN", OPERATOR_TOKEN)
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let cancelled = stdout_of(&cli(&tw, &["runs", "cancel", &run_id, "--reason", "wrong topic"]).await);
+    assert!(cancelled.contains("CANCELLED") && cancelled.contains("wrong topic"), "{cancelled}");
+    let watched = tokio::time::timeout(Duration::from_secs(20), watcher)
+        .await
+        .expect("watch returns once the run ends")
+        .unwrap();
+    let watched = stdout_of(&watched);
+    assert!(watched.contains("RUNNING") && watched.contains("CANCELLED"), "{watched}");
+
+    let json = stdout_of(&cli(&tw, &["runs", "start", "brief", "-i", "topic=moons", "--format", "json"]).await);
+    let parsed: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert!(parsed["run_id"].as_str().unwrap().starts_with("run-"));
+    assert!(parsed.get("estimated_cost_usd").is_some());
+
+    // A new version, then history and rollback.
+    let before = tw.runs_hash("brief").await;
+    std::fs::write(flows.join("brief.toml"), DIAMOND.replace("Research {{", "Look into {{")).unwrap();
+    for _ in 0..200 {
+        if tw.runs_hash("brief").await != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let history = stdout_of(&cli(&tw, &["workflows", "history", "brief"]).await);
+    assert!(history.contains(&before), "{history}");
+    assert_eq!(history.lines().filter(|l| l.contains('*')).count(), 1, "one current version:\n{history}");
+    let rolled = stdout_of(&cli(&tw, &["workflows", "rollback", "brief", &before[..12]]).await);
+    assert!(rolled.contains(&before), "{rolled}");
+    assert_eq!(tw.runs_hash("brief").await, before);
+    tw.gateway().flush().await;
+    assert_eq!(
+        tw.scalar("SELECT actor FROM audit_log WHERE kind = 'workflow_rollback'").await.as_deref(),
+        Some("olga")
+    );
+    tw.stop().await;
+}

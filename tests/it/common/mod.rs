@@ -491,6 +491,21 @@ impl TestWarden {
         self.send(builder.body(Full::new(body)).unwrap()).await
     }
 
+    /// The version of a workflow in service.
+    pub async fn runs_hash(&self, workflow: &str) -> String {
+        let answer = self
+            .admin_request(http::Method::GET, "/admin/v1/workflows", Some(OPERATOR_TOKEN), None)
+            .await;
+        answer.json()["workflows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == workflow)
+            .and_then(|w| w["version_hash"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     pub async fn stop(&mut self) {
         if let Some(gateway) = self.gateway.take() {
             gateway.shutdown().await;
