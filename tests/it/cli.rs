@@ -510,10 +510,30 @@ async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
     use crate::runs::{DIAMOND, poll, script, step_call, with_flows};
     let (mut tw, flows) = with_flows(&[("brief.toml", DIAMOND)], script).await;
 
-    let started = stdout_of(&cli(&tw, &["runs", "start", "brief", "--input", "topic=tides", "-i", "words=120"]).await);
-    assert!(started.contains("no completed runs of this version yet"), "{started}");
+    let started = stdout_of(
+        &cli(
+            &tw,
+            &[
+                "runs",
+                "start",
+                "brief",
+                "--input",
+                "topic=tides",
+                "-i",
+                "words=120",
+            ],
+        )
+        .await,
+    );
+    assert!(
+        started.contains("no completed runs of this version yet"),
+        "{started}"
+    );
     let run_id = started.lines().last().unwrap().trim().to_owned();
-    assert!(run_id.starts_with("run-"), "the run id is the last line: {started}");
+    assert!(
+        run_id.starts_with("run-"),
+        "the run id is the last line: {started}"
+    );
     let refused = cli(&tw, &["runs", "start", "brief", "--input", "words=12"]).await;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("`topic` is required"));
@@ -546,23 +566,48 @@ async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let cancelled = stdout_of(&cli(&tw, &["runs", "cancel", &run_id, "--reason", "wrong topic"]).await);
-    assert!(cancelled.contains("CANCELLED") && cancelled.contains("wrong topic"), "{cancelled}");
+    let cancelled =
+        stdout_of(&cli(&tw, &["runs", "cancel", &run_id, "--reason", "wrong topic"]).await);
+    assert!(
+        cancelled.contains("CANCELLED") && cancelled.contains("wrong topic"),
+        "{cancelled}"
+    );
     let watched = tokio::time::timeout(Duration::from_secs(20), watcher)
         .await
         .expect("watch returns once the run ends")
         .unwrap();
     let watched = stdout_of(&watched);
-    assert!(watched.contains("RUNNING") && watched.contains("CANCELLED"), "{watched}");
+    assert!(
+        watched.contains("RUNNING") && watched.contains("CANCELLED"),
+        "{watched}"
+    );
 
-    let json = stdout_of(&cli(&tw, &["runs", "start", "brief", "-i", "topic=moons", "--format", "json"]).await);
+    let json = stdout_of(
+        &cli(
+            &tw,
+            &[
+                "runs",
+                "start",
+                "brief",
+                "-i",
+                "topic=moons",
+                "--format",
+                "json",
+            ],
+        )
+        .await,
+    );
     let parsed: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert!(parsed["run_id"].as_str().unwrap().starts_with("run-"));
     assert!(parsed.get("estimated_cost_usd").is_some());
 
     // A new version, then history and rollback.
     let before = tw.runs_hash("brief").await;
-    std::fs::write(flows.join("brief.toml"), DIAMOND.replace("Research {{", "Look into {{")).unwrap();
+    std::fs::write(
+        flows.join("brief.toml"),
+        DIAMOND.replace("Research {{", "Look into {{"),
+    )
+    .unwrap();
     for _ in 0..200 {
         if tw.runs_hash("brief").await != before {
             break;
@@ -571,13 +616,19 @@ async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
     }
     let history = stdout_of(&cli(&tw, &["workflows", "history", "brief"]).await);
     assert!(history.contains(&before), "{history}");
-    assert_eq!(history.lines().filter(|l| l.contains('*')).count(), 1, "one current version:\n{history}");
+    assert_eq!(
+        history.lines().filter(|l| l.contains('*')).count(),
+        1,
+        "one current version:\n{history}"
+    );
     let rolled = stdout_of(&cli(&tw, &["workflows", "rollback", "brief", &before[..12]]).await);
     assert!(rolled.contains(&before), "{rolled}");
     assert_eq!(tw.runs_hash("brief").await, before);
     tw.gateway().flush().await;
     assert_eq!(
-        tw.scalar("SELECT actor FROM audit_log WHERE kind = 'workflow_rollback'").await.as_deref(),
+        tw.scalar("SELECT actor FROM audit_log WHERE kind = 'workflow_rollback'")
+            .await
+            .as_deref(),
         Some("olga")
     );
     tw.stop().await;

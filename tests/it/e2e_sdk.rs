@@ -292,3 +292,81 @@ async fn official_sdks_wait_for_approvals_and_are_cut_by_halts() {
     assert_eq!(count("approval_timeout").as_deref(), Some("1"));
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workflow_run_is_driven_by_agents_using_the_official_sdks() {
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(
+        flows.join("research_brief.toml"),
+        warden::demo::SAMPLE_WORKFLOW,
+    )
+    .unwrap();
+    let sim = SimProvider::start(SimOptions::default()).await.unwrap();
+    let config =
+        warden::demo::demo_config_with_workflows(&sim, &dir.path().join("w.duckdb"), Some(&flows));
+    let gateway = Gateway::start(config).await.unwrap();
+    let results = run_sdk_script(
+        "sdk_workflow.py",
+        vec![
+            ("WARDEN_URL", format!("http://{}", gateway.proxy_addr())),
+            ("WARDEN_ADMIN", format!("http://{}", gateway.admin_addr())),
+            ("WARDEN_TOKEN", warden::demo::OPERATOR_TOKEN.to_owned()),
+            ("RESEARCHER_KEY", warden::demo::RESEARCHER_KEY.to_owned()),
+            ("WRITER_KEY", warden::demo::WRITER_KEY.to_owned()),
+        ],
+    )
+    .await;
+    let run = &results["run"];
+    assert_eq!(run["status"], "succeeded", "{results:#}");
+    let step = |id: &str| {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    // Each step's output is what the SDK saw as the answer.
+    for (id, answer) in [
+        ("research", "research_answer"),
+        ("draft", "draft_answer"),
+        ("fact_check", "fact_check_answer"),
+    ] {
+        assert_eq!(step(id)["output"], results[answer], "{id}");
+        assert_eq!(step(id)["status"], "succeeded");
+    }
+    assert_eq!(step("draft")["agent"], "writer");
+    assert_eq!(
+        step("fact_check")["agent"],
+        "researcher",
+        "taken by capability"
+    );
+    assert_eq!(step("approve")["agent"], "demo-operator");
+    assert_eq!(step("publish")["agent"], "warden");
+    // The fact-check's instructions were rendered from research's output.
+    let instructions = results["work"]["fact_check"]["instructions"]
+        .as_str()
+        .unwrap();
+    assert!(instructions.contains(results["research_answer"].as_str().unwrap()));
+    gateway.flush().await;
+    let reader = gateway.reader().clone();
+    let run_id = results["run_id"].as_str().unwrap().to_owned();
+    let bound = tokio::task::spawn_blocking(move || {
+        reader
+            .query(
+                &format!("SELECT string_agg(step_id || '@' || agent, ',' ORDER BY ts_start) FROM calls WHERE run_id = '{run_id}'"),
+                10,
+            )
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        bound.rows[0][0].as_deref(),
+        Some("research@researcher,draft@writer,fact_check@researcher,publish@warden")
+    );
+    gateway.shutdown().await;
+}

@@ -494,7 +494,12 @@ impl TestWarden {
     /// The version of a workflow in service.
     pub async fn runs_hash(&self, workflow: &str) -> String {
         let answer = self
-            .admin_request(http::Method::GET, "/admin/v1/workflows", Some(OPERATOR_TOKEN), None)
+            .admin_request(
+                http::Method::GET,
+                "/admin/v1/workflows",
+                Some(OPERATOR_TOKEN),
+                None,
+            )
             .await;
         answer.json()["workflows"]
             .as_array()
