@@ -200,42 +200,51 @@ impl WebhookDelivery {
         };
         while let Some(row) = self.rx.recv().await {
             let body = Bytes::from(slack_body(&row).to_string());
-            let mut delivered = false;
-            for (attempt, wait) in std::iter::once(Duration::ZERO).chain(BACKOFF).enumerate() {
-                tokio::time::sleep(wait).await;
-                let mut request = http::Request::new(Full::new(body.clone()));
-                *request.method_mut() = http::Method::POST;
-                *request.uri_mut() = self.url.clone();
-                request.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/json"),
-                );
-                let outcome =
-                    tokio::time::timeout(Duration::from_secs(10), client.request(request)).await;
-                match outcome {
-                    Ok(Ok(response)) if response.status().is_success() => {
-                        let _ = response.into_body().collect().await;
-                        delivered = true;
-                        break;
-                    }
-                    Ok(Ok(response)) => {
-                        tracing::warn!(alert_id = %row.alert_id, attempt, status = response.status().as_u16(), "the alert webhook refused an alert; retrying");
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(alert_id = %row.alert_id, attempt, error = %e, "cannot reach the alert webhook; retrying");
-                    }
-                    Err(_) => {
-                        tracing::warn!(alert_id = %row.alert_id, attempt, "the alert webhook did not answer within 10 s; retrying");
-                    }
-                }
-            }
-            if delivered {
+            let what = format!("alert {}", row.alert_id);
+            if post_with_retries(&client, &self.url, body, &what).await {
                 self.recorder.alert_delivered(row.alert_id);
             } else {
                 tracing::error!(alert_id = %row.alert_id, "gave up posting an alert to the webhook; it stays in the alerts table with delivered = false");
             }
         }
     }
+}
+
+/// Posts a JSON body to a webhook, retried with backoff; true once the
+/// webhook took it (2xx). Never on a request path: callers spawn it.
+pub async fn post_with_retries(
+    client: &crate::proxy::upstream::HttpClient,
+    url: &http::Uri,
+    body: Bytes,
+    what: &str,
+) -> bool {
+    for (attempt, wait) in std::iter::once(Duration::ZERO).chain(BACKOFF).enumerate() {
+        tokio::time::sleep(wait).await;
+        let mut request = http::Request::new(Full::new(body.clone()));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = url.clone();
+        request.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let outcome = tokio::time::timeout(Duration::from_secs(10), client.request(request)).await;
+        match outcome {
+            Ok(Ok(response)) if response.status().is_success() => {
+                let _ = response.into_body().collect().await;
+                return true;
+            }
+            Ok(Ok(response)) => {
+                tracing::warn!(what, attempt, status = response.status().as_u16(), "a webhook refused a post; retrying");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(what, attempt, error = %e, "cannot reach a webhook; retrying");
+            }
+            Err(_) => {
+                tracing::warn!(what, attempt, "a webhook did not answer within 10 s; retrying");
+            }
+        }
+    }
+    false
 }
 
 /// Slack's incoming-webhook shape: `text` is what every compatible receiver

@@ -142,6 +142,9 @@ pub struct AgentConfig {
     pub capabilities: Vec<String>,
     pub requests_per_minute: Option<Spanned<u32>>,
     pub tokens_per_minute: Option<Spanned<u64>>,
+    /// Ready workflow steps for this agent are posted here (JSON, the same
+    /// item `GET /v1/warden/work` answers), besides being offered by poll.
+    pub dispatch_webhook: Option<Spanned<String>>,
 }
 
 /// `[limits]`: global rate limits, and per-model ones in `[[limits.models]]`
@@ -460,14 +463,24 @@ impl Config {
                 "server.admin_changes_per_minute must be above 0".to_owned(),
             ));
         }
-        if let Some(webhook) = &self.alerts.webhook {
+        let webhooks = self
+            .alerts
+            .webhook
+            .iter()
+            .map(|w| ("alerts.webhook".to_owned(), w))
+            .chain(self.agents.iter().filter_map(|a| {
+                a.dispatch_webhook
+                    .as_ref()
+                    .map(|w| (format!("agent `{}`: dispatch_webhook", a.name.get_ref()), w))
+            }));
+        for (what, webhook) in webhooks {
             let url = webhook.get_ref();
             if !(url.starts_with("http://") || url.starts_with("https://"))
                 || url.parse::<http::Uri>().is_err()
             {
                 return Err((
                     webhook.span(),
-                    format!("alerts.webhook `{url}` is not an http:// or https:// URL"),
+                    format!("{what} `{url}` is not an http:// or https:// URL"),
                 ));
             }
         }

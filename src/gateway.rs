@@ -206,7 +206,16 @@ impl Gateway {
             let agents = config
                 .agents
                 .iter()
-                .map(|a| (a.name.get_ref().clone(), a.capabilities.clone()))
+                .map(|a| {
+                    let info = crate::workflow::engine::AgentInfo {
+                        capabilities: a.capabilities.clone(),
+                        dispatch_webhook: a
+                            .dispatch_webhook
+                            .as_ref()
+                            .and_then(|w| w.get_ref().parse().ok()),
+                    };
+                    (a.name.get_ref().clone(), info)
+                })
                 .collect();
             Runs::new(
                 workflows.clone(),

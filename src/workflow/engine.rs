@@ -181,6 +181,17 @@ enum Effect {
         by: String,
         reason: String,
     },
+    Dispatch {
+        url: http::Uri,
+        item: Box<WorkItem>,
+    },
+}
+
+/// What the engine knows of a configured agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentInfo {
+    pub capabilities: Vec<String>,
+    pub dispatch_webhook: Option<http::Uri>,
 }
 
 #[derive(Default)]
@@ -192,8 +203,9 @@ struct EngineState {
 pub struct Runs {
     state: Mutex<EngineState>,
     workflows: Arc<WorkflowSet>,
-    /// Agent name → capabilities.
-    agents: HashMap<String, Vec<String>>,
+    agents: HashMap<String, AgentInfo>,
+    /// For dispatch webhooks, built on first use.
+    webhook_client: OnceLock<crate::proxy::upstream::HttpClient>,
     recorder: Recorder,
     events: EventBus,
     supervisor: Arc<Supervisor>,
@@ -208,7 +220,7 @@ pub struct Runs {
 impl Runs {
     pub fn new(
         workflows: Arc<WorkflowSet>,
-        agents: HashMap<String, Vec<String>>,
+        agents: HashMap<String, AgentInfo>,
         restored: Vec<RunState>,
         recorder: Recorder,
         supervisor: Arc<Supervisor>,
@@ -221,6 +233,7 @@ impl Runs {
             state: Mutex::new(state),
             workflows,
             agents,
+            webhook_client: OnceLock::new(),
             recorder,
             events: supervisor.events.clone(),
             supervisor: supervisor.clone(),
@@ -449,7 +462,40 @@ impl Runs {
                 continue;
             }
             let effect = match &run.definition.steps[index].kind {
-                StepKind::Agent { .. } => continue,
+                StepKind::Agent {
+                    agent,
+                    capability,
+                    instructions,
+                    explicit_completion,
+                } => {
+                    if !run.steps[index].dispatched {
+                        run.steps[index].dispatched = true;
+                        let targets: Vec<http::Uri> = self
+                            .agents
+                            .iter()
+                            .filter(|(name, _)| {
+                                eligible(agent.as_deref(), capability.as_deref(), name, &self.agents)
+                            })
+                            .filter_map(|(_, info)| info.dispatch_webhook.clone())
+                            .collect();
+                        if !targets.is_empty() {
+                            let instructions = run.render(instructions).unwrap_or_else(|e| e);
+                            let complete_on = if *explicit_completion {
+                                "explicit"
+                            } else {
+                                "final_answer"
+                            };
+                            let item = work_item(run, index, instructions, complete_on);
+                            for url in targets {
+                                effects.push(Effect::Dispatch {
+                                    url,
+                                    item: Box::new(item.clone()),
+                                });
+                            }
+                        }
+                    }
+                    continue;
+                }
                 StepKind::Model { .. } if self.model_caller.get().is_none() => continue,
                 StepKind::Model { model, prompt } => {
                     let (model, prompt) = (model.clone(), prompt.clone());
@@ -558,8 +604,31 @@ impl Runs {
                     .supervisor
                     .approvals
                     .withdraw(&approval_id, &by, &reason),
+                Effect::Dispatch { url, item } => self.dispatch(url, *item),
             }
         }
+    }
+
+    /// Posts ready work to an agent's dispatch webhook, retried with
+    /// backoff; the step stays offered to polls meanwhile.
+    fn dispatch(&self, url: http::Uri, item: WorkItem) {
+        let client = match self.webhook_client.get() {
+            Some(client) => client.clone(),
+            None => match crate::proxy::upstream::build_client() {
+                Ok(client) => self.webhook_client.get_or_init(|| client).clone(),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the dispatch webhook client");
+                    return;
+                }
+            },
+        };
+        let body = Bytes::from(json!({"work": [item]}).to_string());
+        tokio::spawn(async move {
+            let what = format!("work {}/{}", item.run_id, item.step_id);
+            if !crate::alerts::post_with_retries(&client, &url, body, &what).await {
+                tracing::error!(run_id = %item.run_id, step_id = %item.step_id, "gave up posting work to a dispatch webhook; the step stays offered to polls");
+            }
+        });
     }
 
     /// Sends a model step through Warden's own proxy, so that it is
@@ -1116,13 +1185,13 @@ fn eligible(
     named: Option<&str>,
     capability: Option<&str>,
     agent: &str,
-    agents: &HashMap<String, Vec<String>>,
+    agents: &HashMap<String, AgentInfo>,
 ) -> bool {
     match (named, capability) {
         (Some(named), _) => named == agent,
         (None, Some(capability)) => agents
             .get(agent)
-            .is_some_and(|caps| caps.iter().any(|c| c == capability)),
+            .is_some_and(|info| info.capabilities.iter().any(|c| c == capability)),
         (None, None) => false,
     }
 }

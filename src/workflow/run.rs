@@ -117,6 +117,8 @@ pub struct StepState {
     pub approval_id: Option<String>,
     /// Cost held by the step's calls in flight, for `budget_usd`.
     pub reserved: Usd,
+    /// This offer of the step was posted to its agents' dispatch webhooks.
+    pub dispatched: bool,
 }
 
 impl StepState {
@@ -139,6 +141,7 @@ impl StepState {
             deadline_us: None,
             approval_id: None,
             reserved: Usd::ZERO,
+            dispatched: false,
         }
     }
 
@@ -473,6 +476,7 @@ impl RunState {
             // Exponential backoff: base, 2 × base, 4 × base …
             let factor = 1i64 << (step.attempts.saturating_sub(1)).min(16);
             step.status = StepStatus::Ready;
+            step.dispatched = false;
             step.deadline_us = None;
             step.retry_at_us = Some(now_us + backoff_secs as i64 * factor * 1_000_000);
             changes.touch(index);

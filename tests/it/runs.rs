@@ -747,3 +747,61 @@ async fn triggers_check_inputs_and_permissions() {
     assert_eq!(listed.json()["runs"].as_array().unwrap().len(), 1);
     tw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
+    let posts = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+    let sink = posts.clone();
+    let hook = FakeUpstream::start(move |seen| {
+        sink.lock().unwrap().push(seen.body.clone());
+        Reply::json(Bytes::from_static(b"{}"))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::write(flows.join("brief.toml"), DIAMOND).unwrap();
+    let mut tw = TestWarden::start_with(
+        Options {
+            extra: format!("[workflows]\ndir = \"{}\"\n", flows.display()),
+            alpha_extra: format!("dispatch_webhook = \"{}/work\"", hook.url()),
+            ..Options::default()
+        },
+        script,
+    )
+    .await;
+    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"].as_str().unwrap().to_owned();
+    let mut posted = Value::Null;
+    for _ in 0..200 {
+        if let Some(body) = posts.lock().unwrap().first() {
+            posted = serde_json::from_slice(body).unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let item = posted["work"][0].clone();
+    assert_eq!(item["step_id"], "research", "{posted}");
+    assert_eq!(item["instructions"], "Research tides.");
+    assert_eq!(item["headers"]["x-warden-run"], run_id.as_str());
+    // The agent acts on the post alone: its call takes and ends the step.
+    let answer = step_call(&tw, AGENT_KEY, &item, "REPLY=found").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let run = show(&tw, &run_id).await;
+    assert_eq!(step(&run, "research")["status"], "succeeded");
+    assert_eq!(step(&run, "research")["agent"], "alpha");
+    // fact_check (alpha's) is posted too; beta's draft is not (no webhook).
+    for _ in 0..200 {
+        if posts.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let steps: Vec<String> = posts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_slice::<Value>(b).unwrap()["work"][0]["step_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(steps, ["research", "fact_check"]);
+    tw.stop().await;
+}

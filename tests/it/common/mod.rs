@@ -238,6 +238,8 @@ pub struct Options {
     pub max_body_bytes: u64,
     pub upstream_timeout_secs: u64,
     pub extra: String,
+    /// More lines of agent alpha's [[agents]] table.
+    pub alpha_extra: String,
 }
 
 impl Default for Options {
@@ -246,6 +248,7 @@ impl Default for Options {
             max_body_bytes: 1 << 20,
             upstream_timeout_secs: 30,
             extra: String::new(),
+            alpha_extra: String::new(),
         }
     }
 }
@@ -284,6 +287,7 @@ models = ["claude-*"]
 name = "alpha"
 key_sha256 = "{alpha}"
 role = "researcher"
+{alpha_extra}
 
 [[agents]]
 name = "beta"
@@ -307,6 +311,7 @@ read_only = true
         op = sha256_hex(OPERATOR_TOKEN),
         ro = sha256_hex(READONLY_TOKEN),
         extra = options.extra,
+        alpha_extra = options.alpha_extra,
     )
 }
 
