@@ -234,13 +234,22 @@ pub async fn post_with_retries(
                 return true;
             }
             Ok(Ok(response)) => {
-                tracing::warn!(what, attempt, status = response.status().as_u16(), "a webhook refused a post; retrying");
+                tracing::warn!(
+                    what,
+                    attempt,
+                    status = response.status().as_u16(),
+                    "a webhook refused a post; retrying"
+                );
             }
             Ok(Err(e)) => {
                 tracing::warn!(what, attempt, error = %e, "cannot reach a webhook; retrying");
             }
             Err(_) => {
-                tracing::warn!(what, attempt, "a webhook did not answer within 10 s; retrying");
+                tracing::warn!(
+                    what,
+                    attempt,
+                    "a webhook did not answer within 10 s; retrying"
+                );
             }
         }
     }

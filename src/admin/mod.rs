@@ -349,6 +349,7 @@ async fn admin_api(
             let name = p["/admin/v1/workflows/".len()..p.len() - "/rollback".len()].to_owned();
             runs::rollback(state, &operator, &name, request).await
         }
+        (Method::GET, "/admin/v1/insights") => runs::insights(state).await,
         (Method::POST, "/admin/v1/runs") => {
             if let Some(refused) = state.may_change(&operator, "start a run") {
                 return refused;

@@ -274,6 +274,39 @@ pub async fn rollback(
     }
 }
 
+/// `GET /admin/v1/insights`: both insight views and the suggestions
+/// they support.
+pub async fn insights(state: &AdminState) -> Response<ProxyBody> {
+    state.recorder.flush().await;
+    let reader = state.reader.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        reader.with_connection(|conn| {
+            crate::workflow::insights::read(conn).map_err(|e| StoreError::Sql(e.to_string()))
+        })
+    })
+    .await;
+    match read {
+        Ok(Ok((versions, steps))) => {
+            let suggestions = crate::workflow::insights::suggestions(&versions, &steps);
+            json_response(
+                StatusCode::OK,
+                json!({
+                    "workflow_stats": versions,
+                    "agent_step_stats": steps,
+                    "suggestions": suggestions,
+                    "min_completed": crate::workflow::insights::MIN_COMPLETED,
+                }),
+            )
+        }
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            e.to_string(),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
 fn runs_error(e: RunsError) -> Response<ProxyBody> {
     let (status, code) = match &e {
         RunsError::UnknownWorkflow { .. } => (StatusCode::NOT_FOUND, "unknown_workflow"),

@@ -149,6 +149,14 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Success rates, cost and duration per workflow version and per agent
+    /// and step, with suggestions once 10 runs have completed.
+    Insights {
+        #[arg(long, value_enum, default_value_t = query::Format::Table)]
+        format: query::Format,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Workflow runs: `start`, `list`, `show` (the DAG), `watch`, `cancel`.
     Runs {
         #[command(subcommand)]
@@ -470,6 +478,7 @@ pub fn main() -> ExitCode {
                 runs::rollback(&workflow, &version, &admin)
             }
         },
+        Command::Insights { format, admin } => runs::insights(format, &admin),
         Command::Runs { action, admin } => match action {
             RunsAction::Start {
                 workflow,

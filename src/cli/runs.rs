@@ -209,6 +209,87 @@ pub fn rollback(workflow: &str, version: &str, admin: &AdminArgs) -> anyhow::Res
     Ok(())
 }
 
+/// `warden insights`: per workflow version and per agent and step, with
+/// the suggestions the data supports.
+pub fn insights(format: Format, admin: &AdminArgs) -> anyhow::Result<()> {
+    let client = AdminClient::new(admin);
+    let answer = super::runtime()?.block_on(client.get("/admin/v1/insights"))?;
+    if format == Format::Json {
+        println!("{answer}");
+        return Ok(());
+    }
+    let rate = |v: &Value| v.as_f64().map(|r| format!("{:.0}%", r * 100.0));
+    let money = |v: &Value| v.as_f64().map(|c| format!("{c:.6}"));
+    let seconds = |v: &Value| v.as_f64().map(|s| format!("{s:.1}"));
+    let empty = Vec::new();
+    let versions: Vec<Value> = answer["workflow_stats"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|v| {
+            json!({
+                "workflow": v["workflow"],
+                "version": v["version_hash"].as_str().map(|h| &h[..12.min(h.len())]),
+                "runs": v["runs"],
+                "completed": v["completed"],
+                "success_rate": rate(&v["success_rate"]),
+                "avg_cost_usd": money(&v["avg_cost_usd"]),
+                "avg_duration_s": seconds(&v["avg_duration_s"]),
+            })
+        })
+        .collect();
+    println!("Workflow versions (workflow_stats)");
+    let fields = [
+        ("workflow", "text"),
+        ("version", "text"),
+        ("runs", "number"),
+        ("completed", "number"),
+        ("success_rate", "text"),
+        ("avg_cost_usd", "number"),
+        ("avg_duration_s", "number"),
+    ];
+    print!("{}", render(&table(&fields, &versions), format));
+    let steps: Vec<Value> = answer["agent_step_stats"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|s| {
+            json!({
+                "workflow": s["workflow"],
+                "step": s["step_id"],
+                "agent": s["agent"],
+                "completed": s["completed"],
+                "success_rate": rate(&s["success_rate"]),
+                "avg_cost_usd": money(&s["avg_cost_usd"]),
+                "avg_duration_s": seconds(&s["avg_duration_s"]),
+            })
+        })
+        .collect();
+    println!("\nAgents by step (agent_step_stats)");
+    let fields = [
+        ("workflow", "text"),
+        ("step", "text"),
+        ("agent", "text"),
+        ("completed", "number"),
+        ("success_rate", "text"),
+        ("avg_cost_usd", "number"),
+        ("avg_duration_s", "number"),
+    ];
+    print!("{}", render(&table(&fields, &steps), format));
+    let suggestions = answer["suggestions"].as_array().unwrap_or(&empty);
+    println!();
+    if suggestions.is_empty() {
+        println!(
+            "No suggestions: they need {} completed runs (or steps) on each side of a comparison.",
+            answer["min_completed"]
+        );
+    }
+    for suggestion in suggestions {
+        println!("suggestion: {}", suggestion.as_str().unwrap_or(""));
+    }
+    Ok(())
+}
+
 fn human_duration(micros: i64) -> String {
     let secs = micros as f64 / 1e6;
     if secs < 60.0 {

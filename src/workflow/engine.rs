@@ -474,7 +474,12 @@ impl Runs {
                             .agents
                             .iter()
                             .filter(|(name, _)| {
-                                eligible(agent.as_deref(), capability.as_deref(), name, &self.agents)
+                                eligible(
+                                    agent.as_deref(),
+                                    capability.as_deref(),
+                                    name,
+                                    &self.agents,
+                                )
                             })
                             .filter_map(|(_, info)| info.dispatch_webhook.clone())
                             .collect();

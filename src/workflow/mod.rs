@@ -7,6 +7,7 @@
 
 pub mod definition;
 pub mod engine;
+pub mod insights;
 pub mod registry;
 pub mod run;
 pub mod store;

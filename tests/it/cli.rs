@@ -633,3 +633,66 @@ async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
     );
     tw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insights_compare_versions_once_ten_runs_have_completed() {
+    use crate::runs::{poll, script, start_run, step_call, with_flows};
+    const SOLO: &str =
+        "name = \"solo\"\n[[steps]]\nid = \"only\"\nagent = \"alpha\"\ninstructions = \"Do it.\"\n";
+    let (mut tw, flows) = with_flows(&[("solo.toml", SOLO)], script).await;
+    let quiet = stdout_of(&cli(&tw, &["insights"]).await);
+    assert!(quiet.contains("No suggestions"), "{quiet}");
+    let run_batch = |fail_every: usize| {
+        let tw = &tw;
+        async move {
+            for i in 0..10 {
+                start_run(tw, "solo", json!({})).await;
+                let work = poll(tw, AGENT_KEY).await;
+                let text = if fail_every > 0 && i % fail_every == 0 {
+                    "FAIL"
+                } else {
+                    "REPLY=done"
+                };
+                step_call(tw, AGENT_KEY, &work[0], text).await;
+            }
+        }
+    };
+    run_batch(0).await;
+    let first = tw.runs_hash("solo").await;
+    std::fs::write(
+        flows.join("solo.toml"),
+        SOLO.replace("Do it.", "Do it now."),
+    )
+    .unwrap();
+    for _ in 0..200 {
+        if tw.runs_hash("solo").await != first {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The new version fails every other run.
+    run_batch(2).await;
+    let out = stdout_of(&cli(&tw, &["insights"]).await);
+    assert!(
+        out.contains("workflow_stats") && out.contains("agent_step_stats"),
+        "{out}"
+    );
+    let suggestion = out
+        .lines()
+        .find(|l| l.starts_with("suggestion:"))
+        .unwrap_or_else(|| panic!("no suggestion in\n{out}"));
+    assert!(
+        suggestion.contains("succeeds in 50% of 10 runs")
+            && suggestion.contains(&format!("rollback solo {}", &first[..12])),
+        "{suggestion}"
+    );
+    let stats = tw
+        .query(
+            "SELECT version_hash, completed, success_rate FROM workflow_stats ORDER BY first_run",
+        )
+        .await;
+    assert_eq!(stats.rows.len(), 2);
+    assert_eq!(stats.rows[0][1].as_deref(), Some("10"));
+    assert_eq!(stats.rows[1][2].as_deref(), Some("0.5"));
+    tw.stop().await;
+}

@@ -770,7 +770,10 @@ async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
         script,
     )
     .await;
-    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"].as_str().unwrap().to_owned();
+    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut posted = Value::Null;
     for _ in 0..200 {
         if let Some(body) = posts.lock().unwrap().first() {
@@ -800,7 +803,12 @@ async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
         .lock()
         .unwrap()
         .iter()
-        .map(|b| serde_json::from_slice::<Value>(b).unwrap()["work"][0]["step_id"].as_str().unwrap().to_owned())
+        .map(|b| {
+            serde_json::from_slice::<Value>(b).unwrap()["work"][0]["step_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(steps, ["research", "fact_check"]);
     tw.stop().await;
