@@ -3,7 +3,9 @@
 # against (1) a static nginx upstream that returns a real chat completion,
 # (2) nginx proxy_pass in front of it, (3) Warden in front of it (metering
 # and recording on), then alone: (4) Warden with rate limits and budgets,
-# (5) Warden with the cost_gate and model_allowlist policies. Prints req/s,
+# (5) Warden with the cost_gate and model_allowlist policies, (6) Warden with
+# every call bound to a workflow run's step (x-warden-run / x-warden-step:
+# the step's spend is kept and its budget checked per call). Prints req/s,
 # p50 and p99 for each, the Warden/nginx ratios, whether every Warden call
 # reached the store, and Warden's peak RSS.
 #
@@ -112,6 +114,19 @@ name = "cost_gate"
 module = "$PWD/policies/cost_gate.wasm"
 config = { max_call_usd = 1.0, hard_max_usd = 10.0 }
 TOML
+# The same Warden serving a one-step workflow whose step stays running
+# (complete_on = "explicit"), so that every call of the run is bound to it.
+sed -e 's/18083/18089/; s/18084/18090/; s#warden.duckdb#warden-runs.duckdb#' "$WORK/warden.toml" > "$WORK/warden-runs.toml"
+mkdir -p "$WORK/flows"
+printf '[workflows]\ndir = "%s/flows"\n' "$WORK" >> "$WORK/warden-runs.toml"
+cat > "$WORK/flows/load.toml" <<FLOW
+name = "load"
+[[steps]]
+id = "work"
+agent = "load"
+complete_on = "explicit"
+budget_usd = "1000000"
+FLOW
 "$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
 echo $! > "$WORK/warden.pid"
 WARDEN_PID="$(cat "$WORK/warden.pid")"
@@ -175,6 +190,20 @@ run warden_policies http://127.0.0.1:18087/v1/chat/completions
 sleep 1
 POLICY_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome = 'denied') || ' denied' FROM calls" --format csv --admin-url http://127.0.0.1:18088 | tail -1)"
 POLICY_STATS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" policy list --format csv --admin-url http://127.0.0.1:18088 | awk -F, 'NR > 1 {printf "%s %s evals p50 %s us p99 %s us; ", $1, $5, $8, $9}')"
+kill "$(cat "$WORK/warden-policies.pid")"; wait "$(cat "$WORK/warden-policies.pid")" 2>/dev/null || true
+"$WARDEN" serve --config "$WORK/warden-runs.toml" 2>"$WORK/warden-runs.log" &
+echo $! > "$WORK/warden-runs.pid"
+wait_healthy 18090
+RUN="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs start load --admin-url http://127.0.0.1:18090 | tail -1)"
+sed -e '$a wrk.headers["x-warden-run"] = "'"$RUN"'"' -e '$a wrk.headers["x-warden-step"] = "work"' "$WORK/post.lua" > "$WORK/post-run.lua"
+wrk -t1 -c8 -d2s -s "$WORK/post-run.lua" http://127.0.0.1:18089/v1/chat/completions >/dev/null
+cp "$WORK/post.lua" "$WORK/post-plain.lua"; cp "$WORK/post-run.lua" "$WORK/post.lua"
+run warden_run_bound http://127.0.0.1:18089/v1/chat/completions
+cp "$WORK/post-plain.lua" "$WORK/post.lua"
+sleep 1
+RUN_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE run_id = '$RUN' AND step_id = 'work') || ' of ' || count(*) || ' calls bound to the run step' FROM calls" --format csv --admin-url http://127.0.0.1:18090 | tail -1)"
+RUN_STEP="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs show "$RUN" --format json --admin-url http://127.0.0.1:18090 | python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]; print(s["status"], s["calls"], "calls, $" + s["cost_usd"])')"
+read -r R_RPS _ R_P99 _ < "$WORK/warden_run_bound.res"
 read -r L_RPS _ L_P99 _ < "$WORK/warden_limits.res"
 read -r P_RPS _ P_P99 _ < "$WORK/warden_policies.res"
 read -r W_RPS W_P50 W_P99 _ < "$WORK/warden.res"
@@ -184,6 +213,7 @@ printf 'warden / nginx proxy_pass throughput: %.2f\n' "$(echo "$W_RPS / $N_RPS" 
 printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99") / $(to_ms "$N_P99")" | bc -l)"
 printf 'warden with limits / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$L_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$L_P99") / $(to_ms "$N_P99")" | bc -l)" "$LIMITED_ADMITTED"
 printf 'warden with policies / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$P_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$P_P99") / $(to_ms "$N_P99")" | bc -l)" "$POLICY_CALLS"
+printf 'warden with a run bound to every call / nginx throughput: %.2f (p99 %.2f; %s; step: %s)\n' "$(echo "$R_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$R_P99") / $(to_ms "$N_P99")" | bc -l)" "$RUN_CALLS" "$RUN_STEP"
 echo "policies: $POLICY_STATS"
 echo "calls recorded by warden: $RECORDED of $SENT answered by wrk (dropped records: $DROPPED)"
 echo "warden peak RSS: $((RSS_KB / 1024)) MB"

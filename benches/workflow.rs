@@ -120,7 +120,9 @@ fn advance_bench(
             for _ in 0..iterations {
                 let run = runs.start(workflow, None, inputs.clone(), "bench").unwrap();
                 let binding = runs
-                    .bind(agent, Some(&run.run_id), Some(step))
+                    .bind(agent, Some(&run.run_id), Some(step), &mut || {
+                        warden::money::Usd::ZERO
+                    })
                     .unwrap()
                     .expect("the call is bound");
                 let ended = CallEnded {

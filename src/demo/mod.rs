@@ -108,10 +108,10 @@ token_sha256 = "{operator}"
     Config::parse(&text, Path::new("<demo config>")).expect("the demo config is valid")
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// One HTTP exchange of the demo, its body as JSON (or text for streams).
-async fn exchange(
+pub async fn exchange(
     client: &HttpClient,
     request: Request<Full<Bytes>>,
     what: &str,
@@ -140,7 +140,7 @@ async fn exchange(
     Ok((parts.status, parts.headers, body))
 }
 
-fn json_request(
+pub fn json_request(
     method: http::Method,
     url: String,
     auth: &str,
@@ -159,70 +159,95 @@ fn json_request(
 /// A simulated agent: polls Warden for its work and does each step with a
 /// model call through Warden, in its own style: the researcher calls
 /// OpenAI's chat API with the step headers (streamed for a fact-check), the
-/// writer calls Anthropic's messages API with no headers at all (Warden
-/// binds the call to its only running step).
-async fn agent_loop(
-    name: &'static str,
-    key: &'static str,
-    base: String,
-    client: HttpClient,
-    log: tokio::sync::mpsc::UnboundedSender<String>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), DemoError> {
-    loop {
-        let poll = Request::get(format!("{base}/v1/warden/work"))
-            .header(header::AUTHORIZATION, format!("Bearer {key}"))
-            .body(Full::new(Bytes::new()))
-            .expect("a valid demo request");
-        let (_, _, body) = exchange(&client, poll, &format!("{name} polls for work")).await?;
-        let work: Value = serde_json::from_slice(&body).unwrap_or_default();
-        for item in work["work"].as_array().into_iter().flatten() {
-            let step = item["step_id"].as_str().unwrap_or("?");
-            let run = item["run_id"].as_str().unwrap_or("?");
-            let instructions = item["instructions"].as_str().unwrap_or("");
-            let _ = log.send(format!("{name:<10} takes `{step}`: {instructions}"));
-            let (path, body, bound_by) = if name == "writer" {
-                (
-                    "/v1/messages",
-                    json!({"model": "claude-sonnet-4-5", "max_tokens": 600, "stream": true,
-                           "messages": [{"role": "user", "content": instructions}]}),
-                    "no headers: its only running step",
-                )
-            } else {
-                (
-                    "/v1/chat/completions",
-                    json!({"model": if step == "research" { "gpt-4o" } else { "gpt-4o-mini" },
-                           "stream": step != "research",
-                           "messages": [{"role": "system", "content": "You are a careful research assistant."},
-                                        {"role": "user", "content": instructions}]}),
-                    "x-warden-run / x-warden-step",
-                )
-            };
-            let mut request = json_request(http::Method::POST, format!("{base}{path}"), key, &body);
-            if name != "writer" {
-                let headers = request.headers_mut();
-                for header_name in ["x-warden-run", "x-warden-step"] {
-                    if let Some(value) = item["headers"][header_name]
-                        .as_str()
-                        .and_then(|v| http::HeaderValue::from_str(v).ok())
-                    {
-                        headers.insert(header_name, value);
-                    }
+/// writer Anthropic's messages API, streamed, with no headers at all when
+/// `headerless` (Warden binds the call to its only running step).
+pub struct SimAgent {
+    pub name: &'static str,
+    pub key: &'static str,
+    pub headerless: bool,
+}
+
+impl SimAgent {
+    /// Polls and works until `stop` turns true; each poll's items are worked
+    /// on concurrently. Says what it does on `log`.
+    pub async fn work(
+        self,
+        base: String,
+        client: HttpClient,
+        log: tokio::sync::mpsc::UnboundedSender<String>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), DemoError> {
+        let SimAgent {
+            name,
+            key,
+            headerless,
+        } = self;
+        loop {
+            let poll = Request::get(format!("{base}/v1/warden/work"))
+                .header(header::AUTHORIZATION, format!("Bearer {key}"))
+                .body(Full::new(Bytes::new()))
+                .expect("a valid demo request");
+            let (_, _, body) = exchange(&client, poll, &format!("{name} polls for work")).await?;
+            let work: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let items = work["work"].as_array().cloned().unwrap_or_default();
+            let tasks = items.iter().map(|item| {
+                let (base, client, log) = (&base, &client, &log);
+                async move {
+                    let step = item["step_id"].as_str().unwrap_or("?");
+                    let run = item["run_id"].as_str().unwrap_or("?");
+                    let instructions = item["instructions"].as_str().unwrap_or("");
+                    let _ = log.send(format!("{name:<10} takes `{step}`: {instructions}"));
+                    let writer = name == "writer";
+                    let (path, body) = if writer {
+                        (
+                            "/v1/messages",
+                            json!({"model": "claude-sonnet-4-5", "max_tokens": 600, "stream": true,
+                                   "messages": [{"role": "user", "content": instructions}]}),
+                        )
+                    } else {
+                        (
+                            "/v1/chat/completions",
+                            json!({"model": if step == "research" { "gpt-4o" } else { "gpt-4o-mini" },
+                                   "stream": step != "research",
+                                   "messages": [{"role": "system", "content": "You are a careful research assistant."},
+                                                {"role": "user", "content": instructions}]}),
+                        )
+                    };
+                    let mut request =
+                        json_request(http::Method::POST, format!("{base}{path}"), key, &body);
+                    let bound_by = if headerless {
+                        "no headers: its only running step"
+                    } else {
+                        let headers = request.headers_mut();
+                        for header_name in ["x-warden-run", "x-warden-step"] {
+                            if let Some(value) = item["headers"][header_name]
+                                .as_str()
+                                .and_then(|v| http::HeaderValue::from_str(v).ok())
+                            {
+                                headers.insert(header_name, value);
+                            }
+                        }
+                        "x-warden-run / x-warden-step"
+                    };
+                    let (_, headers, _) =
+                        exchange(client, request, &format!("{name} works on `{step}`")).await?;
+                    let call = headers
+                        .get("x-warden-call-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?");
+                    let _ = log.send(format!(
+                        "{name:<10} answered `{step}` of {run} via {path} ({bound_by}); call {call}"
+                    ));
+                    Ok::<_, DemoError>(())
                 }
+            });
+            for result in futures_util::future::join_all(tasks).await {
+                result?;
             }
-            let (_, headers, _) =
-                exchange(&client, request, &format!("{name} works on `{step}`")).await?;
-            let call = headers
-                .get("x-warden-call-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?");
-            let _ = log.send(format!(
-                "{name:<10} answered `{step}` of {run} via {path} ({bound_by}); call {call}"
-            ));
-        }
-        tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                () = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            }
         }
     }
 }
@@ -267,10 +292,20 @@ pub async fn run(store: PathBuf, out: &mut dyn Write) -> Result<(), DemoError> {
 
     let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let agents = [("researcher", RESEARCHER_KEY), ("writer", WRITER_KEY)].map(|(name, key)| {
-        tokio::spawn(agent_loop(
-            name,
-            key,
+    let agents = [
+        SimAgent {
+            name: "researcher",
+            key: RESEARCHER_KEY,
+            headerless: false,
+        },
+        SimAgent {
+            name: "writer",
+            key: WRITER_KEY,
+            headerless: true,
+        },
+    ]
+    .map(|agent| {
+        tokio::spawn(agent.work(
             base.clone(),
             client.clone(),
             log_tx.clone(),

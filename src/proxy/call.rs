@@ -217,14 +217,6 @@ impl Call {
             .is_some_and(|s| s.ends_on_answer)
     }
 
-    /// Holds the call's upper-bound cost against its step's `budget_usd`.
-    pub fn reserve_step_budget(&mut self, cost: Usd) -> Result<(), String> {
-        match self.binding.as_mut() {
-            Some(binding) => self.state.runs.reserve(binding, cost),
-            None => Ok(()),
-        }
-    }
-
     /// From now on an immediate halt of this call's agent or run cuts it.
     pub fn watch_halts(&mut self) {
         if self.halt_watch.is_none() {

@@ -96,9 +96,8 @@ async fn serve(
         return Ok(Reply::Done(state.models_response(call)));
     }
 
-    // halt check, then the workflow step the call serves
+    // halt check
     supervise::check_halts(state, &agent.name, call.run_id.as_deref())?;
-    bind_to_run(state, call, &agent.name)?;
 
     // read
     let body = read_body(body, &parts.headers, state.max_body_bytes).await?;
@@ -144,6 +143,9 @@ async fn serve(
     call.provider = Some(upstream.kind.as_str());
     call.price = state.prices.lookup(&facts.model);
 
+    // the workflow run and step the call serves
+    bind_to_run(state, call, &agent.name, endpoint, &body, facts.max_tokens)?;
+
     // limit: requests, then the budget reservation, then tokens
     let admission = state
         .limits
@@ -152,7 +154,7 @@ async fn serve(
                 agent: &agent.name,
                 model: &facts.model,
                 run_id: call.run_id.as_deref(),
-                workflow: call.binding.as_ref().map(|b| &*b.workflow),
+                workflow: call.binding.as_ref().map(|b| b.workflow.name.as_str()),
             },
             endpoint,
             body: &body,
@@ -167,18 +169,6 @@ async fn serve(
         })?;
     let mut approval = admission.needs_approval().map(ApprovalAsk::for_budget);
     call.admission = Some(admission);
-    if call.binding.as_ref().is_some_and(|b| b.step.is_some()) {
-        let bound = call.upper_bound(endpoint, &body, facts.max_tokens);
-        let limit = call.reserve_step_budget(bound.cost.unwrap_or(crate::money::Usd::ZERO));
-        limit.map_err(|message| {
-            let mut headers = HeaderMap::new();
-            headers.insert("x-should-retry", HeaderValue::from_static("false"));
-            Refusal::new(ErrorKind::RateLimited, "budget_exceeded", message)
-                .with_outcome(Outcome::BudgetExceeded)
-                .with_headers(headers)
-        })?;
-    }
-
     // policies, the approval hold, then plugins
     let mut body = body;
     let mut facts = facts;
@@ -260,12 +250,31 @@ async fn serve(
 
 /// Binds the call to the workflow run and step it serves (its
 /// `x-warden-run` / `x-warden-step` headers, or its agent's only running
-/// step), so that run budgets apply and its answer can end the step.
-fn bind_to_run(state: &ProxyState, call: &mut Call, agent: &str) -> Result<(), Refusal> {
+/// step), so that run budgets apply and its answer can end the step. A step
+/// with a `budget_usd` holds the call's upper-bound cost.
+fn bind_to_run(
+    state: &ProxyState,
+    call: &mut Call,
+    agent: &str,
+    endpoint: Endpoint,
+    body: &[u8],
+    max_tokens: Option<u64>,
+) -> Result<(), Refusal> {
     use crate::workflow::RunsError;
+    let price = call.price.clone();
+    let mut cost_bound = || {
+        crate::limits::UpperBound::of(endpoint, body, max_tokens, price.as_deref())
+            .cost
+            .unwrap_or(crate::money::Usd::ZERO)
+    };
     let binding = state
         .runs
-        .bind(agent, call.run_id.as_deref(), call.step_id.as_deref())
+        .bind(
+            agent,
+            call.run_id.as_deref(),
+            call.step_id.as_deref(),
+            &mut cost_bound,
+        )
         .map_err(|e| {
             let (kind, code) = match e {
                 RunsError::UnknownStep { .. } => (ErrorKind::InvalidRequest, "unknown_step"),
@@ -273,10 +282,22 @@ fn bind_to_run(state: &ProxyState, call: &mut Call, agent: &str) -> Result<(), R
             };
             Refusal::new(kind, code, e.to_string())
         })?;
-    if let Some(binding) = binding {
-        call.run_id = Some(binding.run_id.clone());
-        call.step_id = binding.step.as_ref().map(|s| s.id.clone());
-        call.binding = Some(binding);
+    let Some(binding) = binding else {
+        return Ok(());
+    };
+    call.run_id = Some(binding.run_id.clone());
+    call.step_id = binding.step.as_ref().map(|s| s.id.clone());
+    let over_budget = binding.step.as_ref().and_then(|s| s.over_budget.clone());
+    // Bound even when refused: the refusal fails the step's attempt.
+    call.binding = Some(binding);
+    if let Some(message) = over_budget {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        return Err(
+            Refusal::new(ErrorKind::RateLimited, "budget_exceeded", message)
+                .with_outcome(Outcome::BudgetExceeded)
+                .with_headers(headers),
+        );
     }
     Ok(())
 }

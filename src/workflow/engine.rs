@@ -70,7 +70,8 @@ pub enum RunsError {
 #[derive(Debug, Clone)]
 pub struct Binding {
     pub run_id: String,
-    pub workflow: Arc<str>,
+    /// The run's definition (its `name` is the `workflow:NAME` budget scope).
+    pub workflow: Arc<Definition>,
     pub step: Option<BoundStep>,
 }
 
@@ -84,6 +85,9 @@ pub struct BoundStep {
     pub any_answer: bool,
     /// Cost held against the step's `budget_usd` until the call ends.
     pub reserved: Usd,
+    /// The step's `budget_usd` cannot afford this call: it is refused (and
+    /// the refusal fails the attempt like any).
+    pub over_budget: Option<String>,
 }
 
 /// How a bound call ended.
@@ -700,11 +704,15 @@ impl Runs {
     /// Binds a call to a run and step: the step the headers name, or the
     /// agent's only running step. A ready step the agent may take is taken
     /// by the call. `None`: the call serves no run Warden is driving.
+    ///
+    /// A step with a `budget_usd` holds `cost_bound()` (the call's upper
+    /// bound) against it until the call ends, in the same moment.
     pub fn bind(
         self: &Arc<Self>,
         agent: &str,
         run_header: Option<&str>,
         step_header: Option<&str>,
+        cost_bound: &mut dyn FnMut() -> Usd,
     ) -> Result<Option<Binding>, RunsError> {
         let now = now_micros();
         let mut state = self.lock();
@@ -755,7 +763,7 @@ impl Runs {
         let Some(run) = state.runs.get_mut(&run_id) else {
             return Ok(None);
         };
-        let workflow: Arc<str> = run.definition.name.as_str().into();
+        let workflow = run.definition.clone();
         let Some(index) = index else {
             return Ok(Some(Binding {
                 run_id,
@@ -763,8 +771,7 @@ impl Runs {
                 step: None,
             }));
         };
-        let definition = run.definition.clone();
-        let spec = &definition.steps[index];
+        let spec = &workflow.steps[index];
         let step = &run.steps[index];
         let id = run.step_id(index).to_owned();
         if step.status.is_terminal() || run.status != RunStatus::Running {
@@ -809,6 +816,20 @@ impl Runs {
             StepKind::Model { .. } => (true, true),
             StepKind::Approval { .. } => (false, false),
         };
+        let (mut reserved, mut over_budget) = (Usd::ZERO, None);
+        if let Some(budget) = spec.budget_usd {
+            let cost = cost_bound();
+            let step = &mut run.steps[index];
+            if step.cost + step.reserved + cost > budget {
+                over_budget = Some(format!(
+                    "step `{id}` of run {run_id} has a budget of ${budget} (budget_usd); it has spent ${} and holds ${} for calls in flight, and this call may cost up to ${cost}",
+                    step.cost, step.reserved
+                ));
+            } else {
+                step.reserved += cost;
+                reserved = cost;
+            }
+        }
         drop(state);
         self.execute(effects);
         Ok(Some(Binding {
@@ -819,35 +840,10 @@ impl Runs {
                 id,
                 ends_on_answer,
                 any_answer,
-                reserved: Usd::ZERO,
+                reserved,
+                over_budget,
             }),
         }))
-    }
-
-    /// Holds `cost` (the call's upper bound) against the step's
-    /// `budget_usd`; refuses the call when the step cannot afford it.
-    pub fn reserve(&self, binding: &mut Binding, cost: Usd) -> Result<(), String> {
-        let Some(bound) = binding.step.as_mut() else {
-            return Ok(());
-        };
-        let mut state = self.lock();
-        let Some(run) = state.runs.get_mut(&binding.run_id) else {
-            return Ok(());
-        };
-        let Some(budget) = run.definition.steps[bound.index].budget_usd else {
-            return Ok(());
-        };
-        let step = &mut run.steps[bound.index];
-        let committed = step.cost + step.reserved;
-        if committed + cost > budget {
-            return Err(format!(
-                "step `{}` of run {} has a budget of ${budget} (budget_usd); it has spent ${} and holds ${} for calls in flight, and this call may cost up to ${cost}",
-                bound.id, binding.run_id, step.cost, step.reserved
-            ));
-        }
-        step.reserved += cost;
-        bound.reserved = cost;
-        Ok(())
     }
 
     /// A bound call ended: its cost counts for the step; its final answer

@@ -96,6 +96,15 @@ pub async fn with_flows(
     flows: &[(&str, &str)],
     script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
 ) -> (TestWarden, std::path::PathBuf) {
+    with_flows_and("", flows, script).await
+}
+
+/// `with_flows` with more config (budgets) after the [workflows] table.
+pub async fn with_flows_and(
+    more: &str,
+    flows: &[(&str, &str)],
+    script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+) -> (TestWarden, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flows");
     std::fs::create_dir(&path).unwrap();
@@ -104,7 +113,7 @@ pub async fn with_flows(
     }
     let tw = TestWarden::start_with(
         Options {
-            extra: format!("[workflows]\ndir = \"{}\"\n", path.display()),
+            extra: format!("[workflows]\ndir = \"{}\"\n{more}", path.display()),
             ..Options::default()
         },
         script,
@@ -811,5 +820,43 @@ async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
         })
         .collect();
     assert_eq!(steps, ["research", "fact_check"]);
+    tw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_and_run_budgets_hold_the_calls_bound_to_a_run() {
+    let budgets =
+        "\n[[budgets]]\nscope = \"workflow:brief\"\nlimit_usd = \"0.000001\"\nperiod = \"day\"\n";
+    let (mut tw, _) = with_flows_and(budgets, &[("brief.toml", DIAMOND)], script).await;
+    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // An unbound call of the same agent is not the workflow's to pay.
+    let free = tw
+        .post(
+            "/v1/chat/completions",
+            AGENT_KEY,
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(free.status, StatusCode::OK, "{}", free.text());
+    let work = poll(&tw, AGENT_KEY).await;
+    let refused = step_call(&tw, AGENT_KEY, &work[0], "REPLY=x").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("workflow:brief"),
+        "{}",
+        refused.text()
+    );
+    let run = show(&tw, &run_id).await;
+    assert_eq!(run["status"], "failed");
+    assert!(run["error"].as_str().unwrap().contains("budget"), "{run:#}");
     tw.stop().await;
 }
