@@ -317,6 +317,7 @@ fn runs_error(e: RunsError) -> Response<ProxyBody> {
             (StatusCode::NOT_FOUND, "unknown_step")
         }
         RunsError::NotYourStep { .. } => (StatusCode::FORBIDDEN, "step_not_assigned"),
+        RunsError::RetryLater { .. } => (StatusCode::CONFLICT, "step_retry_pending"),
         RunsError::Step(_) => (StatusCode::CONFLICT, "run_ended"),
     };
     error(status, code, e.to_string())

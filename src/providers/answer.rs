@@ -272,13 +272,7 @@ impl AnswerStream {
 mod tests {
     use super::*;
 
-    fn fixture(path: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/../shared/fixtures/{path}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap_or_else(|e| panic!("fixture {path}: {e}"))
-    }
+    use crate::test_fixture as fixture;
 
     fn stream(endpoint: Endpoint, bytes: &[u8]) -> Answer {
         let mut answer = AnswerStream::new(endpoint);

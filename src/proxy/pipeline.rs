@@ -278,6 +278,7 @@ fn bind_to_run(
         .map_err(|e| {
             let (kind, code) = match e {
                 RunsError::UnknownStep { .. } => (ErrorKind::InvalidRequest, "unknown_step"),
+                RunsError::RetryLater { .. } => (ErrorKind::Conflict, "step_retry_pending"),
                 _ => (ErrorKind::Forbidden, "step_not_assigned"),
             };
             Refusal::new(kind, code, e.to_string())

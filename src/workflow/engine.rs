@@ -62,6 +62,14 @@ pub enum RunsError {
         "agent `{agent}` has no running step `{step}`; name the run (x-warden-run or \"run_id\")"
     )]
     NoSuchWork { agent: String, step: String },
+    #[error(
+        "step `{step}` of run `{run}` failed an attempt and is retried in {in_secs} s (retry_backoff_secs); call again then"
+    )]
+    RetryLater {
+        run: String,
+        step: String,
+        in_secs: i64,
+    },
     #[error(transparent)]
     Step(#[from] StepError),
 }
@@ -246,6 +254,26 @@ impl Runs {
             closed_approvals: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
         });
+        // A gate decided just before a stop, whose step row never heard.
+        let waiting: Vec<String> = lock(&runs.state)
+            .runs
+            .values()
+            .flat_map(|run| {
+                run.steps
+                    .iter()
+                    .filter(|s| s.status == StepStatus::Running)
+                    .filter_map(|s| s.approval_id.clone())
+            })
+            .collect();
+        if !waiting.is_empty() {
+            let closed: Vec<Approval> = supervisor
+                .approvals
+                .list(true)
+                .into_iter()
+                .filter(|a| waiting.contains(&a.approval_id) && a.status != ApprovalStatus::Pending)
+                .collect();
+            lock(&runs.closed_approvals).extend(closed);
+        }
         let observer = Arc::downgrade(&runs);
         supervisor
             .approvals
@@ -798,6 +826,14 @@ impl Runs {
                 if let Ok(changes) = run.claim(index, agent, now) {
                     self.after_change(run, changes, agent, now, &mut effects);
                 }
+            }
+            StepStatus::Ready if may_take => {
+                let at = step.retry_at_us.unwrap_or(now);
+                return Err(RunsError::RetryLater {
+                    run: run_id,
+                    step: id,
+                    in_secs: ((at - now) as f64 / 1e6).ceil() as i64,
+                });
             }
             _ => {
                 return Err(RunsError::NotYourStep {

@@ -19,16 +19,19 @@ fn usd(text: Option<String>) -> Usd {
 
 /// The runs that were in flight when Warden stopped, with their steps as
 /// recorded and each step's spend recounted from its calls. A model step
-/// whose call died with the process is offered again.
+/// whose call died with the process is sent again.
 pub fn restore_runs(conn: &Connection, workflows: &WorkflowSet) -> duckdb::Result<Vec<RunState>> {
     let mut runs = read_runs(conn, workflows, "status = 'running'", None)?;
     for run in &mut runs {
         for (index, step) in run.steps.iter_mut().enumerate() {
-            // A model step's call died with the process: send it again.
-            if step.status == StepStatus::Running
-                && matches!(run.definition.steps[index].kind, StepKind::Model { .. })
-                && step.agent.as_deref() == Some(WARDEN_AGENT)
-            {
+            // A model step's call died with the process, or an approval
+            // step stopped before its approval was opened: do it again.
+            let redo = match run.definition.steps[index].kind {
+                StepKind::Model { .. } => step.agent.as_deref() == Some(WARDEN_AGENT),
+                StepKind::Approval { .. } => step.approval_id.is_none(),
+                StepKind::Agent { .. } => false,
+            };
+            if step.status == StepStatus::Running && redo {
                 step.status = StepStatus::Ready;
                 step.attempts = step.attempts.saturating_sub(1);
             }

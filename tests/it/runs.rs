@@ -860,3 +860,28 @@ async fn workflow_and_run_budgets_hold_the_calls_bound_to_a_run() {
     assert!(run["error"].as_str().unwrap().contains("budget"), "{run:#}");
     tw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_waiting_out_its_backoff_refuses_calls_saying_when() {
+    const PATIENT: &str = "name = \"patient\"\n[[steps]]\nid = \"try\"\nagent = \"alpha\"\nretries = 2\nretry_backoff_secs = 60\n";
+    let (mut tw, _) = with_flows(&[("patient.toml", PATIENT)], script).await;
+    let run_id = start_run(&tw, "patient", json!({})).await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let work = poll(&tw, AGENT_KEY).await;
+    let failed = step_call(&tw, AGENT_KEY, &work[0], "FAIL").await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        poll(&tw, AGENT_KEY).await.is_empty(),
+        "not offered during the backoff"
+    );
+    let early = step_call(&tw, AGENT_KEY, &work[0], "REPLY=again").await;
+    assert_eq!(early.status, StatusCode::CONFLICT, "{}", early.text());
+    assert_eq!(early.json()["error"]["code"], "step_retry_pending");
+    assert!(early.text().contains("retried in 60 s"), "{}", early.text());
+    let run = show(&tw, &run_id).await;
+    assert_eq!(step(&run, "try")["status"], "ready");
+    assert_eq!(step(&run, "try")["attempts"], 1);
+    tw.stop().await;
+}
