@@ -184,16 +184,19 @@ pub async fn cancel(
         .reason
         .filter(|r| !r.trim().is_empty())
         .unwrap_or_else(|| "run cancelled".to_owned());
-    // Cut the calls first, so none of them completes a step meanwhile.
-    if let Err(e) = state.supervisor.halt(
-        HaltScope::Run(run_id.to_owned()),
-        false,
-        &reason,
-        &operator.name,
-    ) {
+    // End the run first: a call cut by the halt (or finishing meanwhile)
+    // then changes nothing, instead of failing the run before it is cancelled.
+    let result = state.runs.cancel(run_id, &operator.name, &reason);
+    if result.is_ok()
+        && let Err(e) = state.supervisor.halt(
+            HaltScope::Run(run_id.to_owned()),
+            false,
+            &reason,
+            &operator.name,
+        )
+    {
         tracing::debug!(run_id, "run was already halted: {e}");
     }
-    let result = state.runs.cancel(run_id, &operator.name, &reason);
     state.supervisor.flush().await;
     match result {
         Ok(view) => json_response(StatusCode::OK, json!({"run": view})),

@@ -226,6 +226,10 @@ pub struct Runs {
     internal_key: String,
     /// Approvals closed since the driver last looked.
     closed_approvals: Mutex<Vec<Approval>>,
+    /// Agent → its running agent steps (run, step position), so that a
+    /// call without headers finds its step without looking at every run.
+    /// Locked after `state` when both are held, never before it.
+    running: Mutex<HashMap<String, Vec<(String, usize)>>>,
     wake: tokio::sync::Notify,
 }
 
@@ -252,8 +256,17 @@ impl Runs {
             model_caller: OnceLock::new(),
             internal_key: crate::config::new_secret("wi_"),
             closed_approvals: Mutex::new(Vec::new()),
+            running: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         });
+        {
+            let state = lock(&runs.state);
+            for run in state.runs.values() {
+                for index in 0..run.steps.len() {
+                    runs.index_running(run, index);
+                }
+            }
+        }
         // A gate decided just before a stop, whose step row never heard.
         let waiting: Vec<String> = lock(&runs.state)
             .runs
@@ -396,7 +409,27 @@ impl Runs {
         }
     }
 
+    /// Keeps `running` in step with an agent step's status.
+    fn index_running(&self, run: &RunState, index: usize) {
+        let step = &run.steps[index];
+        let (StepKind::Agent { .. }, Some(agent)) =
+            (&run.definition.steps[index].kind, &step.agent)
+        else {
+            return;
+        };
+        let mut running = lock(&self.running);
+        let entries = running.entry(agent.clone()).or_default();
+        entries.retain(|(run_id, i)| !(*i == index && *run_id == run.run_id));
+        if step.status == StepStatus::Running && run.status == RunStatus::Running {
+            entries.push((run.run_id.clone(), index));
+        }
+        if entries.is_empty() {
+            running.remove(agent);
+        }
+    }
+
     fn step_changed(&self, run: &RunState, index: usize, actor: &str, effects: &mut Vec<Effect>) {
+        self.index_running(run, index);
         let step = &run.steps[index];
         let id = run.step_id(index);
         self.recorder.step_state(step_row(run, index));
@@ -743,6 +776,10 @@ impl Runs {
         cost_bound: &mut dyn FnMut() -> Usd,
     ) -> Result<Option<Binding>, RunsError> {
         let now = now_micros();
+        // Most calls serve no workflow: one look at the index, no engine lock.
+        if run_header.is_none() && !lock(&self.running).contains_key(agent) {
+            return Ok(None);
+        }
         let mut state = self.lock();
         let (run_id, index) = match (run_header, step_header) {
             (Some(run_id), step) => {
@@ -760,30 +797,22 @@ impl Runs {
                 };
                 (run_id.to_owned(), index)
             }
-            (None, Some(step)) => {
-                let mut found = state
-                    .runs
-                    .values()
-                    .filter(|r| r.status == RunStatus::Running)
-                    .filter_map(|r| {
-                        let index = *r.definition.positions.get(step)?;
-                        (r.steps[index].status == StepStatus::Running
-                            && r.steps[index].agent.as_deref() == Some(agent))
-                        .then(|| (r.run_id.clone(), index))
-                    });
+            (None, step) => {
+                // Without a run header: the agent's running steps (of that
+                // id, if named) must be exactly one.
+                let Some(running) = lock(&self.running).get(agent).cloned() else {
+                    return Ok(None);
+                };
+                let mut found = running.into_iter().filter(|(run_id, index)| {
+                    step.is_none_or(|step| {
+                        state
+                            .runs
+                            .get(run_id)
+                            .is_some_and(|r| r.step_id(*index) == step)
+                    })
+                });
                 match (found.next(), found.next()) {
                     (Some((run_id, index)), None) => (run_id, Some(index)),
-                    _ => return Ok(None),
-                }
-            }
-            (None, None) => {
-                let mut found = state
-                    .runs
-                    .values()
-                    .filter(|r| r.status == RunStatus::Running)
-                    .filter_map(|r| sole_running_step(r, agent));
-                match (found.next(), found.next()) {
-                    (Some((run_id, index)), None) => (run_id.to_owned(), Some(index)),
                     _ => return Ok(None),
                 }
             }
@@ -1086,14 +1115,6 @@ impl Runs {
             .runs
             .get(run_id)
             .is_some_and(|r| r.status == RunStatus::Running)
-    }
-
-    /// Runs in memory (in flight, and recently ended), newest first.
-    pub fn views(&self) -> Vec<RunView> {
-        let state = self.lock();
-        let mut views: Vec<RunView> = state.runs.values().map(view_of).collect();
-        views.sort_by(|a, b| b.run_id.cmp(&a.run_id));
-        views
     }
 
     pub fn view(&self, run_id: &str) -> Option<RunView> {

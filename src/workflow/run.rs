@@ -7,7 +7,7 @@ use std::sync::{Arc, LazyLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::definition::{Definition, InputType, StepKind};
+use super::definition::{Definition, InputType};
 use crate::money::Usd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -586,14 +586,6 @@ impl RunState {
         step.cost += cost.unwrap_or(Usd::ZERO);
         step.input_tokens += input;
         step.output_tokens += output;
-    }
-
-    /// The agent a step names, if it names one.
-    pub fn named_agent(&self, index: usize) -> Option<&str> {
-        match &self.definition.steps[index].kind {
-            StepKind::Agent { agent, .. } => agent.as_deref(),
-            _ => None,
-        }
     }
 }
 

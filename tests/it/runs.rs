@@ -888,14 +888,24 @@ async fn a_step_waiting_out_its_backoff_refuses_calls_saying_when() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_past_its_timeout_fails_its_attempt() {
-    const SLOW: &str = "name = \"slow\"\n[[steps]]\nid = \"think\"\nagent = \"alpha\"\ntimeout_secs = 1\n";
+    const SLOW: &str =
+        "name = \"slow\"\n[[steps]]\nid = \"think\"\nagent = \"alpha\"\ntimeout_secs = 1\n";
     let (mut tw, _) = with_flows(&[("slow.toml", SLOW)], script).await;
-    let run_id = start_run(&tw, "slow", json!({})).await["run_id"].as_str().unwrap().to_owned();
+    let run_id = start_run(&tw, "slow", json!({})).await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let work = poll(&tw, AGENT_KEY).await;
     assert!(work[0]["deadline_us"].as_i64().is_some());
     let run = wait_run(&tw, &run_id, "the timeout", |r| r["status"] != "running").await;
     assert_eq!(run["status"], "failed");
-    assert!(run["error"].as_str().unwrap().contains("timed out after 1 s"), "{run:#}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1 s"),
+        "{run:#}"
+    );
     // The late answer changes nothing.
     let late = step_call(&tw, AGENT_KEY, &work[0], "REPLY=late").await;
     assert_eq!(late.status, StatusCode::OK);
