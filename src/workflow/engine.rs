@@ -693,7 +693,10 @@ impl Runs {
             },
         };
         let body = Bytes::from(json!({"work": [item]}).to_string());
-        tokio::spawn(async move {
+        let Some(runtime) = runtime() else {
+            return;
+        };
+        runtime.spawn(async move {
             let what = format!("work {}/{}", item.run_id, item.step_id);
             if !crate::alerts::post_with_retries(&client, &url, body, &what).await {
                 tracing::error!(run_id = %item.run_id, step_id = %item.step_id, "gave up posting work to a dispatch webhook; the step stays offered to polls");
@@ -729,7 +732,12 @@ impl Runs {
         let uri = format!("http://{}{path}", caller.proxy_addr);
         let key = self.internal_key.clone();
         let runs = Arc::downgrade(self);
-        tokio::spawn(async move {
+        // Outside a runtime (a call dropped while Warden stops) the step
+        // stays running and is sent again after the restart.
+        let Some(runtime) = runtime() else {
+            return;
+        };
+        runtime.spawn(async move {
             let result = send_model_call(&uri, &key, &run_id, &step_id, body).await;
             if let Err(error) = result
                 && let Some(runs) = runs.upgrade()
@@ -1425,6 +1433,16 @@ async fn send_model_call(
     // answer itself reached the step through the pipeline.
     let _ = response.into_body().collect().await;
     Ok(())
+}
+
+/// The runtime this thread runs on, if any: effects can be set off from a
+/// call dropped during shutdown.
+fn runtime() -> Option<tokio::runtime::Handle> {
+    let handle = tokio::runtime::Handle::try_current();
+    if handle.is_err() {
+        tracing::warn!("no runtime to send workflow work from; it is picked up after a restart");
+    }
+    handle.ok()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
