@@ -27,6 +27,18 @@ pub mod store;
 pub mod supervisor;
 pub mod workflow;
 
+/// Locks a mutex whatever a panicking holder left behind: every structure
+/// guarded this way stays consistent between statements.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The first 12 characters of a content hash, as operators see versions
+/// and modules.
+pub fn short_hash(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
 /// Provider wire-format fixtures for unit tests (`tests/fixtures/`).
 #[cfg(test)]
 pub(crate) fn test_fixture(path: &str) -> Vec<u8> {

@@ -152,6 +152,13 @@ impl fmt::Display for Usd {
     }
 }
 
+/// Money leaves Warden as its exact decimal string, never a float.
+impl serde::Serialize for Usd {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl Add for Usd {
     type Output = Usd;
     fn add(self, rhs: Usd) -> Usd {

@@ -163,13 +163,7 @@ impl AdminState {
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    ProxyBody::json(status, Bytes::from(body.to_string()))
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<ProxyBody> {

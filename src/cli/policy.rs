@@ -132,7 +132,7 @@ pub fn test(
         "{} `{}` (sha256 {}): first run {} µs; over 1000 runs p50 {} µs, p99 {} µs",
         kind.as_str(),
         spec.name,
-        &loaded.sha256[..12],
+        crate::short_hash(&loaded.sha256),
         first.as_micros(),
         times[times.len() / 2].as_micros(),
         times[times.len() * 99 / 100].as_micros()

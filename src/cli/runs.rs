@@ -55,7 +55,7 @@ pub fn start(
     println!(
         "started {} (version {})",
         run["workflow"].as_str().unwrap_or(workflow),
-        &hash[..12.min(hash.len())]
+        crate::short_hash(hash)
     );
     match answer["estimated_cost_usd"].as_str() {
         Some(cost) => println!(
@@ -91,7 +91,7 @@ pub fn list(status: Option<&str>, format: Format, admin: &AdminArgs) -> anyhow::
             json!({
                 "run_id": r["run_id"],
                 "workflow": r["workflow"],
-                "version": r["version_hash"].as_str().map(|h| &h[..12.min(h.len())]),
+                "version": r["version_hash"].as_str().map(crate::short_hash),
                 "status": r["status"],
                 "started": super::supervise::human_age(now - started) + " ago",
                 "duration": human_duration(ended.unwrap_or(now) - started),
@@ -176,7 +176,7 @@ pub fn history(workflow: &str, format: Format, admin: &AdminArgs) -> anyhow::Res
                 "runs": v["runs"],
                 "succeeded": v["succeeded"],
                 "failed": v["failed"],
-                "success_rate": v["success_rate"].as_f64().map(|r| format!("{:.0}%", r * 100.0)),
+                "success_rate": v["success_rate"].as_f64().map(crate::workflow::insights::percent),
                 "avg_cost_usd": v["avg_cost_usd"],
             })
         })
@@ -218,7 +218,7 @@ pub fn insights(format: Format, admin: &AdminArgs) -> anyhow::Result<()> {
         println!("{answer}");
         return Ok(());
     }
-    let rate = |v: &Value| v.as_f64().map(|r| format!("{:.0}%", r * 100.0));
+    let rate = |v: &Value| v.as_f64().map(crate::workflow::insights::percent);
     let money = |v: &Value| v.as_f64().map(|c| format!("{c:.6}"));
     let seconds = |v: &Value| v.as_f64().map(|s| format!("{s:.1}"));
     let empty = Vec::new();
@@ -229,7 +229,7 @@ pub fn insights(format: Format, admin: &AdminArgs) -> anyhow::Result<()> {
         .map(|v| {
             json!({
                 "workflow": v["workflow"],
-                "version": v["version_hash"].as_str().map(|h| &h[..12.min(h.len())]),
+                "version": v["version_hash"].as_str().map(crate::short_hash),
                 "runs": v["runs"],
                 "completed": v["completed"],
                 "success_rate": rate(&v["success_rate"]),
@@ -290,14 +290,12 @@ pub fn insights(format: Format, admin: &AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Seconds to a tenth under a minute; beyond, as `human_age` counts.
 fn human_duration(micros: i64) -> String {
-    let secs = micros as f64 / 1e6;
-    if secs < 60.0 {
-        format!("{secs:.1} s")
-    } else if secs < 3600.0 {
-        format!("{:.0} min {:.0} s", (secs / 60.0).floor(), secs % 60.0)
+    if micros < 60_000_000 {
+        format!("{:.1} s", micros as f64 / 1e6)
     } else {
-        format!("{:.1} h", secs / 3600.0)
+        super::supervise::human_age(micros)
     }
 }
 
@@ -326,7 +324,7 @@ pub fn draw_run(run: &Value, now_us: i64) -> String {
         "run {}  {} (version {})  {}  {}  by {}",
         run["run_id"].as_str().unwrap_or("?"),
         run["workflow"].as_str().unwrap_or("?"),
-        &hash[..12.min(hash.len())],
+        crate::short_hash(hash),
         run["status"].as_str().unwrap_or("?").to_uppercase(),
         human_duration(ended.unwrap_or(now_us) - started),
         run["triggered_by"].as_str().unwrap_or("?"),

@@ -25,7 +25,7 @@ pub fn validate(file: &Path, config: Option<&Path>) -> anyhow::Result<()> {
         definition.name,
         definition.steps.len(),
         definition.inputs.len(),
-        &definition.hash[..12]
+        crate::short_hash(&definition.hash)
     );
     for step in &definition.steps {
         let who = match &step.kind {
@@ -68,7 +68,7 @@ pub fn list(format: super::query::Format, admin: &super::AdminArgs) -> anyhow::R
         .map(|w| {
             serde_json::json!({
                 "name": w["name"],
-                "version": w["version_hash"].as_str().map(|h| &h[..12.min(h.len())]),
+                "version": w["version_hash"].as_str().map(crate::short_hash),
                 "steps": w["steps"],
                 "description": w["description"],
                 "file": w["file"],

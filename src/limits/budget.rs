@@ -6,6 +6,7 @@
 //! exact cost, or released if it never ran. Spend passes a limit only when a
 //! provider bills more than the upper bound; that is logged and alerted.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -199,10 +200,6 @@ struct Totals {
     spent: Usd,
     reserved: Usd,
     unused_allowance: Usd,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The shard of the calling thread: threads are dealt shards in turn, so

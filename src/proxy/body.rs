@@ -26,6 +26,17 @@ impl ProxyBody {
     pub fn full(bytes: Bytes) -> ProxyBody {
         ProxyBody::Full(Some(bytes))
     }
+
+    /// A whole JSON answer with its status.
+    pub fn json(status: http::StatusCode, body: Bytes) -> http::Response<ProxyBody> {
+        let mut response = http::Response::new(ProxyBody::full(body));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        response
+    }
 }
 
 impl Body for ProxyBody {

@@ -261,9 +261,11 @@ fn bind_to_run(
     max_tokens: Option<u64>,
 ) -> Result<(), Refusal> {
     use crate::workflow::RunsError;
-    let price = call.price.clone();
+    // The headers are taken for the lookup so that the cost bound can use
+    // (and fill) the call's own upper-bound memo; a binding then sets them.
+    let (run_header, step_header) = (call.run_id.take(), call.step_id.take());
     let mut cost_bound = || {
-        crate::limits::UpperBound::of(endpoint, body, max_tokens, price.as_deref())
+        call.upper_bound(endpoint, body, max_tokens)
             .cost
             .unwrap_or(crate::money::Usd::ZERO)
     };
@@ -271,8 +273,8 @@ fn bind_to_run(
         .runs
         .bind(
             agent,
-            call.run_id.as_deref(),
-            call.step_id.as_deref(),
+            run_header.as_deref(),
+            step_header.as_deref(),
             &mut cost_bound,
         )
         .map_err(|e| {
@@ -282,7 +284,10 @@ fn bind_to_run(
                 _ => (ErrorKind::Forbidden, "step_not_assigned"),
             };
             Refusal::new(kind, code, e.to_string())
-        })?;
+        });
+    call.run_id = run_header;
+    call.step_id = step_header;
+    let binding = binding?;
     let Some(binding) = binding else {
         return Ok(());
     };

@@ -5,7 +5,7 @@
 //! step of the agent, with its output).
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
@@ -21,13 +21,11 @@ pub const PREFIX: &str = "/v1/warden/";
 pub async fn handle(state: &ProxyState, request: Request<Incoming>) -> Response<ProxyBody> {
     let protocol = Endpoint::guess_protocol(request.uri().path(), request.headers());
     match serve(state, request).await {
-        Ok(body) => json_response(StatusCode::OK, body.to_string()),
-        Err((kind, code, message)) => {
-            let body = providers::error_body(protocol, kind, code, &message);
-            let mut response = json_response(kind.status(), String::new());
-            *response.body_mut() = ProxyBody::full(body);
-            response
-        }
+        Ok(body) => ProxyBody::json(StatusCode::OK, Bytes::from(body.to_string())),
+        Err((kind, code, message)) => ProxyBody::json(
+            kind.status(),
+            providers::error_body(protocol, kind, code, &message),
+        ),
     }
 }
 
@@ -129,14 +127,4 @@ fn run_failure(error: RunsError) -> Failure {
         _ => (ErrorKind::InvalidRequest, "invalid_request"),
     };
     (kind, code, error.to_string())
-}
-
-fn json_response(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }

@@ -516,6 +516,7 @@ impl Writer {
 
     fn write_step(&self, row: &StepRow) -> duckdb::Result<usize> {
         let ts = |us: i64| Value::Timestamp(TimeUnit::Microsecond, us);
+        let step = &row.state;
         self.conn
             .prepare_cached("DELETE FROM steps WHERE run_id = ? AND step_id = ?")?
             .execute([&row.run_id, &row.step_id])?;
@@ -524,22 +525,22 @@ impl Writer {
             .execute(duckdb::params![
                 row.run_id,
                 row.step_id,
-                row.status,
-                row.agent,
-                row.attempts,
-                row.started_at_us.map(ts),
-                row.ended_at_us.map(ts),
-                row.output,
-                row.output_json,
-                row.error,
-                row.call_id,
-                row.calls,
-                Value::Decimal(money_decimal(row.cost)?),
-                row.input_tokens as i64,
-                row.output_tokens as i64,
-                row.retry_at_us.map(ts),
-                row.deadline_us.map(ts),
-                row.approval_id,
+                step.status.as_str(),
+                step.agent,
+                step.attempts,
+                step.started_at_us.map(ts),
+                step.ended_at_us.map(ts),
+                step.output,
+                step.output_value.as_ref().map(serde_json::Value::to_string),
+                step.error,
+                step.call_id,
+                step.calls,
+                Value::Decimal(money_decimal(step.cost)?),
+                step.input_tokens as i64,
+                step.output_tokens as i64,
+                step.retry_at_us.map(ts),
+                step.deadline_us.map(ts),
+                step.approval_id,
             ])
     }
 

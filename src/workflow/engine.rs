@@ -8,6 +8,7 @@
 //! approval steps are approvals in the operators' queue. Every change is
 //! written to `runs` / `steps`, announced as an event and audited.
 
+use crate::lock;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -127,25 +128,14 @@ pub struct WorkItem {
     pub deadline_us: Option<i64>,
 }
 
-/// A step as operators see it.
+/// A step as operators see it: its place in the DAG and its state.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepView {
     pub step_id: String,
     pub kind: &'static str,
     pub needs: Vec<String>,
-    pub status: StepStatus,
-    pub agent: Option<String>,
-    pub attempts: u32,
-    pub started_at_us: Option<i64>,
-    pub ended_at_us: Option<i64>,
-    pub calls: u32,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cost_usd: String,
-    pub output: Option<String>,
-    pub error: Option<String>,
-    pub call_id: Option<String>,
-    pub approval_id: Option<String>,
+    #[serde(flatten)]
+    pub state: super::run::StepState,
 }
 
 /// A run as operators see it.
@@ -351,7 +341,7 @@ impl Runs {
             message: format!(
                 "{operator} started run {run_id} of {} (version {})",
                 run.definition.name,
-                &run.definition.hash[..12]
+                crate::short_hash(&run.definition.hash)
             ),
             data: json!({"run_id": run_id, "workflow": run.definition.name, "version_hash": run.definition.hash}),
         });
@@ -417,14 +407,21 @@ impl Runs {
         else {
             return;
         };
+        let now_running = step.status == StepStatus::Running && run.status == RunStatus::Running;
         let mut running = lock(&self.running);
-        let entries = running.entry(agent.clone()).or_default();
-        entries.retain(|(run_id, i)| !(*i == index && *run_id == run.run_id));
-        if step.status == StepStatus::Running && run.status == RunStatus::Running {
-            entries.push((run.run_id.clone(), index));
-        }
-        if entries.is_empty() {
-            running.remove(agent);
+        match running.get_mut(agent.as_str()) {
+            Some(entries) => {
+                entries.retain(|(run_id, i)| !(*i == index && *run_id == run.run_id));
+                if now_running {
+                    entries.push((run.run_id.clone(), index));
+                } else if entries.is_empty() {
+                    running.remove(agent.as_str());
+                }
+            }
+            None if now_running => {
+                running.insert(agent.clone(), vec![(run.run_id.clone(), index)]);
+            }
+            None => {}
         }
     }
 
@@ -1351,19 +1348,7 @@ pub fn view_of(run: &RunState) -> RunView {
                     step_id: spec.id.clone(),
                     kind: kind_name(&spec.kind),
                     needs: spec.needs.clone(),
-                    status: step.status,
-                    agent: step.agent.clone(),
-                    attempts: step.attempts,
-                    started_at_us: step.started_at_us,
-                    ended_at_us: step.ended_at_us,
-                    calls: step.calls,
-                    input_tokens: step.input_tokens,
-                    output_tokens: step.output_tokens,
-                    cost_usd: step.cost.to_string(),
-                    output: step.output.clone(),
-                    error: step.error.clone(),
-                    call_id: step.call_id.clone(),
-                    approval_id: step.approval_id.clone(),
+                    state: step.clone(),
                 }
             })
             .collect(),
@@ -1386,26 +1371,10 @@ fn run_row(run: &RunState) -> RunRow {
 }
 
 fn step_row(run: &RunState, index: usize) -> StepRow {
-    let step = &run.steps[index];
     StepRow {
         run_id: run.run_id.clone(),
         step_id: run.step_id(index).to_owned(),
-        status: step.status.as_str(),
-        agent: step.agent.clone(),
-        attempts: step.attempts,
-        started_at_us: step.started_at_us,
-        ended_at_us: step.ended_at_us,
-        output: step.output.clone(),
-        output_json: step.output_value.as_ref().map(Value::to_string),
-        error: step.error.clone(),
-        call_id: step.call_id.clone(),
-        calls: step.calls,
-        cost: step.cost,
-        input_tokens: step.input_tokens,
-        output_tokens: step.output_tokens,
-        retry_at_us: step.retry_at_us,
-        deadline_us: step.deadline_us,
-        approval_id: step.approval_id.clone(),
+        state: run.steps[index].clone(),
     }
 }
 
@@ -1443,8 +1412,4 @@ fn runtime() -> Option<tokio::runtime::Handle> {
         tracing::warn!("no runtime to send workflow work from; it is picked up after a restart");
     }
     handle.ok()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

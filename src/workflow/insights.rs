@@ -72,7 +72,8 @@ pub fn read(conn: &Connection) -> duckdb::Result<(Vec<VersionStat>, Vec<AgentSte
     Ok((versions, steps))
 }
 
-fn percent(rate: f64) -> String {
+/// A success rate as operators read it.
+pub fn percent(rate: f64) -> String {
     format!("{:.0}%", rate * 100.0)
 }
 
@@ -95,14 +96,14 @@ pub fn suggestions(versions: &[VersionStat], steps: &[AgentStepStat]) -> Vec<Str
             out.push(format!(
                 "workflow {}: version {} succeeds in {} of {} runs, the version before it ({}) in {} of {}; consider `warden workflows rollback {} {}`",
                 after.workflow,
-                short(&after.version_hash),
+                crate::short_hash(&after.version_hash),
                 percent(new),
                 after.completed,
-                short(&before.version_hash),
+                crate::short_hash(&before.version_hash),
                 percent(old),
                 before.completed,
                 after.workflow,
-                short(&before.version_hash),
+                crate::short_hash(&before.version_hash),
             ));
         }
     }
@@ -143,10 +144,6 @@ pub fn suggestions(versions: &[VersionStat], steps: &[AgentStepStat]) -> Vec<Str
         }
     }
     out
-}
-
-fn short(hash: &str) -> &str {
-    &hash[..12.min(hash.len())]
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! version of that workflow keeps serving. Each new definition text is
 //! stored in `workflow_versions` with its content hash.
 
+use crate::lock;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -158,7 +159,7 @@ impl WorkflowSet {
         );
         tracing::info!(
             workflow = name,
-            version = &definition.hash[..12],
+            version = crate::short_hash(&definition.hash),
             by,
             "workflow rolled back"
         );
@@ -181,7 +182,7 @@ impl WorkflowSet {
             {
                 tracing::info!(
                     workflow = name,
-                    version = &hash[..12.min(hash.len())],
+                    version = crate::short_hash(&hash),
                     "workflow stays rolled back to an older version"
                 );
                 self.make_current(definition);
@@ -282,7 +283,7 @@ impl WorkflowSet {
                     Some(&definition.name),
                     json!({"version_hash": definition.hash, "previous": previous, "file": source, "steps": definition.steps.len()}),
                 );
-                tracing::info!(workflow = %definition.name, version = &definition.hash[..12], file = %source, "workflow loaded");
+                tracing::info!(workflow = %definition.name, version = crate::short_hash(&definition.hash), file = %source, "workflow loaded");
                 next.insert(
                     definition.name.clone(),
                     Arc::new(Served {
@@ -316,10 +317,6 @@ impl WorkflowSet {
             move || set.reload_changed(),
         ))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The workflow versions the store already holds.

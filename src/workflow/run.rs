@@ -91,7 +91,9 @@ impl StepStatus {
     }
 }
 
-#[derive(Debug, Clone)]
+/// A step's state; serialised as operators see it (`runs show`), the
+/// engine's bookkeeping left out.
+#[derive(Debug, Clone, Serialize)]
 pub struct StepState {
     pub status: StepStatus,
     pub agent: Option<String>,
@@ -101,23 +103,28 @@ pub struct StepState {
     /// The answer's text.
     pub output: Option<String>,
     /// The answer parsed, when it is JSON.
+    #[serde(skip)]
     pub output_value: Option<Value>,
     pub error: Option<String>,
     /// The call that ended (or failed) the step.
     pub call_id: Option<String>,
     pub calls: u32,
+    #[serde(rename = "cost_usd")]
     pub cost: Usd,
     pub input_tokens: u64,
     pub output_tokens: u64,
     /// A retried step is not offered before this time.
     pub retry_at_us: Option<i64>,
     /// A running step fails its attempt at this time (`timeout_secs`).
+    #[serde(skip)]
     pub deadline_us: Option<i64>,
     /// The approval an approval step waits on.
     pub approval_id: Option<String>,
     /// Cost held by the step's calls in flight, for `budget_usd`.
+    #[serde(skip)]
     pub reserved: Usd,
     /// This offer of the step was posted to its agents' dispatch webhooks.
+    #[serde(skip)]
     pub dispatched: bool,
 }
 
@@ -179,8 +186,6 @@ pub struct RunState {
 pub struct Changes {
     /// Steps whose state changed, in the order they changed.
     pub steps: Vec<usize>,
-    /// Steps that became ready (to dispatch).
-    pub ready: Vec<usize>,
     pub run_ended: bool,
 }
 
@@ -314,7 +319,6 @@ impl RunState {
                 Ok(true) => {
                     self.steps[index].status = StepStatus::Ready;
                     changes.touch(index);
-                    changes.ready.push(index);
                 }
                 Ok(false) => {
                     let when = self.definition.steps[index]
@@ -480,7 +484,6 @@ impl RunState {
             step.deadline_us = None;
             step.retry_at_us = Some(now_us + backoff_secs as i64 * factor * 1_000_000);
             changes.touch(index);
-            changes.ready.push(index);
             return Ok(changes);
         }
         self.end_step(index, StepStatus::Failed, None, now_us, &mut changes);
@@ -571,7 +574,6 @@ impl RunState {
                     for step in more.steps {
                         changes.touch(step);
                     }
-                    changes.ready.extend(more.ready);
                     changes.run_ended |= more.run_ended;
                 }
             }
@@ -728,8 +730,20 @@ prompt = "Polish {{ steps.draft.output }}"
         )
         .unwrap();
         let (run, changes) = RunState::start("r1".into(), definition, inputs, "op".into(), 0);
-        assert_eq!(changes.ready, vec![0]);
+        assert_eq!(now_ready(&run, &changes), vec![0]);
         run
+    }
+
+    /// The steps a change made ready.
+    fn now_ready(run: &RunState, changes: &Changes) -> Vec<usize> {
+        let mut ready: Vec<usize> = changes
+            .steps
+            .iter()
+            .copied()
+            .filter(|&i| run.steps[i].status == StepStatus::Ready)
+            .collect();
+        ready.sort();
+        ready
     }
 
     fn at(run: &RunState, id: &str) -> usize {
@@ -745,8 +759,7 @@ prompt = "Polish {{ steps.draft.output }}"
             .complete(research, "{\"sources\": 3}".into(), Some("c1"), 2)
             .unwrap();
         let (draft, check) = (at(&run, "draft"), at(&run, "fact_check"));
-        let mut ready = changes.ready.clone();
-        ready.sort();
+        let ready = now_ready(&run, &changes);
         let mut expected = vec![draft, check];
         expected.sort();
         assert_eq!(ready, expected, "both lanes open together");
@@ -761,12 +774,12 @@ prompt = "Polish {{ steps.draft.output }}"
             .unwrap();
         let changes = run.complete(check, "ok".into(), Some("c3"), 5).unwrap();
         let approve = at(&run, "approve");
-        assert_eq!(changes.ready, vec![approve]);
+        assert_eq!(now_ready(&run, &changes), vec![approve]);
         run.claim(approve, "operator", 6).unwrap();
         let changes = run.complete(approve, "approved".into(), None, 7).unwrap();
         let publish = at(&run, "publish");
         assert_eq!(
-            changes.ready,
+            now_ready(&run, &changes),
             vec![publish],
             "`when` holds: fact check passed"
         );
@@ -822,7 +835,7 @@ prompt = "Polish {{ steps.draft.output }}"
                 1_000_000,
             )
             .unwrap();
-        assert_eq!(changes.ready, vec![check]);
+        assert_eq!(now_ready(&run, &changes), vec![check]);
         assert!(!run.steps[check].is_offered(2_999_999), "backoff of 2 s");
         assert!(run.steps[check].is_offered(3_000_000));
         run.claim(check, "researcher", 3_000_000).unwrap();
@@ -861,7 +874,7 @@ prompt = "Polish {{ steps.draft.output }}"
         run.claim(check, "r", 0).unwrap();
         assert!(run.expire(59_999_999).is_empty());
         let changes = run.expire(60_000_000);
-        assert_eq!(changes.ready, vec![check]);
+        assert_eq!(now_ready(&run, &changes), vec![check]);
         assert!(
             run.steps[check]
                 .error

@@ -602,18 +602,13 @@ async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
     assert!(parsed.get("estimated_cost_usd").is_some());
 
     // A new version, then history and rollback.
-    let before = tw.runs_hash("brief").await;
+    let before = tw.workflow_version("brief").await;
     std::fs::write(
         flows.join("brief.toml"),
         DIAMOND.replace("Research {{", "Look into {{"),
     )
     .unwrap();
-    for _ in 0..200 {
-        if tw.runs_hash("brief").await != before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tw.wait_for_new_version("brief", &before).await;
     let history = stdout_of(&cli(&tw, &["workflows", "history", "brief"]).await);
     assert!(history.contains(&before), "{history}");
     assert_eq!(
@@ -623,8 +618,7 @@ async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
     );
     let rolled = stdout_of(&cli(&tw, &["workflows", "rollback", "brief", &before[..12]]).await);
     assert!(rolled.contains(&before), "{rolled}");
-    assert_eq!(tw.runs_hash("brief").await, before);
-    tw.gateway().flush().await;
+    assert_eq!(tw.workflow_version("brief").await, before);
     assert_eq!(
         tw.scalar("SELECT actor FROM audit_log WHERE kind = 'workflow_rollback'")
             .await
@@ -658,18 +652,13 @@ async fn insights_compare_versions_once_ten_runs_have_completed() {
         }
     };
     run_batch(0).await;
-    let first = tw.runs_hash("solo").await;
+    let first = tw.workflow_version("solo").await;
     std::fs::write(
         flows.join("solo.toml"),
         SOLO.replace("Do it.", "Do it now."),
     )
     .unwrap();
-    for _ in 0..200 {
-        if tw.runs_hash("solo").await != first {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tw.wait_for_new_version("solo", &first).await;
     // The new version fails every other run.
     run_batch(2).await;
     let out = stdout_of(&cli(&tw, &["insights"]).await);

@@ -308,7 +308,6 @@ async fn a_diamond_run_is_advanced_by_the_calls_warden_sees() {
     );
 
     // The store: every step row, the run row, calls bound to their steps.
-    tw.gateway().flush().await;
     assert_eq!(
         tw.scalar(&format!(
             "SELECT status FROM runs WHERE run_id = '{run_id}'"
@@ -442,7 +441,6 @@ async fn a_failed_step_fails_its_run_and_names_the_call() {
         poll(&tw, AGENT_KEY).await.is_empty(),
         "a failed run offers no work"
     );
-    tw.gateway().flush().await;
     assert_eq!(
         tw.scalar(&format!("SELECT error FROM runs WHERE run_id = '{run_id}'"))
             .await
@@ -510,7 +508,6 @@ async fn cancelling_a_run_cuts_its_stream_and_cancels_its_steps() {
             .all(|s| s["status"] == "cancelled"),
         "{run:#}"
     );
-    tw.gateway().flush().await;
     assert_eq!(
         tw.scalar(&format!(
             "SELECT outcome FROM calls WHERE run_id = '{run_id}'"
@@ -614,25 +611,7 @@ async fn runs_keep_their_version_and_resume_after_a_restart() {
         ),
     )
     .unwrap();
-    let mut new_hash = String::new();
-    for _ in 0..200 {
-        let answer = tw
-            .admin_request(
-                Method::GET,
-                "/admin/v1/workflows",
-                Some(OPERATOR_TOKEN),
-                None,
-            )
-            .await;
-        new_hash = answer.json()["workflows"][0]["version_hash"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        if new_hash != old_hash {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let new_hash = tw.wait_for_new_version("brief", &old_hash).await;
     assert_ne!(new_hash, old_hash, "the edit was picked up");
     let draft = poll(&tw, OTHER_AGENT_KEY).await;
     assert_eq!(
@@ -740,7 +719,6 @@ async fn triggers_check_inputs_and_permissions() {
     .await;
     assert_eq!(ok.status, StatusCode::OK);
     assert_eq!(ok.json()["run"]["inputs"]["words"], 120);
-    tw.gateway().flush().await;
     assert_eq!(
         tw.scalar("SELECT triggered_by FROM runs").await.as_deref(),
         Some("olga")

@@ -41,18 +41,6 @@ async fn listing(tw: &TestWarden) -> Vec<Value> {
     answer.json()["workflows"].as_array().unwrap().clone()
 }
 
-async fn wait_for_hash(tw: &TestWarden, name: &str, not: &str) -> String {
-    for _ in 0..200 {
-        if let Some(w) = listing(tw).await.iter().find(|w| w["name"] == name)
-            && w["version_hash"] != not
-        {
-            return w["version_hash"].as_str().unwrap().to_owned();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("workflow {name} never changed version");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workflows_load_version_reload_and_refuse_bad_edits() {
     let dir = tempfile::tempdir().unwrap();
@@ -95,7 +83,7 @@ async fn workflows_load_version_reload_and_refuse_bad_edits() {
         PAIR.replace("Alpha researches", "Alpha digs"),
     )
     .unwrap();
-    let second = wait_for_hash(&tw, "pair", &first).await;
+    let second = tw.wait_for_new_version("pair", &first).await;
     assert_eq!(
         tw.scalar("SELECT count(*) FROM workflow_versions WHERE workflow = 'pair'")
             .await

@@ -496,8 +496,8 @@ impl TestWarden {
         self.send(builder.body(Full::new(body)).unwrap()).await
     }
 
-    /// The version of a workflow in service.
-    pub async fn runs_hash(&self, workflow: &str) -> String {
+    /// The version of a workflow in service ("" when none is).
+    pub async fn workflow_version(&self, workflow: &str) -> String {
         let answer = self
             .admin_request(
                 http::Method::GET,
@@ -514,6 +514,19 @@ impl TestWarden {
             .and_then(|w| w["version_hash"].as_str())
             .unwrap_or_default()
             .to_owned()
+    }
+
+    /// Waits (bounded) until the workflow serves a version other than
+    /// `not` (an edit was picked up) and returns it.
+    pub async fn wait_for_new_version(&self, workflow: &str, not: &str) -> String {
+        for _ in 0..200 {
+            let version = self.workflow_version(workflow).await;
+            if !version.is_empty() && version != not {
+                return version;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("workflow {workflow} never changed version");
     }
 
     pub async fn stop(&mut self) {
