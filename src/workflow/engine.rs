@@ -388,14 +388,25 @@ impl Runs {
         now_us: i64,
         effects: &mut Vec<Effect>,
     ) {
+        self.record_changes(run, &changes, actor, effects);
+        if run.status == RunStatus::Running {
+            self.take_warden_steps(run, now_us, effects);
+        }
+    }
+
+    /// Rows, audit entries and events for what a change touched.
+    fn record_changes(
+        &self,
+        run: &RunState,
+        changes: &Changes,
+        actor: &str,
+        effects: &mut Vec<Effect>,
+    ) {
         for &index in &changes.steps {
             self.step_changed(run, index, actor, effects);
         }
         if changes.run_ended {
             self.run_ended(run, actor);
-        }
-        if run.status == RunStatus::Running {
-            self.take_warden_steps(run, now_us, effects);
         }
     }
 
@@ -574,9 +585,12 @@ impl Runs {
                             prompt,
                         },
                         Err(error) => {
-                            self.claim_and(run, index, WARDEN_AGENT, now_us, effects, |run| {
-                                run.fail_attempt(index, error, None, now_us)
-                            });
+                            // A prompt that cannot be rendered fails the attempt.
+                            if run.claim(index, WARDEN_AGENT, now_us).is_ok()
+                                && let Ok(changes) = run.fail_attempt(index, error, None, now_us)
+                            {
+                                self.record_changes(run, &changes, "warden", effects);
+                            }
                             continue;
                         }
                     }
@@ -596,32 +610,8 @@ impl Runs {
                 _ => WARDEN_AGENT,
             };
             if let Ok(changes) = run.claim(index, agent, now_us) {
-                for &changed in &changes.steps {
-                    self.step_changed(run, changed, "warden", effects);
-                }
+                self.record_changes(run, &changes, "warden", effects);
                 effects.push(effect);
-            }
-        }
-    }
-
-    /// Claims a step, then applies a further change to it.
-    fn claim_and(
-        &self,
-        run: &mut RunState,
-        index: usize,
-        agent: &str,
-        now_us: i64,
-        effects: &mut Vec<Effect>,
-        then: impl FnOnce(&mut RunState) -> Result<Changes, StepError>,
-    ) {
-        if run.claim(index, agent, now_us).is_ok()
-            && let Ok(changes) = then(run)
-        {
-            for &changed in &changes.steps {
-                self.step_changed(run, changed, "warden", effects);
-            }
-            if changes.run_ended {
-                self.run_ended(run, "warden");
             }
         }
     }
