@@ -137,6 +137,14 @@ pub async fn start_run(tw: &TestWarden, workflow: &str, inputs: Value) -> Value 
     answer.json()
 }
 
+/// Starts a run and returns its id.
+pub async fn start_run_id(tw: &TestWarden, workflow: &str, inputs: Value) -> String {
+    start_run(tw, workflow, inputs).await["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 pub async fn poll(tw: &TestWarden, key: &str) -> Vec<Value> {
     let request = http::Request::get(format!("{}/v1/warden/work", tw.base()))
         .header("authorization", format!("Bearer {key}"))
@@ -375,10 +383,7 @@ async fn a_diamond_run_is_advanced_by_the_calls_warden_sees() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_false_when_skips_and_a_retry_succeeds() {
     let (mut tw, _) = with_flows(&[("brief.toml", DIAMOND)], script).await;
-    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "brief", json!({"topic": "tides"})).await;
     let work = poll(&tw, AGENT_KEY).await;
     step_call(&tw, AGENT_KEY, &work[0], "REPLY=sources").await;
     let draft = poll(&tw, OTHER_AGENT_KEY).await;
@@ -420,10 +425,7 @@ async fn a_false_when_skips_and_a_retry_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_fails_its_run_and_names_the_call() {
     let (mut tw, _) = with_flows(&[("brief.toml", DIAMOND)], script).await;
-    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "brief", json!({"topic": "tides"})).await;
     let work = poll(&tw, AGENT_KEY).await;
     let failed = step_call(&tw, AGENT_KEY, &work[0], "FAIL").await;
     let call_id = failed.header("x-warden-call-id").unwrap();
@@ -467,10 +469,7 @@ async fn cancelling_a_run_cuts_its_stream_and_cancels_its_steps() {
         Reply::Stream { chunks }
     })
     .await;
-    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "brief", json!({"topic": "tides"})).await;
     let work = poll(&tw, AGENT_KEY).await;
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "go"}]});
     let request = tw
@@ -531,10 +530,7 @@ complete_on = "explicit"
 budget_usd = "0.000001"
 "#;
     let (mut tw, _) = with_flows(&[("explicit.toml", EXPLICIT)], script).await;
-    let run_id = start_run(&tw, "explicit", json!({})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "explicit", json!({})).await;
     let work = poll(&tw, AGENT_KEY).await;
     assert_eq!(work[0]["complete_on"], "explicit");
     // gpt-4o-mini with max_tokens 1000 may cost more than the step's budget.
@@ -559,10 +555,7 @@ budget_usd = "0.000001"
 
     // Another run: a final answer does not end an explicit step; the
     // agent's POST does.
-    let run_id = start_run(&tw, "explicit", json!({})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "explicit", json!({})).await;
     let work = poll(&tw, AGENT_KEY).await;
     let complete = |body: Value| {
         tw.request("/v1/warden/work/gather/complete", Some(AGENT_KEY))
@@ -757,10 +750,7 @@ async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
         script,
     )
     .await;
-    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "brief", json!({"topic": "tides"})).await;
     let mut posted = Value::Null;
     for _ in 0..200 {
         if let Some(body) = posts.lock().unwrap().first() {
@@ -806,10 +796,7 @@ async fn workflow_and_run_budgets_hold_the_calls_bound_to_a_run() {
     let budgets =
         "\n[[budgets]]\nscope = \"workflow:brief\"\nlimit_usd = \"0.000001\"\nperiod = \"day\"\n";
     let (mut tw, _) = with_flows_and(budgets, &[("brief.toml", DIAMOND)], script).await;
-    let run_id = start_run(&tw, "brief", json!({"topic": "tides"})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "brief", json!({"topic": "tides"})).await;
     // An unbound call of the same agent is not the workflow's to pay.
     let free = tw
         .post(
@@ -843,10 +830,7 @@ async fn workflow_and_run_budgets_hold_the_calls_bound_to_a_run() {
 async fn a_step_waiting_out_its_backoff_refuses_calls_saying_when() {
     const PATIENT: &str = "name = \"patient\"\n[[steps]]\nid = \"try\"\nagent = \"alpha\"\nretries = 2\nretry_backoff_secs = 60\n";
     let (mut tw, _) = with_flows(&[("patient.toml", PATIENT)], script).await;
-    let run_id = start_run(&tw, "patient", json!({})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "patient", json!({})).await;
     let work = poll(&tw, AGENT_KEY).await;
     let failed = step_call(&tw, AGENT_KEY, &work[0], "FAIL").await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -869,10 +853,7 @@ async fn a_step_past_its_timeout_fails_its_attempt() {
     const SLOW: &str =
         "name = \"slow\"\n[[steps]]\nid = \"think\"\nagent = \"alpha\"\ntimeout_secs = 1\n";
     let (mut tw, _) = with_flows(&[("slow.toml", SLOW)], script).await;
-    let run_id = start_run(&tw, "slow", json!({})).await["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = start_run_id(&tw, "slow", json!({})).await;
     let work = poll(&tw, AGENT_KEY).await;
     assert!(work[0]["deadline_us"].as_i64().is_some());
     let run = wait_run(&tw, &run_id, "the timeout", |r| r["status"] != "running").await;
