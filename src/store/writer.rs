@@ -268,17 +268,20 @@ impl Writer {
     fn run(mut self, rx: flume::Receiver<StoreCommand>, interval: Duration) {
         loop {
             std::thread::park_timeout(interval);
-            // One lock per wake-up, not one per record: a producer never
-            // waits for this niced thread to give the channel's lock back.
-            let disconnected = rx.is_disconnected();
-            for command in rx.drain() {
-                self.take(command);
-                if self.calls.len() >= MAX_BATCH {
-                    self.flush();
+            loop {
+                match rx.try_recv() {
+                    Ok(command) => {
+                        self.take(command);
+                        if self.calls.len() >= MAX_BATCH {
+                            self.flush();
+                        }
+                    }
+                    Err(flume::TryRecvError::Empty) => break,
+                    Err(flume::TryRecvError::Disconnected) => {
+                        self.stopping = true;
+                        break;
+                    }
                 }
-            }
-            if disconnected && rx.is_empty() {
-                self.stopping = true;
             }
             self.flush();
             if self.stopping {
