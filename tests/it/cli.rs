@@ -602,13 +602,13 @@ async fn operators_start_show_watch_cancel_and_roll_back_runs_from_the_cli() {
     assert!(parsed.get("estimated_cost_usd").is_some());
 
     // A new version, then history and rollback.
-    let before = tw.workflow_version("brief").await;
-    std::fs::write(
-        flows.join("brief.toml"),
-        DIAMOND.replace("Research {{", "Look into {{"),
-    )
-    .unwrap();
-    tw.wait_for_new_version("brief", &before).await;
+    let (before, _) = tw
+        .edit_workflow(
+            &flows,
+            "brief",
+            &DIAMOND.replace("Research {{", "Look into {{"),
+        )
+        .await;
     let history = stdout_of(&cli(&tw, &["workflows", "history", "brief"]).await);
     assert!(history.contains(&before), "{history}");
     assert_eq!(
@@ -652,13 +652,9 @@ async fn insights_compare_versions_once_ten_runs_have_completed() {
         }
     };
     run_batch(0).await;
-    let first = tw.workflow_version("solo").await;
-    std::fs::write(
-        flows.join("solo.toml"),
-        SOLO.replace("Do it.", "Do it now."),
-    )
-    .unwrap();
-    tw.wait_for_new_version("solo", &first).await;
+    let (first, _) = tw
+        .edit_workflow(&flows, "solo", &SOLO.replace("Do it.", "Do it now."))
+        .await;
     // The new version fails every other run.
     run_batch(2).await;
     let out = stdout_of(&cli(&tw, &["insights"]).await);

@@ -596,15 +596,16 @@ async fn runs_keep_their_version_and_resume_after_a_restart() {
 
     // Edit the file while the run is in flight: new runs get the new
     // version, this one keeps its own.
-    std::fs::write(
-        flows.join("brief.toml"),
-        DIAMOND.replace(
-            "Write {{ inputs.words }} words",
-            "Write exactly {{ inputs.words }} words",
-        ),
-    )
-    .unwrap();
-    let new_hash = tw.wait_for_new_version("brief", &old_hash).await;
+    let (_, new_hash) = tw
+        .edit_workflow(
+            &flows,
+            "brief",
+            &DIAMOND.replace(
+                "Write {{ inputs.words }} words",
+                "Write exactly {{ inputs.words }} words",
+            ),
+        )
+        .await;
     assert_ne!(new_hash, old_hash, "the edit was picked up");
     let draft = poll(&tw, OTHER_AGENT_KEY).await;
     assert_eq!(
@@ -730,13 +731,7 @@ async fn triggers_check_inputs_and_permissions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
-    let posts = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
-    let sink = posts.clone();
-    let hook = FakeUpstream::start(move |seen| {
-        sink.lock().unwrap().push(seen.body.clone());
-        Reply::json(Bytes::from_static(b"{}"))
-    })
-    .await;
+    let hook = FakeUpstream::start(|_| Reply::json(Bytes::from_static(b"{}"))).await;
     let dir = tempfile::tempdir().unwrap();
     let flows = dir.path().join("flows");
     std::fs::create_dir(&flows).unwrap();
@@ -753,7 +748,7 @@ async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
     let run_id = start_run_id(&tw, "brief", json!({"topic": "tides"})).await;
     let mut posted = Value::Null;
     for _ in 0..200 {
-        if let Some(body) = posts.lock().unwrap().first() {
+        if let Some(body) = hook.bodies().first() {
             posted = serde_json::from_slice(body).unwrap();
             break;
         }
@@ -771,14 +766,13 @@ async fn ready_work_is_posted_to_the_agents_dispatch_webhook() {
     assert_eq!(step(&run, "research")["agent"], "alpha");
     // fact_check (alpha's) is posted too; beta's draft is not (no webhook).
     for _ in 0..200 {
-        if posts.lock().unwrap().len() >= 2 {
+        if hook.bodies().len() >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let steps: Vec<String> = posts
-        .lock()
-        .unwrap()
+    let steps: Vec<String> = hook
+        .bodies()
         .iter()
         .map(|b| {
             serde_json::from_slice::<Value>(b).unwrap()["work"][0]["step_id"]

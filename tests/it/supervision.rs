@@ -775,13 +775,7 @@ async fn a_policy_halts_the_run_of_a_call_and_only_that_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook() {
-    let posts = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
-    let posts2 = posts.clone();
-    let hook = FakeUpstream::start(move |seen| {
-        posts2.lock().unwrap().push(seen.body.clone());
-        Reply::json(Bytes::from_static(b"{\"ok\":true}"))
-    })
-    .await;
+    let hook = FakeUpstream::start(|_| Reply::json(Bytes::from_static(b"{\"ok\":true}"))).await;
     let options = gated(&format!(
         "[approvals]\nmode = \"ticket\"\n\n[alerts]\nwebhook = \"{}/hook\"\n\n[[budgets]]\nscope = \"agent:beta\"\nlimit_usd = \"0.00001\"\nperiod = \"day\"\n",
         hook.url()
@@ -866,9 +860,8 @@ async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook
 
     // The approval request was posted to the webhook, off the request path.
     for _ in 0..100 {
-        if posts
-            .lock()
-            .unwrap()
+        if hook
+            .bodies()
             .iter()
             .any(|p| String::from_utf8_lossy(p).contains(&id))
         {
@@ -876,7 +869,7 @@ async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let posted = posts.lock().unwrap().clone();
+    let posted = hook.bodies();
     let approval_post = posted
         .iter()
         .map(|p| serde_json::from_slice::<Value>(p).unwrap())

@@ -78,12 +78,13 @@ async fn workflows_load_version_reload_and_refuse_bad_edits() {
     );
 
     // An edit is a new version; the old one stays in the store.
-    std::fs::write(
-        flows.join("pair.toml"),
-        PAIR.replace("Alpha researches", "Alpha digs"),
-    )
-    .unwrap();
-    let second = tw.wait_for_new_version("pair", &first).await;
+    let (_, second) = tw
+        .edit_workflow(
+            &flows,
+            "pair",
+            &PAIR.replace("Alpha researches", "Alpha digs"),
+        )
+        .await;
     assert_eq!(
         tw.scalar("SELECT count(*) FROM workflow_versions WHERE workflow = 'pair'")
             .await

@@ -154,6 +154,11 @@ impl FakeUpstream {
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// The bodies of every request seen so far, in arrival order.
+    pub fn bodies(&self) -> Vec<Bytes> {
+        self.requests().into_iter().map(|seen| seen.body).collect()
+    }
 }
 
 impl Drop for FakeUpstream {
@@ -516,13 +521,15 @@ impl TestWarden {
             .to_owned()
     }
 
-    /// Waits (bounded) until the workflow serves a version other than
-    /// `not` (an edit was picked up) and returns it.
-    pub async fn wait_for_new_version(&self, workflow: &str, not: &str) -> String {
+    /// Rewrites `dir/WORKFLOW.toml` and waits (bounded) until Warden serves
+    /// the edit; returns the versions before and after.
+    pub async fn edit_workflow(&self, dir: &Path, workflow: &str, text: &str) -> (String, String) {
+        let before = self.workflow_version(workflow).await;
+        std::fs::write(dir.join(format!("{workflow}.toml")), text).unwrap();
         for _ in 0..200 {
             let version = self.workflow_version(workflow).await;
-            if !version.is_empty() && version != not {
-                return version;
+            if !version.is_empty() && version != before {
+                return (before, version);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
