@@ -9,10 +9,11 @@ import json
 import os
 import threading
 import time
-import urllib.request
 
 import anthropic
 import openai
+
+from http_json import send
 
 BASE = os.environ["WARDEN_URL"]
 ADMIN = os.environ["WARDEN_ADMIN"]
@@ -24,15 +25,7 @@ results = {}
 
 
 def admin(method, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(ADMIN + path, data=data, method=method)
-    request.add_header("authorization", "Bearer " + TOKEN)
-    request.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(request) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return send(ADMIN + path, TOKEN, method, body)
 
 
 def wait_pending(n, box=None):

@@ -14,10 +14,11 @@ WRITER_KEY. Prints one JSON object for the Rust test to check.
 import json
 import os
 import time
-import urllib.request
 
 import anthropic
 import openai
+
+from http_json import send
 
 BASE = os.environ["WARDEN_URL"]
 ADMIN = os.environ["WARDEN_ADMIN"]
@@ -28,12 +29,9 @@ results = {"work": {}}
 
 
 def call(url, key, method="GET", body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("authorization", "Bearer " + key)
-    request.add_header("content-type", "application/json")
-    with urllib.request.urlopen(request) as response:
-        return json.loads(response.read())
+    status, answer = send(url, key, method, body)
+    assert status < 400, f"{method} {url}: {status} {answer}"
+    return answer
 
 
 def poll(key, step):
