@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-.}"
 CLANG="${CLANG:-clang}"
-FLAGS=(--target=wasm32 -O2 -nostdlib -mbulk-memory -Wall -Werror
-       -Wl,--no-entry -Wl,--strip-all -Wl,-z,stack-size=8192)
+FLAGS=(--target=wasm32 -O2 -nostdlib -mbulk-memory -mmutable-globals -Wall -Werror
+       -Wl,--no-entry -Wl,--strip-all -Wl,-z,stack-size=8192
+       -Wl,--export=__stack_pointer)
 for src in policies/*.c plugins/*.c; do
     out="$OUT/${src%.c}.wasm"
     mkdir -p "$(dirname "$out")"

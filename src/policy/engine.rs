@@ -50,6 +50,9 @@ impl Drop for WasmRuntime {
 pub struct Compiled {
     pub module: Module,
     pub sha256: String,
+    /// One instance may serve many evaluations, its state put back after
+    /// each (see `reusable`).
+    pub reusable: bool,
 }
 
 impl WasmRuntime {
@@ -119,6 +122,9 @@ impl WasmRuntime {
     /// this engine compiled the same bytes before.
     pub fn compile(&self, bytes: &[u8]) -> Result<Compiled, PolicyError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
+        let binary = wat::parse_bytes(bytes)
+            .map_err(|e| PolicyError::Invalid(format!("not a valid wasm module: {e}")))?;
+        let reusable = reusable(&binary);
         let cached = self
             .cache_dir
             .as_ref()
@@ -132,7 +138,11 @@ impl WasmRuntime {
             // a corrupt or foreign file is rejected by wasmtime's header checks
             // and then compiled afresh below.
             if let Ok(module) = unsafe { Module::deserialize(&self.engine, &precompiled) } {
-                return Ok(Compiled { module, sha256 });
+                return Ok(Compiled {
+                    module,
+                    sha256,
+                    reusable,
+                });
             }
         }
         let module = Module::new(&self.engine, bytes)
@@ -140,8 +150,90 @@ impl WasmRuntime {
         if let Some(path) = cached {
             store_in_cache(&module, &path);
         }
-        Ok(Compiled { module, sha256 })
+        Ok(Compiled {
+            module,
+            sha256,
+            reusable,
+        })
     }
+}
+
+/// Whether an instance's whole state can be read back and restored between
+/// evaluations, so that one instance may serve many of them as if each had
+/// a fresh one: every mutable global is exported (the host cannot reach the
+/// others), memory is one plain 32-bit memory (copied back from a snapshot),
+/// and no instruction changes state a reset cannot reach (dropped segments,
+/// table contents or size). Anything else, or anything unreadable, gets a
+/// fresh instance per evaluation.
+pub fn reusable(binary: &[u8]) -> bool {
+    use wasmparser::{ExternalKind, Operator, Payload, TypeRef};
+    let mut mutable_globals = Vec::new();
+    let mut exported_globals = Vec::new();
+    let mut memories = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(binary) {
+        let Ok(payload) = payload else {
+            return false;
+        };
+        match payload {
+            Payload::ImportSection(imports) => {
+                for import in imports.into_imports() {
+                    match import.map(|i| i.ty) {
+                        Ok(TypeRef::Func(_)) => {}
+                        _ => return false,
+                    }
+                }
+            }
+            Payload::MemorySection(section) => {
+                for memory in section {
+                    match memory {
+                        Ok(m) if !m.memory64 && !m.shared => memories += 1,
+                        _ => return false,
+                    }
+                }
+            }
+            Payload::GlobalSection(section) => {
+                for (index, global) in section.into_iter().enumerate() {
+                    match global {
+                        Ok(g) if g.ty.shared => return false,
+                        Ok(g) if g.ty.mutable => mutable_globals.push(index as u32),
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            }
+            Payload::ExportSection(section) => {
+                for export in section {
+                    match export {
+                        Ok(e) if e.kind == ExternalKind::Global => exported_globals.push(e.index),
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+            }
+            Payload::CodeSectionEntry(body) => {
+                let Ok(mut operators) = body.get_operators_reader() else {
+                    return false;
+                };
+                while !operators.eof() {
+                    match operators.read() {
+                        Ok(
+                            Operator::DataDrop { .. }
+                            | Operator::ElemDrop { .. }
+                            | Operator::TableSet { .. }
+                            | Operator::TableGrow { .. }
+                            | Operator::TableFill { .. }
+                            | Operator::TableCopy { .. }
+                            | Operator::TableInit { .. },
+                        )
+                        | Err(_) => return false,
+                        Ok(_) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    memories == 1 && mutable_globals.iter().all(|g| exported_globals.contains(g))
 }
 
 fn store_in_cache(module: &Module, path: &Path) {

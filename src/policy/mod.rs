@@ -599,6 +599,7 @@ pub fn prepare(
     let sandbox = Sandbox::new(
         runtime,
         &compiled.module,
+        compiled.reusable,
         spec.kind,
         &spec.name,
         Duration::from_millis(spec.timeout_ms),

@@ -1,12 +1,16 @@
 //! One module, checked against ABI v1 and ready to run: every run gets a
-//! fresh instance (nothing survives from one evaluation to the next), a CPU
+//! fresh instance, or one put back to its state right after `warden_init`
+//! (nothing survives from one evaluation to the next either way), a CPU
 //! deadline and a memory cap.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use wasmtime::{
-    Extern, ExternType, InstancePre, Linker, Module, ModuleExport, Store, StoreLimits,
-    StoreLimitsBuilder, Trap, TypedFunc, ValType,
+    Extern, ExternType, Global, InstancePre, Linker, Memory, Module, ModuleExport, Store,
+    StoreLimits, StoreLimitsBuilder, Trap, TypedFunc, Val, ValType,
 };
 
 use super::PolicyError;
@@ -73,6 +77,54 @@ struct Entry {
     main: ModuleExport,
 }
 
+/// Instances kept between evaluations across all threads, at most: each
+/// holds a slot of the engine's pool (see `POOL_SLOTS`).
+const MAX_WARM: usize = 64;
+static WARM_COUNT: AtomicUsize = AtomicUsize::new(0);
+static NEXT_SANDBOX: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's reusable instances, one per sandbox it has run.
+    static WARM: RefCell<Vec<Warm>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An instance that serves evaluations on one thread, with what it takes to
+/// put it back as it was after `warden_init`: the memory's bytes and the
+/// mutable globals' values (all exported, or the module is not reusable).
+struct Warm {
+    sandbox: u64,
+    /// Gone once the sandbox is (a module replaced): the instance is freed
+    /// the next time this thread sets one up.
+    owner: Weak<()>,
+    store: Store<Host>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    main: TypedFunc<(i32, i32), i64>,
+    image: Vec<u8>,
+    globals: Vec<(Global, Val)>,
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        WARM_COUNT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Warm {
+    /// Puts the instance back as it was after `warden_init`; false when it
+    /// cannot be (its memory grew), and it must be dropped.
+    fn reset(&mut self) -> bool {
+        let data = self.memory.data_mut(&mut self.store);
+        if data.len() != self.image.len() {
+            return false;
+        }
+        data.copy_from_slice(&self.image);
+        self.globals
+            .iter()
+            .all(|(global, value)| global.set(&mut self.store, *value).is_ok())
+    }
+}
+
 /// A module ready to run.
 pub struct Sandbox {
     pre: InstancePre<Host>,
@@ -80,6 +132,10 @@ pub struct Sandbox {
     name: std::sync::Arc<str>,
     timeout: Duration,
     max_memory_mb: u64,
+    /// Its mutable globals, when one instance may serve many evaluations.
+    reusable: Option<Vec<ModuleExport>>,
+    id: u64,
+    alive: Arc<()>,
 }
 
 impl Sandbox {
@@ -88,6 +144,7 @@ impl Sandbox {
     pub fn new(
         runtime: &WasmRuntime,
         module: &Module,
+        reusable: bool,
         kind: ModuleKind,
         name: &str,
         timeout: Duration,
@@ -125,12 +182,22 @@ impl Sandbox {
         let pre = linker
             .instantiate_pre(module)
             .map_err(|e| PolicyError::Invalid(format!("{e:#}")))?;
+        let reusable = reusable.then(|| {
+            module
+                .exports()
+                .filter(|e| matches!(e.ty(), ExternType::Global(g) if g.mutability().is_var()))
+                .filter_map(|e| module.get_export_index(e.name()))
+                .collect()
+        });
         let sandbox = Sandbox {
             pre,
             entry,
             name: name.into(),
             timeout,
             max_memory_mb,
+            reusable,
+            id: NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
         };
         sandbox.check_version()?;
         Ok(sandbox)
@@ -153,6 +220,13 @@ impl Sandbox {
             },
         );
         store.limiter(|host| &mut host.limits);
+        store.epoch_deadline_trap();
+        self.arm(&mut store);
+        store
+    }
+
+    /// Gives the store one evaluation's CPU deadline and log budget.
+    fn arm(&self, store: &mut Store<Host>) {
         let timeout_ms = (self.timeout.as_millis() as u64).max(1);
         store
             .set_fuel(timeout_ms.saturating_mul(FUEL_PER_MS))
@@ -161,8 +235,12 @@ impl Sandbox {
         let wall = self.timeout * WALL_CLOCK_FACTOR;
         let ticks = (wall.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1;
         store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-        store
+        store.data_mut().log_lines = 0;
+    }
+
+    /// Whether one instance per thread serves this module's evaluations.
+    pub fn reuses_instances(&self) -> bool {
+        self.reusable.is_some()
     }
 
     fn check_version(&self) -> Result<(), PolicyError> {
@@ -190,18 +268,86 @@ impl Sandbox {
     /// `warden_init` first) and returns its output bytes and the time taken.
     pub fn run(&self, config: &[u8], input: &[u8]) -> (Result<Vec<u8>, RunError>, Duration) {
         let started = Instant::now();
-        let mut store = self.store();
-        let result = self.run_in(&mut store, config, input);
+        let result = match &self.reusable {
+            Some(globals) => self.run_warm(globals, config, input),
+            None => self.run_fresh(config, input),
+        };
         (result, started.elapsed())
     }
 
-    fn run_in(
+    fn run_fresh(&self, config: &[u8], input: &[u8]) -> Result<Vec<u8>, RunError> {
+        let mut store = self.store();
+        let ready = self.instantiate(&mut store, config)?;
+        self.evaluate(&mut store, ready.memory, &ready.alloc, &ready.main, input)
+    }
+
+    /// Runs on this thread's instance of the module, set up on first use,
+    /// and puts it back as it was after `warden_init` afterwards. A run that
+    /// fails drops the instance: the next one starts from a fresh one.
+    fn run_warm(
         &self,
-        store: &mut Store<Host>,
+        globals: &[ModuleExport],
         config: &[u8],
         input: &[u8],
     ) -> Result<Vec<u8>, RunError> {
-        let classify = |e: wasmtime::Error| self.classify(e);
+        WARM.with_borrow_mut(|warm| {
+            let index = match warm.iter().position(|w| w.sandbox == self.id) {
+                Some(index) => index,
+                None => {
+                    warm.retain(|w| w.owner.strong_count() > 0);
+                    if WARM_COUNT.load(Ordering::Relaxed) >= MAX_WARM {
+                        return self.run_fresh(config, input);
+                    }
+                    warm.push(self.warm_up(globals, config)?);
+                    warm.len() - 1
+                }
+            };
+            let entry = &mut warm[index];
+            self.arm(&mut entry.store);
+            let result = self.evaluate(
+                &mut entry.store,
+                entry.memory,
+                &entry.alloc,
+                &entry.main,
+                input,
+            );
+            if result.is_err() || !entry.reset() {
+                warm.swap_remove(index);
+            }
+            result
+        })
+    }
+
+    fn warm_up(&self, globals: &[ModuleExport], config: &[u8]) -> Result<Warm, RunError> {
+        let mut store = self.store();
+        let ready = self.instantiate(&mut store, config)?;
+        let globals = globals
+            .iter()
+            .map(|export| {
+                let global = ready
+                    .instance
+                    .get_module_export(&mut store, export)
+                    .and_then(Extern::into_global)
+                    .ok_or_else(|| RunError::Instantiate("a checked global is missing".into()))?;
+                Ok((global, global.get(&mut store)))
+            })
+            .collect::<Result<Vec<_>, RunError>>()?;
+        let image = ready.memory.data(&store).to_vec();
+        WARM_COUNT.fetch_add(1, Ordering::Relaxed);
+        Ok(Warm {
+            sandbox: self.id,
+            owner: Arc::downgrade(&self.alive),
+            store,
+            memory: ready.memory,
+            alloc: ready.alloc,
+            main: ready.main,
+            image,
+            globals,
+        })
+    }
+
+    /// A new instance, its `warden_init` run with `config`.
+    fn instantiate(&self, store: &mut Store<Host>, config: &[u8]) -> Result<Ready, RunError> {
         let instance = self
             .pre
             .instantiate(&mut *store)
@@ -216,31 +362,54 @@ impl Sandbox {
         };
         let alloc = typed::<i32, i32>(&instance, &mut *store, &self.entry.alloc)
             .map_err(RunError::Instantiate)?;
-        let write = |store: &mut Store<Host>, bytes: &[u8]| -> Result<i32, RunError> {
-            let len =
-                i32::try_from(bytes.len()).map_err(|_| RunError::Memory(self.max_memory_mb))?;
-            let ptr = alloc.call(&mut *store, len).map_err(classify)?;
-            memory
-                .write(&mut *store, ptr as u32 as usize, bytes)
-                .map_err(|_| RunError::OutOfBounds {
-                    ptr: ptr as u32,
-                    len: len as u32,
-                })?;
-            Ok(ptr)
-        };
         if let Some(init) = &self.entry.init {
             let init = typed::<(i32, i32), ()>(&instance, &mut *store, init)
                 .map_err(RunError::Instantiate)?;
-            let ptr = write(store, config)?;
+            let ptr = self.write(store, memory, &alloc, config)?;
             init.call(&mut *store, (ptr, config.len() as i32))
-                .map_err(classify)?;
+                .map_err(|e| self.classify(e))?;
         }
         let main = typed::<(i32, i32), i64>(&instance, &mut *store, &self.entry.main)
             .map_err(RunError::Instantiate)?;
-        let ptr = write(store, input)?;
+        Ok(Ready {
+            instance,
+            memory,
+            alloc,
+            main,
+        })
+    }
+
+    /// Copies `bytes` into a buffer the module allocated for them.
+    fn write(
+        &self,
+        store: &mut Store<Host>,
+        memory: Memory,
+        alloc: &TypedFunc<i32, i32>,
+        bytes: &[u8],
+    ) -> Result<i32, RunError> {
+        let len = i32::try_from(bytes.len()).map_err(|_| RunError::Memory(self.max_memory_mb))?;
+        let ptr = alloc.call(&mut *store, len).map_err(|e| self.classify(e))?;
+        memory
+            .write(&mut *store, ptr as u32 as usize, bytes)
+            .map_err(|_| RunError::OutOfBounds {
+                ptr: ptr as u32,
+                len: len as u32,
+            })?;
+        Ok(ptr)
+    }
+
+    fn evaluate(
+        &self,
+        store: &mut Store<Host>,
+        memory: Memory,
+        alloc: &TypedFunc<i32, i32>,
+        main: &TypedFunc<(i32, i32), i64>,
+        input: &[u8],
+    ) -> Result<Vec<u8>, RunError> {
+        let ptr = self.write(store, memory, alloc, input)?;
         let packed = main
             .call(&mut *store, (ptr, input.len() as i32))
-            .map_err(classify)?;
+            .map_err(|e| self.classify(e))?;
         let (out_ptr, out_len) = ((packed as u64 >> 32) as u32, packed as u32);
         memory
             .data(&*store)
@@ -267,6 +436,14 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// An instance ready for `warden_evaluate` (or `warden_transform`).
+struct Ready {
+    instance: wasmtime::Instance,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    main: TypedFunc<(i32, i32), i64>,
 }
 
 fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(

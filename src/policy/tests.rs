@@ -149,6 +149,69 @@ fn no_state_survives_from_one_evaluation_to_the_next() {
 }
 
 #[test]
+fn a_kept_instance_is_put_back_after_every_evaluation() {
+    let set = policy("tests/wat/stateful_exported.wat", "{}");
+    let module = set.policies.load()[0].clone();
+    assert!(
+        module.sandbox.reuses_instances(),
+        "every mutable global is exported"
+    );
+    let run = |input: &[u8]| {
+        let (output, _) = module.sandbox.run(b"{}", input);
+        output.map(|bytes| String::from_utf8(bytes).unwrap())
+    };
+    // "g" grows the memory (that instance cannot be put back and is dropped),
+    // "t" traps after counting (dropped too): each later run still sees no
+    // earlier call, and warden_init's mark.
+    for input in ["{}", "{}", "g", "{}", "t", "{}", "{}"] {
+        match run(input.as_bytes()) {
+            Ok(output) => assert!(output.contains("allow"), "after {input:?}: {output}"),
+            Err(error) => assert_eq!(input, "t", "{error}"),
+        }
+    }
+    // On other threads too, each with its own instance.
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..50 {
+                    assert!(run(b"{}").unwrap().contains("allow"));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn only_modules_whose_whole_state_the_host_can_restore_keep_an_instance() {
+    let wat = |text: &str| engine::reusable(&wat::parse_str(text).unwrap());
+    for shipped in [
+        "policies/cost_gate.wasm",
+        "policies/model_allowlist.wasm",
+        "policies/runaway_guard.wasm",
+        "policies/secret_guard.wasm",
+        "plugins/redact_pii.wasm",
+    ] {
+        let bytes = std::fs::read(repo(shipped)).unwrap();
+        assert!(
+            engine::reusable(&bytes),
+            "{shipped} exports its stack pointer"
+        );
+    }
+    let stateful = std::fs::read_to_string(repo("tests/wat/stateful.wat")).unwrap();
+    assert!(!wat(&stateful), "a mutable global the host cannot reach");
+    assert!(wat(
+        "(module (memory (export \"memory\") 1) (global (export \"g\") (mut i32) (i32.const 0)))"
+    ));
+    assert!(!wat(
+        "(module (memory 1) (table 1 funcref) (func (table.set (i32.const 0) (ref.null func))))"
+    ));
+    assert!(!wat(
+        "(module (memory 1) (data \"x\") (func (data.drop 0)))"
+    ));
+    assert!(!wat("(module)"), "no memory");
+}
+
+#[test]
 fn modules_of_another_abi_or_without_exports_are_refused() {
     let error = load_error(spec(
         "v",

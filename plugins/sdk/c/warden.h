@@ -3,8 +3,12 @@
  *
  * Header-only. Include it in exactly one .c file per module and build with
  *
- *   clang --target=wasm32 -O2 -nostdlib -mbulk-memory -Wl,--no-entry \
- *         -Wl,--strip-all -o NAME.wasm NAME.c
+ *   clang --target=wasm32 -O2 -nostdlib -mbulk-memory -mmutable-globals \
+ *         -Wl,--no-entry -Wl,--strip-all -Wl,--export=__stack_pointer \
+ *         -o NAME.wasm NAME.c
+ *
+ * (exporting the stack pointer lets Warden keep one instance per thread and
+ * restore it after each evaluation instead of instantiating anew: ABI.md)
  *
  * It gives the module its ABI exports (warden_alloc, warden_abi_version),
  * the `warden.log` import, a bump allocator (every evaluation runs in a
@@ -278,6 +282,30 @@ WD_FN int wd_member(wd_slice obj, const char *key, wd_u32 key_len, wd_slice *out
     return 0;
 }
 
+/* Where the value of member `key` starts in `obj`, or 0 when absent. Unlike
+ * wd_member it does not look for the end of that value: on a path such as
+ * "call.model" the whole `call` object would otherwise be scanned once to
+ * find its end and again to find `model` in it. */
+WD_FN wd_u32 wd_member_start(wd_slice obj, const char *key, wd_u32 key_len) {
+    wd_u32 i = wd_skip_ws(obj, 0);
+    if (i >= obj.len || obj.ptr[i] != '{') return 0;
+    i++;
+    for (;;) {
+        i = wd_skip_ws(obj, i);
+        if (i < obj.len && obj.ptr[i] == ',') i = wd_skip_ws(obj, i + 1);
+        if (i >= obj.len || obj.ptr[i] != '"') return 0;
+        wd_u32 kend = wd_value_end(obj, i);
+        if (!kend) return 0;
+        int match = kend - i - 2 == key_len && wd_mem_eq(obj.ptr + i + 1, key, key_len);
+        i = wd_skip_ws(obj, kend);
+        if (i >= obj.len || obj.ptr[i] != ':') return 0;
+        i = wd_skip_ws(obj, i + 1);
+        if (match) return i;
+        i = wd_value_end(obj, i);
+        if (!i) return 0;
+    }
+}
+
 /* The value at a dotted path such as "call.model"; 0 when absent. */
 WD_FN int wd_get(wd_slice json, const char *path, wd_slice *out) {
     wd_slice at = json;
@@ -285,10 +313,18 @@ WD_FN int wd_get(wd_slice json, const char *path, wd_slice *out) {
     while (*p) {
         wd_u32 n = 0;
         while (p[n] && p[n] != '.') n++;
-        if (!wd_member(at, p, n, &at)) return 0;
+        wd_u32 start = wd_member_start(at, p, n);
+        if (!start) return 0;
+        /* Runs to the end of the parent: walking its members stops at its
+         * own closing brace, and only the last value's end is needed. */
+        at.ptr += start;
+        at.len -= start;
         p += n;
         if (*p == '.') p++;
     }
+    wd_u32 end = wd_value_end(at, 0);
+    if (!end) return 0;
+    at.len = end;
     *out = at;
     return 1;
 }
