@@ -30,9 +30,10 @@ use crate::metering::estimate;
 use crate::metrics::Metrics;
 use crate::money::Usd;
 
-/// Rows appended per batch before the writer commits without waiting for the
-/// flush interval.
-const MAX_BATCH: usize = 4096;
+/// Call records appended per batch before the writer commits without
+/// waiting for the flush interval: one row group, so that a busy Warden's
+/// commits take DuckDB's direct path (see `ROW_GROUP_ROWS`).
+const MAX_BATCH: usize = super::ROW_GROUP_ROWS;
 
 pub enum StoreCommand {
     Call(Box<CallRecord>),
