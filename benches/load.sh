@@ -9,13 +9,18 @@
 # p50 and p99 for each, the Warden/nginx ratios, whether every Warden call
 # reached the store, and Warden's peak RSS.
 #
-#     benches/load.sh                # 32 connections, 15 s per target
-#     CONNECTIONS=64 DURATION=30 benches/load.sh
+# nginx proxy_pass and Warden take turns ROUNDS times (this box's speed
+# drifts by a fifth between runs a minute apart); their figures are the
+# medians of the rounds, and each round's ratio is printed too.
+#
+#     benches/load.sh                # 32 connections, 15 s per target, 3 rounds
+#     CONNECTIONS=64 DURATION=30 ROUNDS=5 benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNECTIONS="${CONNECTIONS:-32}"
 DURATION="${DURATION:-15}"
 THREADS="${THREADS:-2}"
+ROUNDS="${ROUNDS:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/warden-target}"
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -160,13 +165,40 @@ BEFORE="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --for
 echo "wrk: $THREADS threads, $CONNECTIONS connections, ${DURATION}s per target, POST /v1/chat/completions"
 printf '%-22s %12s %10s %10s %10s\n' target "req/s" p50 p99 requests
 run nginx_static http://127.0.0.1:18081/v1/chat/completions
-run nginx_proxy_pass http://127.0.0.1:18082/v1/chat/completions
-run warden http://127.0.0.1:18083/v1/chat/completions
+SENT=0
+for round in $(seq "$ROUNDS"); do
+    run "nginx_proxy_pass.$round" http://127.0.0.1:18082/v1/chat/completions
+    run "warden.$round" http://127.0.0.1:18083/v1/chat/completions
+    SENT=$((SENT + $(cut -d' ' -f4 "$WORK/warden.$round.res")))
+done
+# Medians over the rounds (p99 in ms), kept where the single-run figures were.
+median() { # name -> "req/s p50 p99 requests" of the median round by req/s, p99 its median
+    python3 - "$WORK" "$1" "$ROUNDS" <<'PY'
+import statistics, sys
+work, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def ms(text):
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+rows = [open(f"{work}/{name}.{r}.res").read().split() for r in range(1, rounds + 1)]
+rps = statistics.median(float(r[0]) for r in rows)
+p50 = statistics.median(ms(r[1]) for r in rows)
+p99 = statistics.median(ms(r[2]) for r in rows)
+print(f"{rps:.2f} {p50:.3f}ms {p99:.3f}ms {sum(int(r[3]) for r in rows)}")
+PY
+}
+median nginx_proxy_pass > "$WORK/nginx_proxy_pass.res"
+median warden > "$WORK/warden.res"
+for round in $(seq "$ROUNDS"); do
+    read -r n _ np99 _ < "$WORK/nginx_proxy_pass.$round.res"
+    read -r w _ wp99 _ < "$WORK/warden.$round.res"
+    printf 'round %s: warden / nginx proxy_pass throughput %.2f, p99 %.2f\n' "$round" \
+        "$(echo "$w / $n" | bc -l)" "$(echo "$(to_ms "$wp99") / $(to_ms "$np99")" | bc -l)"
+done
 
 sleep 1 # one flush interval and more
 AFTER="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
 RECORDED=$((AFTER - BEFORE))
-SENT="$(cut -d' ' -f4 "$WORK/warden.res")"
 RSS_KB="$(awk '/VmHWM/ {print $2}' /proc/"$WARDEN_PID"/status)"
 DROPPED="$(curl -fs http://127.0.0.1:18084/metrics | awk '/^warden_store_records_dropped_total/ {print $2}')"
 
@@ -209,6 +241,8 @@ read -r P_RPS _ P_P99 _ < "$WORK/warden_policies.res"
 read -r W_RPS W_P50 W_P99 _ < "$WORK/warden.res"
 read -r N_RPS N_P50 N_P99 _ < "$WORK/nginx_proxy_pass.res"
 echo
+printf 'medians of %s rounds:\n' "$ROUNDS"
+printf '  nginx proxy_pass %s req/s p99 %s; warden %s req/s p99 %s\n' "$N_RPS" "$N_P99" "$W_RPS" "$W_P99"
 printf 'warden / nginx proxy_pass throughput: %.2f\n' "$(echo "$W_RPS / $N_RPS" | bc -l)"
 printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99") / $(to_ms "$N_P99")" | bc -l)"
 printf 'warden with limits / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$L_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$L_P99") / $(to_ms "$N_P99")" | bc -l)" "$LIMITED_ADMITTED"

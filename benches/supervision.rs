@@ -175,6 +175,37 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Resident memory by where it lives: mimalloc's arenas (Warden's Rust heap,
+/// reserved from 2 TiB up), other anonymous memory (DuckDB's malloc heap,
+/// stacks), and file pages (the binary's code).
+fn rss_by_mapping(pid: u32) -> String {
+    let (mut rust, mut other, mut files) = (0u64, 0u64, 0u64);
+    let mut bucket = &mut other;
+    for line in std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+    {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let Some((start, _)) = fields.first().and_then(|f| f.split_once('-'))
+            && let Ok(start) = u64::from_str_radix(start, 16)
+        {
+            bucket = match fields.get(5) {
+                Some(path) if path.starts_with('/') => &mut files,
+                _ if (0x200_0000_0000..0x400_0000_0000).contains(&start) => &mut rust,
+                _ => &mut other,
+            };
+        } else if fields.first() == Some(&"Rss:") {
+            *bucket += fields[1].parse::<u64>().unwrap_or(0);
+        }
+    }
+    format!(
+        "mimalloc (Rust heap) {:.1} MB, other anonymous (DuckDB, stacks) {:.1} MB, files {:.1} MB",
+        rust as f64 / 1024.0,
+        other as f64 / 1024.0,
+        files as f64 / 1024.0
+    )
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index]
@@ -292,6 +323,7 @@ async fn run() {
     drop(idle);
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let baseline = rss_kib(pid);
+    println!("held: before, {}", rss_by_mapping(pid));
     let mut held = Vec::with_capacity(HELD);
     for n in 0..HELD {
         let (client, base) = (client.clone(), warden.proxy.clone());
@@ -346,6 +378,7 @@ async fn run() {
         (holding.saturating_sub(baseline)) as f64 / 1024.0,
         (holding.saturating_sub(baseline)) as f64 * 1024.0 / HELD as f64,
     );
+    println!("held: holding, {}", rss_by_mapping(pid));
     let (status, _) = admin(
         &client,
         &warden,
