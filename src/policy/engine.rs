@@ -145,7 +145,7 @@ impl WasmRuntime {
                 });
             }
         }
-        let module = Module::new(&self.engine, bytes)
+        let module = Module::new(&self.engine, &binary)
             .map_err(|e| PolicyError::Invalid(format!("not a valid wasm module: {e:#}")))?;
         if let Some(path) = cached {
             store_in_cache(&module, &path);

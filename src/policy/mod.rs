@@ -598,8 +598,7 @@ pub fn prepare(
     let compiled = runtime.compile(bytes)?;
     let sandbox = Sandbox::new(
         runtime,
-        &compiled.module,
-        compiled.reusable,
+        &compiled,
         spec.kind,
         &spec.name,
         Duration::from_millis(spec.timeout_ms),

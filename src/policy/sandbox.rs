@@ -4,7 +4,7 @@
 //! deadline and a memory cap.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use wasmtime::{
 };
 
 use super::PolicyError;
-use super::engine::{EPOCH_TICK, FUEL_PER_MS, WALL_CLOCK_FACTOR, WasmRuntime};
+use super::engine::{Compiled, EPOCH_TICK, FUEL_PER_MS, WALL_CLOCK_FACTOR, WasmRuntime};
 
 pub const ABI_VERSION: i32 = 1;
 /// The only import a module may have.
@@ -81,7 +81,6 @@ struct Entry {
 /// holds a slot of the engine's pool (see `POOL_SLOTS`).
 const MAX_WARM: usize = 64;
 static WARM_COUNT: AtomicUsize = AtomicUsize::new(0);
-static NEXT_SANDBOX: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     /// This thread's reusable instances, one per sandbox it has run.
@@ -92,9 +91,10 @@ thread_local! {
 /// put it back as it was after `warden_init`: the memory's bytes and the
 /// mutable globals' values (all exported, or the module is not reusable).
 struct Warm {
-    sandbox: u64,
-    /// Gone once the sandbox is (a module replaced): the instance is freed
-    /// the next time this thread sets one up.
+    /// The sandbox's `alive` token: names the sandbox (its allocation stays
+    /// put while this points at it) and is gone once the sandbox is (a
+    /// module replaced): the instance is freed the next time this thread
+    /// sets one up.
     owner: Weak<()>,
     store: Store<Host>,
     memory: Memory,
@@ -134,7 +134,6 @@ pub struct Sandbox {
     max_memory_mb: u64,
     /// Its mutable globals, when one instance may serve many evaluations.
     reusable: Option<Vec<ModuleExport>>,
-    id: u64,
     alive: Arc<()>,
 }
 
@@ -143,13 +142,13 @@ impl Sandbox {
     /// import, its declared version) and prepares it for fast instantiation.
     pub fn new(
         runtime: &WasmRuntime,
-        module: &Module,
-        reusable: bool,
+        compiled: &Compiled,
         kind: ModuleKind,
         name: &str,
         timeout: Duration,
         max_memory_mb: u64,
     ) -> Result<Sandbox, PolicyError> {
+        let module = &compiled.module;
         check_imports(module)?;
         let func = |export: &str, params: &[ValType], results: &[ValType], required: bool| {
             check_func_export(module, export, params, results, required)
@@ -182,7 +181,7 @@ impl Sandbox {
         let pre = linker
             .instantiate_pre(module)
             .map_err(|e| PolicyError::Invalid(format!("{e:#}")))?;
-        let reusable = reusable.then(|| {
+        let reusable = compiled.reusable.then(|| {
             module
                 .exports()
                 .filter(|e| matches!(e.ty(), ExternType::Global(g) if g.mutability().is_var()))
@@ -196,7 +195,6 @@ impl Sandbox {
             timeout,
             max_memory_mb,
             reusable,
-            id: NEXT_SANDBOX.fetch_add(1, Ordering::Relaxed),
             alive: Arc::new(()),
         };
         sandbox.check_version()?;
@@ -291,7 +289,8 @@ impl Sandbox {
         input: &[u8],
     ) -> Result<Vec<u8>, RunError> {
         WARM.with_borrow_mut(|warm| {
-            let index = match warm.iter().position(|w| w.sandbox == self.id) {
+            let mine = Arc::as_ptr(&self.alive);
+            let index = match warm.iter().position(|w| w.owner.as_ptr() == mine) {
                 Some(index) => index,
                 None => {
                     warm.retain(|w| w.owner.strong_count() > 0);
@@ -335,7 +334,6 @@ impl Sandbox {
         let image = ready.memory.data(&store).to_vec();
         WARM_COUNT.fetch_add(1, Ordering::Relaxed);
         Ok(Warm {
-            sandbox: self.id,
             owner: Arc::downgrade(&self.alive),
             store,
             memory: ready.memory,

@@ -270,18 +270,6 @@ WD_FN int wd_array_next(wd_slice arr, wd_u32 *pos, wd_slice *item) {
     return 1;
 }
 
-/* The member `key` of an object (keys compared as written, unescaped). */
-WD_FN int wd_member(wd_slice obj, const char *key, wd_u32 key_len, wd_slice *out) {
-    wd_u32 pos = 0;
-    wd_slice k, v;
-    while (wd_object_next(obj, &pos, &k, &v))
-        if (k.len == key_len && wd_mem_eq(k.ptr, key, key_len)) {
-            *out = v;
-            return 1;
-        }
-    return 0;
-}
-
 /* Where the value of member `key` starts in `obj`, or 0 when absent. Unlike
  * wd_member it does not look for the end of that value: on a path such as
  * "call.model" the whole `call` object would otherwise be scanned once to
@@ -306,27 +294,34 @@ WD_FN wd_u32 wd_member_start(wd_slice obj, const char *key, wd_u32 key_len) {
     }
 }
 
+/* The member `key` of an object (keys compared as written, unescaped). */
+WD_FN int wd_member(wd_slice obj, const char *key, wd_u32 key_len, wd_slice *out) {
+    wd_u32 start = wd_member_start(obj, key, key_len);
+    if (!start) return 0;
+    wd_slice value = {obj.ptr + start, obj.len - start};
+    wd_u32 end = wd_value_end(value, 0);
+    if (!end) return 0;
+    value.len = end;
+    *out = value;
+    return 1;
+}
+
 /* The value at a dotted path such as "call.model"; 0 when absent. */
 WD_FN int wd_get(wd_slice json, const char *path, wd_slice *out) {
     wd_slice at = json;
     const char *p = path;
-    while (*p) {
+    for (;;) {
         wd_u32 n = 0;
         while (p[n] && p[n] != '.') n++;
+        if (!p[n]) return wd_member(at, p, n, out);
         wd_u32 start = wd_member_start(at, p, n);
         if (!start) return 0;
         /* Runs to the end of the parent: walking its members stops at its
          * own closing brace, and only the last value's end is needed. */
         at.ptr += start;
         at.len -= start;
-        p += n;
-        if (*p == '.') p++;
+        p += n + 1;
     }
-    wd_u32 end = wd_value_end(at, 0);
-    if (!end) return 0;
-    at.len = end;
-    *out = at;
-    return 1;
 }
 
 WD_FN int wd_is_null(wd_slice v) { return v.len == 4 && wd_mem_eq(v.ptr, "null", 4); }
