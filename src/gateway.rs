@@ -314,12 +314,16 @@ impl Gateway {
                     runtime.block_on(async move {
                         match TcpListener::from_std(listener) {
                             Ok(listener) => {
-                                crate::http_server::serve(
+                                let options = crate::http_server::h1::Options {
+                                    max_body_bytes: state.max_body_bytes,
+                                    ..Default::default()
+                                };
+                                crate::http_server::h1::serve(
                                     listener,
                                     move |request| pipeline::handle(state.clone(), request),
                                     shutdown_rx,
                                     grace,
-                                    "proxy",
+                                    options,
                                 )
                                 .await
                             }

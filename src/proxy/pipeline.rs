@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -21,6 +21,7 @@ use super::govern;
 use super::headers;
 use super::supervise::{self, ApprovalAsk};
 use super::upstream::{Route, Upstream};
+use crate::http_server::{BodyReadError, RequestBody};
 use crate::limits::rate::{HeaderNumbers, LimitedBy, RateHeaders, openai_duration};
 use crate::limits::{AdmitError, CallFacts, CallSubject, OnExceed};
 use crate::metering::{MeterReport, StreamMeter};
@@ -28,9 +29,9 @@ use crate::providers::{self, Endpoint, ErrorKind, ProviderKind, RequestFacts, an
 use crate::store::record::Outcome;
 
 /// The driver: runs the stages and turns a refusal into an answer.
-pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(state: Arc<ProxyState>, request: Request<RequestBody>) -> Response<ProxyBody> {
     if request.uri().path().starts_with(super::work::PREFIX) {
-        return super::work::handle(&state, request).await;
+        return Box::pin(super::work::handle(&state, request)).await;
     }
     let endpoint = Endpoint::from_request(request.method(), request.uri().path());
     // The model list is shared by both APIs: the caller's SDK tells which.
@@ -53,7 +54,9 @@ pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Respo
         call.endpoint = Some(endpoint);
         match serve(&state, &mut call, endpoint, request).await {
             Ok(Reply::Done(response)) => response,
-            Ok(Reply::Forwarded(upstream_response)) => respond(call, endpoint, upstream_response).await,
+            // Boxed, as is every stage that runs after a hold: a call held
+            // for approval then carries only the state it has so far.
+            Ok(Reply::Forwarded(upstream_response)) => Box::pin(respond(call, endpoint, upstream_response)).await,
             Err(refusal) => call.refuse(refusal),
         }
     }
@@ -77,7 +80,7 @@ async fn serve(
     state: &ProxyState,
     call: &mut Call,
     endpoint: Endpoint,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
 ) -> Result<Reply, Refusal> {
     let (parts, body) = request.into_parts();
 
@@ -173,7 +176,7 @@ async fn serve(
     let mut body = body;
     let mut facts = facts;
     if state.modules.has_policies()
-        && let Some(ask) = govern::apply_policies(
+        && let Some(ask) = Box::pin(govern::apply_policies(
             state,
             call,
             govern::CallContext {
@@ -184,7 +187,7 @@ async fn serve(
                 body: &body,
                 headers: &parts.headers,
             },
-        )
+        ))
         .await?
     {
         approval = Some(ask);
@@ -423,32 +426,27 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<Bytes, Refusal> {
-    let too_large = || {
-        Refusal::new(
+async fn read_body(body: RequestBody, headers: &HeaderMap, limit: u64) -> Result<Bytes, Refusal> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let read = match declared {
+        Some(len) if len > limit => Err(BodyReadError::TooLarge { limit }),
+        _ => body.read(limit).await,
+    };
+    read.map_err(|e| match e {
+        BodyReadError::TooLarge { .. } => Refusal::new(
             ErrorKind::TooLarge,
             "request_too_large",
             format!(
                 "the request body is larger than this Warden accepts ({limit} bytes, [server] max_body_bytes)"
             ),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit as usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(Refusal::new(
-            ErrorKind::InvalidRequest,
-            "body_read_failed",
-            format!("could not read the request body: {e}"),
-        )),
-    }
+        ),
+        BodyReadError::Failed(_) => {
+            Refusal::new(ErrorKind::InvalidRequest, "body_read_failed", e.to_string())
+        }
+    })
 }
 
 fn upstream_request(

@@ -6,19 +6,18 @@
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::ProxyState;
 use super::body::ProxyBody;
+use crate::http_server::RequestBody;
 use crate::providers::{self, Endpoint, ErrorKind};
 use crate::workflow::RunsError;
 use crate::workflow::run::StepError;
 
 pub const PREFIX: &str = "/v1/warden/";
 
-pub async fn handle(state: &ProxyState, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(state: &ProxyState, request: Request<RequestBody>) -> Response<ProxyBody> {
     let protocol = Endpoint::guess_protocol(request.uri().path(), request.headers());
     match serve(state, request).await {
         Ok(body) => ProxyBody::json(StatusCode::OK, Bytes::from(body.to_string())),
@@ -31,7 +30,7 @@ pub async fn handle(state: &ProxyState, request: Request<Incoming>) -> Response<
 
 type Failure = (ErrorKind, &'static str, String);
 
-async fn serve(state: &ProxyState, request: Request<Incoming>) -> Result<Value, Failure> {
+async fn serve(state: &ProxyState, request: Request<RequestBody>) -> Result<Value, Failure> {
     let agent = state
         .agents
         .identify(request.headers())
@@ -91,18 +90,14 @@ async fn serve(state: &ProxyState, request: Request<Incoming>) -> Result<Value, 
     }
 }
 
-async fn read_json(request: Request<Incoming>, limit: u64) -> Result<Value, Failure> {
-    let collected = Limited::new(request.into_body(), limit as usize)
-        .collect()
-        .await
-        .map_err(|e| {
-            (
-                ErrorKind::TooLarge,
-                "request_too_large",
-                format!("could not read the request body ({limit} bytes at most): {e}"),
-            )
-        })?
-        .to_bytes();
+async fn read_json(request: Request<RequestBody>, limit: u64) -> Result<Value, Failure> {
+    let collected = request.into_body().read(limit).await.map_err(|e| {
+        (
+            ErrorKind::TooLarge,
+            "request_too_large",
+            format!("could not read the request body ({limit} bytes at most): {e}"),
+        )
+    })?;
     if collected.is_empty() {
         return Ok(json!({}));
     }

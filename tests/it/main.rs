@@ -7,6 +7,7 @@ mod cli;
 mod e2e_sdk;
 mod errors;
 mod forwarding;
+mod http1;
 mod limits;
 mod operator;
 mod policies;

@@ -1,7 +1,10 @@
-//! The accept loop shared by the agent and admin listeners: HTTP/1.1 and
-//! HTTP/2 (h2c) on one port, one task per connection, and a graceful stop
-//! that closes the listener, lets in-flight requests finish within a grace
-//! period, then returns.
+//! The listeners. The admin port is served by hyper (HTTP/1.1 and h2c on one
+//! port, one task per connection); the agent port by `h1`, Warden's own
+//! HTTP/1.1 server that keeps no buffers while a call waits. Both stop
+//! gracefully: the listener closes, in-flight requests finish within a grace
+//! period, then the function returns.
+
+pub mod h1;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,6 +20,45 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::proxy::body::ProxyBody;
+
+/// A request body as the agent port hands it to the proxy.
+pub enum RequestBody {
+    /// Read whole before the handler ran (HTTP/1.1).
+    Whole(bytes::Bytes),
+    /// Over `[server] max_body_bytes`: left unread, and the connection closes
+    /// after the answer.
+    TooLarge,
+    /// Read by the handler as it needs it (HTTP/2).
+    Streaming(Incoming),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyReadError {
+    #[error("the request body is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("could not read the request body: {0}")]
+    Failed(String),
+}
+
+impl RequestBody {
+    /// The whole body, at most `limit` bytes.
+    pub async fn read(self, limit: u64) -> Result<bytes::Bytes, BodyReadError> {
+        use http_body_util::{BodyExt, Limited};
+        match self {
+            RequestBody::Whole(bytes) if bytes.len() as u64 <= limit => Ok(bytes),
+            RequestBody::Whole(_) | RequestBody::TooLarge => Err(BodyReadError::TooLarge { limit }),
+            RequestBody::Streaming(body) => {
+                match Limited::new(body, limit as usize).collect().await {
+                    Ok(collected) => Ok(collected.to_bytes()),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                        Err(BodyReadError::TooLarge { limit })
+                    }
+                    Err(e) => Err(BodyReadError::Failed(e.to_string())),
+                }
+            }
+        }
+    }
+}
 
 pub async fn serve<F, Fut>(
     listener: TcpListener,

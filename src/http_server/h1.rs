@@ -1,0 +1,1061 @@
+//! Warden's own HTTP/1.1 server for the agent port.
+//!
+//! Why not hyper here: hyper keeps an 8 KiB read buffer and an 8 KiB write
+//! buffer for every connection for as long as it lives, and a call held for
+//! approval keeps its connection open for minutes; ten thousand held calls
+//! were half a gigabyte of idle buffers. The proxy needs a request's whole
+//! body before it decides anything, so this server reads the request whole,
+//! hands the handler an exactly sized body, and keeps no buffer while the
+//! handler runs or the connection idles: a held call costs its own state and
+//! the socket. Responses are written as their frames come (head and a whole
+//! body in one write; streams chunk by chunk, coalescing what is ready).
+//!
+//! HTTP/2 with prior knowledge (h2c) is recognised by its preface and handed
+//! to hyper.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::RequestBody;
+use crate::providers::{self, Endpoint, ErrorKind};
+
+pub struct Options {
+    /// Bodies above this are not read: the handler gets `RequestBody::TooLarge`.
+    pub max_body_bytes: u64,
+    /// From a request's first byte to the end of its head.
+    pub header_read_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            max_body_bytes: 32 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// nginx answers 400/431 past 4 × 8 KiB of request line and headers; allow twice that.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+const READ_CHUNK: usize = 4096;
+/// Bytes of a pipelined next request taken in while the current one is served.
+const MAX_PIPELINED: usize = 64 * 1024;
+/// Response bytes gathered before a write.
+const WRITE_BATCH: usize = 64 * 1024;
+/// A body frame this large is written from its own buffer rather than copied.
+const WRITE_DIRECT: usize = 16 * 1024;
+/// How long, and how much, a closing connection reads and drops.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves the agent port until `shutdown` turns true, then lets in-flight
+/// requests finish within `grace`.
+pub async fn serve<F, Fut, B>(
+    listener: TcpListener,
+    handler: F,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    options: Options,
+) where
+    F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes, Error = Infallible> + Send + Unpin + 'static,
+{
+    let options = Arc::new(options);
+    // Every connection holds a sender; `recv` returns None once all are gone.
+    let (alive, mut all_closed) = mpsc::channel::<Infallible>(1);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(listener = "proxy", error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let connection = Connection {
+                    stream,
+                    buf: BytesMut::new(),
+                    options: options.clone(),
+                    shutdown: shutdown.clone(),
+                    _alive: alive.clone(),
+                };
+                tokio::spawn(connection.run(handler.clone()));
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    drop(alive);
+    tokio::select! {
+        _ = all_closed.recv() => tracing::info!(listener = "proxy", "all connections finished"),
+        () = tokio::time::sleep(grace) => tracing::warn!(listener = "proxy", grace_secs = grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    /// Bytes read and not yet consumed; no capacity kept between requests.
+    buf: BytesMut,
+    options: Arc<Options>,
+    shutdown: watch::Receiver<bool>,
+    _alive: mpsc::Sender<Infallible>,
+}
+
+/// A request head, its header values copied out of the read buffer.
+#[derive(Debug)]
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+// One per request and moved straight out: boxing the head would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Request(Head),
+    Http2,
+    Closed,
+}
+
+/// A request Warden cannot read as HTTP: answered, then the connection closes.
+#[derive(Debug, PartialEq, Eq)]
+struct HttpError {
+    status: StatusCode,
+    message: String,
+}
+
+impl HttpError {
+    fn bad(message: impl Into<String>) -> HttpError {
+        HttpError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why reading a body stopped before its end.
+enum BodyError {
+    /// The agent went away: nobody to answer.
+    Gone,
+    Http(HttpError),
+}
+
+impl Connection {
+    async fn run<F, Fut, B>(mut self, handler: F)
+    where
+        F: Fn(Request<RequestBody>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes, Error = Infallible> + Send + Unpin + 'static,
+    {
+        loop {
+            let head = match self.read_head().await {
+                Ok(Next::Request(head)) => head,
+                Ok(Next::Closed) => return,
+                // Boxed: hyper's HTTP/2 connection is large and rare here.
+                Ok(Next::Http2) => return Box::pin(self.into_http2(handler)).await,
+                Err(error) => return self.refuse(None, error).await,
+            };
+            let (body, mut keep_alive) = match self.read_body(&head).await {
+                Ok(RequestBody::TooLarge) => (RequestBody::TooLarge, false),
+                Ok(body) => (body, head.keep_alive),
+                Err(BodyError::Gone) => return,
+                Err(BodyError::Http(error)) => return self.refuse(Some(&head), error).await,
+            };
+            let is_head = head.method == Method::HEAD;
+            let version = head.version;
+            let mut request = Request::new(body);
+            *request.method_mut() = head.method;
+            *request.uri_mut() = head.uri;
+            *request.version_mut() = head.version;
+            *request.headers_mut() = head.headers;
+
+            // Boxed so that an idle connection's task does not carry the
+            // size of a request in flight.
+            let Some(response) = self.answer(Box::pin(handler(request))).await else {
+                return;
+            };
+            keep_alive &= !*self.shutdown.borrow();
+            match self
+                .write_response(response, version, is_head, keep_alive)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => return self.close().await,
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Waits for the next request head: `Closed` when the agent hangs up, the
+    /// connection idles out, or Warden stops between requests.
+    async fn read_head(&mut self) -> Result<Next, HttpError> {
+        let mut first_byte_at = (!self.buf.is_empty()).then(Instant::now);
+        loop {
+            if !self.buf.is_empty() {
+                let seen = self.buf.len().min(H2_PREFACE.len());
+                if self.buf[..seen] == H2_PREFACE[..seen] {
+                    if seen == H2_PREFACE.len() {
+                        return Ok(Next::Http2);
+                    }
+                } else {
+                    let parsed = parse_head(&self.buf)?;
+                    let head_len = parsed.as_ref().map_or(self.buf.len(), |(_, len)| *len);
+                    if head_len > MAX_HEAD_BYTES {
+                        return Err(HttpError {
+                            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            message: format!(
+                                "the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+                            ),
+                        });
+                    }
+                    if let Some((head, len)) = parsed {
+                        self.buf.advance(len);
+                        return Ok(Next::Request(head));
+                    }
+                }
+            }
+            let deadline = match first_byte_at {
+                Some(at) => at + self.options.header_read_timeout,
+                None => Instant::now() + self.options.idle_timeout,
+            };
+            let idle = self.buf.is_empty();
+            let read = tokio::select! {
+                read = read_more(&mut self.stream, &mut self.buf) => read,
+                () = tokio::time::sleep_until(deadline) => {
+                    return if idle {
+                        Ok(Next::Closed)
+                    } else {
+                        Err(HttpError {
+                            status: StatusCode::REQUEST_TIMEOUT,
+                            message: format!(
+                                "the request head did not arrive within {} s",
+                                self.options.header_read_timeout.as_secs()
+                            ),
+                        })
+                    };
+                }
+                () = stopping(&mut self.shutdown), if idle => return Ok(Next::Closed),
+            };
+            match read {
+                Ok(0) | Err(_) => return Ok(Next::Closed),
+                Ok(_) => {
+                    first_byte_at.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+    }
+
+    /// Reads the whole body into one exactly sized buffer.
+    async fn read_body(&mut self, head: &Head) -> Result<RequestBody, BodyError> {
+        let limit = self.options.max_body_bytes;
+        match head.framing {
+            Framing::Empty => Ok(RequestBody::Whole(Bytes::new())),
+            Framing::Length(len) if len > limit => Ok(RequestBody::TooLarge),
+            Framing::Length(len) => {
+                let len = len as usize;
+                if head.expect_continue && self.buf.len() < len {
+                    self.continue_100().await?;
+                }
+                let mut body = vec![0; len];
+                let buffered = self.buf.len().min(len);
+                body[..buffered].copy_from_slice(&self.buf[..buffered]);
+                self.buf.advance(buffered);
+                self.stream
+                    .read_exact(&mut body[buffered..])
+                    .await
+                    .map_err(|_| BodyError::Gone)?;
+                Ok(RequestBody::Whole(Bytes::from(body)))
+            }
+            Framing::Chunked => {
+                if head.expect_continue {
+                    self.continue_100().await?;
+                }
+                let mut body = BytesMut::new();
+                loop {
+                    match decode_chunk(&mut self.buf, &mut body, limit) {
+                        Ok(Chunk::Done) => return Ok(RequestBody::Whole(body.freeze())),
+                        Ok(Chunk::TooLarge) => return Ok(RequestBody::TooLarge),
+                        Ok(Chunk::More) => {}
+                        Err(error) => return Err(BodyError::Http(error)),
+                    }
+                    self.buf.reserve(READ_CHUNK);
+                    match self.stream.read_buf(&mut self.buf).await {
+                        Ok(0) | Err(_) => return Err(BodyError::Gone),
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn continue_100(&mut self) -> Result<(), BodyError> {
+        self.stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|_| BodyError::Gone)
+    }
+
+    /// Runs the handler while watching the socket: an agent that hangs up
+    /// drops the handler, which cancels its call (a held approval stays
+    /// pending; an upstream request is abandoned).
+    async fn answer<Fut, B>(&mut self, mut handler: Pin<Box<Fut>>) -> Option<Response<B>>
+    where
+        Fut: Future<Output = Response<B>>,
+    {
+        if self.buf.is_empty() {
+            // Give the read buffer back while the call is in the handler.
+            self.buf = BytesMut::new();
+        }
+        loop {
+            tokio::select! {
+                biased;
+                response = &mut handler => return Some(response),
+                gone = watch_hangup(&mut self.stream, &mut self.buf) => if gone {
+                    return None;
+                },
+            }
+        }
+    }
+
+    /// Writes the response; `Ok(true)` when the connection can carry another request.
+    async fn write_response<B>(
+        &mut self,
+        response: Response<B>,
+        version: Version,
+        is_head: bool,
+        keep_alive: bool,
+    ) -> io::Result<bool>
+    where
+        B: Body<Data = Bytes, Error = Infallible> + Unpin,
+    {
+        let (parts, mut body) = response.into_parts();
+        let status = parts.status;
+        let bodiless = is_head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let framing = match body.size_hint().exact().or(declared) {
+            Some(len) => ResponseFraming::Length(len),
+            None if version == Version::HTTP_11 => ResponseFraming::Chunked,
+            None => ResponseFraming::UntilClose,
+        };
+        let keep_alive = keep_alive && framing != ResponseFraming::UntilClose;
+        let mut out = Vec::with_capacity(
+            512 + match framing {
+                ResponseFraming::Length(len) if !bodiless && len as usize <= WRITE_DIRECT => {
+                    len as usize
+                }
+                _ => 0,
+            },
+        );
+        encode_head(
+            &mut out,
+            status,
+            &parts.headers,
+            framing,
+            bodiless,
+            keep_alive,
+            version,
+        );
+        if bodiless {
+            self.stream.write_all(&out).await?;
+            return Ok(keep_alive);
+        }
+        let chunked = framing == ResponseFraming::Chunked;
+        loop {
+            let frame = match body.frame().now_or_never() {
+                Some(frame) => frame,
+                None => {
+                    // Nothing more is ready: send what is gathered, then wait
+                    // for the next frame while watching for a hang-up.
+                    if !out.is_empty() {
+                        self.stream.write_all(&out).await?;
+                        out.clear();
+                    }
+                    tokio::select! {
+                        biased;
+                        frame = body.frame() => frame,
+                        gone = watch_hangup(&mut self.stream, &mut self.buf) => {
+                            if gone {
+                                return Ok(false);
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let data = match frame {
+                None => break,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
+            };
+            if chunked {
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            }
+            if data.len() >= WRITE_DIRECT {
+                self.stream.write_all(&out).await?;
+                out.clear();
+                self.stream.write_all(&data).await?;
+            } else {
+                out.extend_from_slice(&data);
+            }
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            if out.len() >= WRITE_BATCH {
+                self.stream.write_all(&out).await?;
+                out.clear();
+            }
+        }
+        if chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        if !out.is_empty() {
+            self.stream.write_all(&out).await?;
+        }
+        Ok(keep_alive)
+    }
+
+    /// Answers a request that is not readable HTTP in the format its path
+    /// suggests, then closes.
+    async fn refuse(mut self, head: Option<&Head>, error: HttpError) {
+        let path = head.map_or("", |h| h.uri.path());
+        let protocol =
+            Endpoint::guess_protocol(path, head.map_or(&HeaderMap::new(), |h| &h.headers));
+        tracing::debug!(status = %error.status, reason = %error.message, "unreadable HTTP request");
+        let body = providers::error_body(
+            protocol,
+            ErrorKind::InvalidRequest,
+            "bad_http_request",
+            &error.message,
+        );
+        let mut response = Response::new(http_body_util::Full::new(body));
+        *response.status_mut() = error.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self
+            .write_response(response, Version::HTTP_11, false, false)
+            .await
+            .is_ok()
+        {
+            self.close().await;
+        }
+    }
+
+    /// Ends the connection after a final answer. The agent may still be
+    /// sending (a body Warden refused to read): closing with unread bytes
+    /// would reset the connection and could destroy the answer in flight, so
+    /// what arrives is read and dropped for a moment first, as nginx's
+    /// lingering close does.
+    async fn close(mut self) {
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
+        let linger = async {
+            // On the heap: an array here would make every connection's task that large.
+            let mut scratch = vec![0u8; 4096];
+            let mut drained = 0usize;
+            while drained < LINGER_BYTES {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, linger).await;
+    }
+
+    async fn into_http2<F, Fut, B>(self, handler: F)
+    where
+        F: Fn(Request<RequestBody>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes, Error = Infallible> + Send + Unpin + 'static,
+    {
+        let Connection {
+            stream,
+            buf,
+            mut shutdown,
+            ..
+        } = self;
+        let io = TokioIo::new(Rewind {
+            read: buf.freeze(),
+            stream,
+        });
+        let handler = Arc::new(handler);
+        let service = service_fn(move |request: Request<Incoming>| {
+            let response = handler(request.map(RequestBody::Streaming));
+            async move { Ok::<_, Infallible>(response.await) }
+        });
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service);
+        let mut connection = std::pin::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = stopping(&mut shutdown) => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+        }
+    }
+}
+
+/// Reads whatever the agent sends while its request is being served: a
+/// pipelined next request is kept (up to `MAX_PIPELINED`), a hang-up is
+/// reported. Never resolves once enough is buffered.
+async fn watch_hangup(stream: &mut TcpStream, buf: &mut BytesMut) -> bool {
+    if buf.len() >= MAX_PIPELINED {
+        return std::future::pending().await;
+    }
+    matches!(stream.read_buf(buf).await, Ok(0) | Err(_))
+}
+
+/// Reads what the socket has into `buf`, taking buffer space only once
+/// there is something to read: an idle kept-alive connection holds none.
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        buf.reserve(READ_CHUNK);
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
+    }
+}
+
+/// Resolves once Warden is stopping.
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HttpError {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                message: format!("the request has more than {MAX_HEADERS} headers"),
+            });
+        }
+        Err(e) => {
+            return Err(HttpError::bad(format!(
+                "the request is not valid HTTP/1.1: {e}"
+            )));
+        }
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+        .map_err(|_| HttpError::bad("the request method is not valid"))?;
+    let uri: Uri = parsed
+        .path
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| HttpError::bad(format!("the request target is not a valid URI: {e}")))?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut close = version == Version::HTTP_10;
+    let mut expect_continue = false;
+    for field in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| HttpError::bad(format!("`{}` is not a valid header name", field.name)))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| HttpError::bad(format!("the value of header `{name}` is not valid")))?;
+        if name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|b| *b == b',') {
+                let len = std::str::from_utf8(part)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| HttpError::bad("content-length is not a number"))?;
+                if content_length.is_some_and(|known| known != len) {
+                    return Err(HttpError::bad(
+                        "the request has conflicting content-length values",
+                    ));
+                }
+                content_length = Some(len);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            // Only the last coding tells the framing; anything but chunked there is unreadable.
+            chunked = tokens(&value)
+                .last()
+                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+        } else if name == header::CONNECTION {
+            for token in tokens(&value) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    close = false;
+                }
+            }
+        } else if name == header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    let framing = if transfer_encoding {
+        if !chunked {
+            return Err(HttpError::bad(
+                "transfer-encoding must end with chunked; send the body chunked or with a content-length",
+            ));
+        }
+        if content_length.is_some() {
+            return Err(HttpError::bad(
+                "the request has both transfer-encoding and content-length; send one",
+            ));
+        }
+        Framing::Chunked
+    } else {
+        match content_length {
+            None | Some(0) => Framing::Empty,
+            Some(len) => Framing::Length(len),
+        }
+    };
+    let head = Head {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive: !close,
+        expect_continue,
+    };
+    Ok(Some((head, len)))
+}
+
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Chunk {
+    /// The body ended (and its trailers were skipped).
+    Done,
+    /// Needs more bytes from the socket.
+    More,
+    TooLarge,
+}
+
+/// Moves every complete chunk at the front of `buf` into `body`.
+fn decode_chunk(buf: &mut BytesMut, body: &mut BytesMut, limit: u64) -> Result<Chunk, HttpError> {
+    loop {
+        let Some(line_end) = memchr::memmem::find(buf, b"\r\n") else {
+            if buf.len() > 1024 {
+                return Err(HttpError::bad(
+                    "a chunk size line is longer than 1024 bytes",
+                ));
+            }
+            return Ok(Chunk::More);
+        };
+        let line = &buf[..line_end];
+        let size_text = line.split(|b| *b == b';').next().unwrap_or_default();
+        let size_text = std::str::from_utf8(size_text).unwrap_or("").trim();
+        let size = if size_text.is_empty() || size_text.len() > 15 {
+            None
+        } else {
+            u64::from_str_radix(size_text, 16).ok()
+        }
+        .ok_or_else(|| HttpError::bad("a chunk size is not a hexadecimal number"))?;
+        if size == 0 {
+            // The last chunk, then trailers up to an empty line.
+            let rest = &buf[line_end + 2..];
+            if rest.starts_with(b"\r\n") {
+                buf.advance(line_end + 4);
+                return Ok(Chunk::Done);
+            }
+            return match memchr::memmem::find(rest, b"\r\n\r\n") {
+                Some(end) => {
+                    buf.advance(line_end + 2 + end + 4);
+                    Ok(Chunk::Done)
+                }
+                None if rest.len() > MAX_HEAD_BYTES => {
+                    Err(HttpError::bad("the chunked body's trailers are too large"))
+                }
+                None => Ok(Chunk::More),
+            };
+        }
+        if body.len() as u64 + size > limit {
+            return Ok(Chunk::TooLarge);
+        }
+        let size = size as usize;
+        let needed = line_end + 2 + size + 2;
+        if buf.len() < needed {
+            // Make room for the whole chunk at once.
+            buf.reserve(needed - buf.len());
+            return Ok(Chunk::More);
+        }
+        if &buf[needed - 2..needed] != b"\r\n" {
+            return Err(HttpError::bad("a chunk does not end with CRLF"));
+        }
+        body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+        buf.advance(needed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseFraming {
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: ResponseFraming,
+    bodiless: bool,
+    keep_alive: bool,
+    version: Version,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        // Framing and connection headers are this server's to write.
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || name.as_str() == "keep-alive"
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        DATE.with(|date| out.extend_from_slice(&date.now()));
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ResponseFraming::Length(len) if !bodiless || len > 0 => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(len.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        ResponseFraming::Chunked if !bodiless => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        _ => {}
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `date` header text, formatted once a second per thread.
+struct CachedDate {
+    second: std::cell::Cell<u64>,
+    text: std::cell::Cell<[u8; 29]>,
+}
+
+impl CachedDate {
+    fn now(&self) -> [u8; 29] {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if second != self.second.get() {
+            let mut text = [b' '; 29];
+            let formatted = httpdate::fmt_http_date(now);
+            let len = formatted.len().min(29);
+            text[..len].copy_from_slice(&formatted.as_bytes()[..len]);
+            self.text.set(text);
+            self.second.set(second);
+        }
+        self.text.get()
+    }
+}
+
+thread_local! {
+    static DATE: CachedDate = const {
+        CachedDate {
+            second: std::cell::Cell::new(0),
+            text: std::cell::Cell::new([b' '; 29]),
+        }
+    };
+}
+
+/// The socket with the bytes already read from it put back in front, for
+/// handing an HTTP/2 connection to hyper after its preface was sniffed.
+struct Rewind {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(out.remaining());
+            out.put_slice(&this.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<(Head, usize)>, HttpError> {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn a_head_is_parsed_with_its_framing_and_connection_semantics() {
+        let text = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\nX-Api-Key: k\r\n\r\n{\"model\":1}";
+        let (head, len) = head(text).unwrap().unwrap();
+        assert_eq!(len, text.len() - 11);
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri.path(), "/v1/chat/completions");
+        assert_eq!(head.framing, Framing::Length(12));
+        assert!(head.keep_alive);
+        assert_eq!(head.headers["x-api-key"], "k");
+
+        let (old, _) = self::head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(
+            !old.keep_alive,
+            "HTTP/1.0 closes unless asked to keep alive"
+        );
+        let (kept, _) = self::head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(kept.keep_alive);
+        let (closing, _) = self::head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!closing.keep_alive);
+        let (chunked, _) = self::head(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(chunked.framing, Framing::Chunked);
+        assert!(chunked.expect_continue);
+        assert!(
+            self::head("POST / HTTP/1.1\r\nContent-Le")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for text in [
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "NOT HTTP AT ALL\r\n\r\n",
+        ] {
+            let error = head(text).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{text:?}");
+        }
+        let (same, _) = head("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(same.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_reads_and_stop_at_the_limit() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        // Fed a byte at a time, as a slow socket would.
+        let (mut buf, mut body) = (BytesMut::new(), BytesMut::new());
+        let mut outcome = Chunk::More;
+        for byte in wire {
+            buf.extend_from_slice(&[*byte]);
+            outcome = decode_chunk(&mut buf, &mut body, 1024).unwrap();
+            if outcome == Chunk::Done {
+                break;
+            }
+        }
+        assert_eq!(outcome, Chunk::Done);
+        assert_eq!(&body[..], b"hello world");
+        assert!(buf.is_empty(), "nothing past the trailers is consumed");
+
+        let (mut buf, mut body) = (BytesMut::from(&wire[..]), BytesMut::new());
+        assert_eq!(
+            decode_chunk(&mut buf, &mut body, 1024).unwrap(),
+            Chunk::Done
+        );
+        assert_eq!(&buf[..], b"NEXT");
+
+        let (mut buf, mut body) = (BytesMut::from(&wire[..]), BytesMut::new());
+        assert_eq!(
+            decode_chunk(&mut buf, &mut body, 8).unwrap(),
+            Chunk::TooLarge
+        );
+
+        let (mut buf, mut body) = (BytesMut::from(&b"zz\r\n"[..]), BytesMut::new());
+        assert!(decode_chunk(&mut buf, &mut body, 8).is_err());
+        let (mut buf, mut body) = (BytesMut::from(&b"2\r\nabXY"[..]), BytesMut::new());
+        assert!(
+            decode_chunk(&mut buf, &mut body, 8).is_err(),
+            "a chunk must end with CRLF"
+        );
+    }
+
+    #[test]
+    fn the_response_head_carries_framing_date_and_connection() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            StatusCode::OK,
+            &headers,
+            ResponseFraming::Chunked,
+            false,
+            true,
+            Version::HTTP_11,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("content-type: text/event-stream\r\n"));
+        assert!(text.contains("transfer-encoding: chunked\r\n"));
+        assert!(
+            !text.contains("999"),
+            "a stale content-length is not passed on"
+        );
+        assert!(
+            text.contains("date: ") && text.contains(" GMT\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\n\r\n"));
+
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            StatusCode::FORBIDDEN,
+            &HeaderMap::new(),
+            ResponseFraming::Length(7),
+            false,
+            false,
+            Version::HTTP_10,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"));
+        assert!(text.contains("content-length: 7\r\n"));
+        assert!(text.contains("connection: close\r\n"));
+    }
+}
