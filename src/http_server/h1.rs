@@ -192,13 +192,15 @@ impl Connection {
                 Ok(Next::Closed) => return,
                 // Boxed: hyper's HTTP/2 connection is large and rare here.
                 Ok(Next::Http2) => return Box::pin(self.into_http2(handler)).await,
-                Err(error) => return self.refuse(None, error).await,
+                Err(error) => return Box::pin(self.refuse(None, error)).await,
             };
             let (body, mut keep_alive) = match self.read_body(&head).await {
                 Ok(RequestBody::TooLarge) => (RequestBody::TooLarge, false),
                 Ok(body) => (body, head.keep_alive),
                 Err(BodyError::Gone) => return,
-                Err(BodyError::Http(error)) => return self.refuse(Some(&head), error).await,
+                Err(BodyError::Http(error)) => {
+                    return Box::pin(self.refuse(Some(&head), error)).await;
+                }
             };
             let is_head = head.method == Method::HEAD;
             let version = head.version;
@@ -219,7 +221,7 @@ impl Connection {
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => return self.close().await,
+                Ok(false) => return Box::pin(self.close()).await,
                 Err(_) => return,
             }
         }

@@ -52,11 +52,29 @@ pub async fn handle(state: Arc<ProxyState>, request: Request<RequestBody>) -> Re
             return call.refuse(Refusal::new(ErrorKind::NotFound, "unknown_endpoint", message));
         };
         call.endpoint = Some(endpoint);
-        match serve(&state, &mut call, endpoint, request).await {
-            Ok(Reply::Done(response)) => response,
-            // Boxed, as is every stage that runs after a hold: a call held
-            // for approval then carries only the state it has so far.
-            Ok(Reply::Forwarded(upstream_response)) => Box::pin(respond(call, endpoint, upstream_response)).await,
+        // The stages before and after an approval hold are boxed: a call
+        // waiting for an operator (minutes, thousands at once) keeps only
+        // this frame, not the largest state any stage ever needs.
+        let mut admitted = match Box::pin(admit(&state, &mut call, endpoint, request)).await {
+            Ok(Stage::Done(response)) => return response,
+            Ok(Stage::Admitted(admitted)) => admitted,
+            Err(refusal) => return call.refuse(refusal),
+        };
+        if let Some(ask) = admitted.approval.take()
+            && let Err(refusal) = supervise::await_approval(
+                &state,
+                &mut call,
+                ask,
+                endpoint,
+                &admitted.facts,
+                &admitted.body,
+            )
+            .await
+        {
+            return call.refuse(refusal);
+        }
+        match Box::pin(forward(&state, &mut call, endpoint, admitted)).await {
+            Ok(upstream_response) => Box::pin(respond(call, endpoint, upstream_response)).await,
             Err(refusal) => call.refuse(refusal),
         }
     }
@@ -64,11 +82,21 @@ pub async fn handle(state: Arc<ProxyState>, request: Request<RequestBody>) -> Re
     .await
 }
 
-enum Reply {
+enum Stage {
     /// Answered by Warden itself.
     Done(Response<ProxyBody>),
-    /// The upstream answered; the response still has to be metered.
-    Forwarded(UpstreamResponse),
+    /// Identified, read, routed, within its limits, passed by the policies;
+    /// it may still need an operator's approval.
+    Admitted(Admitted),
+}
+
+/// What a call carries from admission, through a possible hold, to its upstream.
+struct Admitted {
+    headers: HeaderMap,
+    body: Bytes,
+    facts: RequestFacts,
+    upstream: Arc<Upstream>,
+    approval: Option<ApprovalAsk>,
 }
 
 struct UpstreamResponse {
@@ -76,12 +104,12 @@ struct UpstreamResponse {
     strip_usage_chunk: bool,
 }
 
-async fn serve(
+async fn admit(
     state: &ProxyState,
     call: &mut Call,
     endpoint: Endpoint,
     request: Request<RequestBody>,
-) -> Result<Reply, Refusal> {
+) -> Result<Stage, Refusal> {
     let (parts, body) = request.into_parts();
 
     // identify
@@ -96,7 +124,7 @@ async fn serve(
     call.run_id = header_text(&parts.headers, "x-warden-run");
     call.step_id = header_text(&parts.headers, "x-warden-step");
     if endpoint == Endpoint::Models {
-        return Ok(Reply::Done(state.models_response(call)));
+        return Ok(Stage::Done(state.models_response(call)));
     }
 
     // halt check
@@ -172,11 +200,9 @@ async fn serve(
         })?;
     let mut approval = admission.needs_approval().map(ApprovalAsk::for_budget);
     call.admission = Some(admission);
-    // policies, the approval hold, then plugins
-    let mut body = body;
-    let mut facts = facts;
+    // policies (the hold and the plugins come after admission)
     if state.modules.has_policies()
-        && let Some(ask) = Box::pin(govern::apply_policies(
+        && let Some(ask) = govern::apply_policies(
             state,
             call,
             govern::CallContext {
@@ -187,14 +213,34 @@ async fn serve(
                 body: &body,
                 headers: &parts.headers,
             },
-        ))
+        )
         .await?
     {
         approval = Some(ask);
     }
-    if let Some(ask) = approval {
-        supervise::await_approval(state, call, ask, endpoint, &facts, &body).await?;
-    }
+    Ok(Stage::Admitted(Admitted {
+        headers: parts.headers,
+        body,
+        facts,
+        upstream,
+        approval,
+    }))
+}
+
+/// plugins, then forward
+async fn forward(
+    state: &ProxyState,
+    call: &mut Call,
+    endpoint: Endpoint,
+    admitted: Admitted,
+) -> Result<UpstreamResponse, Refusal> {
+    let Admitted {
+        headers: agent_headers,
+        mut body,
+        mut facts,
+        upstream,
+        ..
+    } = admitted;
     if state.modules.has_plugins() {
         let (new_body, new_facts) = govern::apply_plugins(state, call, body, &facts).await?;
         body = new_body;
@@ -202,8 +248,6 @@ async fn serve(
             facts = new_facts;
         }
     }
-
-    // forward
     let strip_usage_chunk = facts.stream
         && endpoint.takes_stream_options()
         && upstream.kind == ProviderKind::OpenAi
@@ -214,7 +258,7 @@ async fn serve(
         body.clone()
     };
     call.request_body = body;
-    let request = upstream_request(&upstream, endpoint, &parts.headers, upstream_body)?;
+    let request = upstream_request(&upstream, endpoint, &agent_headers, upstream_body)?;
     call.watch_halts();
     let exchange = tokio::time::timeout(state.upstream_timeout, state.client.request(request));
     let exchanged = tokio::select! {
@@ -245,10 +289,10 @@ async fn serve(
             )
         })?;
     call.mark_first_byte();
-    Ok(Reply::Forwarded(UpstreamResponse {
+    Ok(UpstreamResponse {
         response,
         strip_usage_chunk,
-    }))
+    })
 }
 
 /// Binds the call to the workflow run and step it serves (its
