@@ -45,6 +45,8 @@ pub struct Options {
     pub header_read_timeout: Duration,
     /// How long a kept-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// How long a request body may go without a byte arriving.
+    pub body_progress_timeout: Duration,
 }
 
 impl Default for Options {
@@ -53,6 +55,7 @@ impl Default for Options {
             max_body_bytes: 32 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
+            body_progress_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -301,10 +304,19 @@ impl Connection {
                 let buffered = self.buf.len().min(len);
                 body[..buffered].copy_from_slice(&self.buf[..buffered]);
                 self.buf.advance(buffered);
-                self.stream
-                    .read_exact(&mut body[buffered..])
-                    .await
-                    .map_err(|_| BodyError::Gone)?;
+                let mut filled = buffered;
+                while filled < len {
+                    let read = tokio::time::timeout(
+                        self.options.body_progress_timeout,
+                        self.stream.read(&mut body[filled..]),
+                    )
+                    .await;
+                    filled += match read {
+                        Err(_) => return Err(self.stalled()),
+                        Ok(Ok(0)) | Ok(Err(_)) => return Err(BodyError::Gone),
+                        Ok(Ok(n)) => n,
+                    };
+                }
                 Ok(RequestBody::Whole(Bytes::from(body)))
             }
             Framing::Chunked => {
@@ -320,13 +332,31 @@ impl Connection {
                         Err(error) => return Err(BodyError::Http(error)),
                     }
                     self.buf.reserve(READ_CHUNK);
-                    match self.stream.read_buf(&mut self.buf).await {
-                        Ok(0) | Err(_) => return Err(BodyError::Gone),
-                        Ok(_) => {}
+                    let read = tokio::time::timeout(
+                        self.options.body_progress_timeout,
+                        self.stream.read_buf(&mut self.buf),
+                    )
+                    .await;
+                    match read {
+                        Err(_) => return Err(self.stalled()),
+                        Ok(Ok(0)) | Ok(Err(_)) => return Err(BodyError::Gone),
+                        Ok(Ok(_)) => {}
                     }
                 }
             }
         }
+    }
+
+    /// A body that stopped arriving: answered 408 rather than holding the
+    /// connection for ever.
+    fn stalled(&self) -> BodyError {
+        BodyError::Http(HttpError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body stopped arriving: no bytes for {} s",
+                self.options.body_progress_timeout.as_secs_f64()
+            ),
+        })
     }
 
     async fn continue_100(&mut self) -> Result<(), BodyError> {
@@ -1011,6 +1041,59 @@ mod tests {
             decode_chunk(&mut buf, &mut body, 8).is_err(),
             "a chunk must end with CRLF"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_head_or_body_is_answered_408_and_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let options = Options {
+            header_read_timeout: Duration::from_millis(200),
+            body_progress_timeout: Duration::from_millis(200),
+            ..Options::default()
+        };
+        let handler = |_request: Request<RequestBody>| async {
+            Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")))
+        };
+        tokio::spawn(serve(
+            listener,
+            handler,
+            shutdown,
+            Duration::from_secs(1),
+            options,
+        ));
+        for (partial, why) in [
+            ("POST / HTTP/1.1\r\ncontent-le", "request head"),
+            (
+                "POST / HTTP/1.1\r\ncontent-length: 10\r\n\r\nabc",
+                "body stopped",
+            ),
+            (
+                "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab",
+                "body stopped",
+            ),
+        ] {
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            stream.write_all(partial.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+                .await
+                .expect("Warden gives up on a stalled request and closes")
+                .unwrap();
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 408 "), "{partial:?}: {text}");
+            assert!(text.contains(why), "{text}");
+        }
+        // A complete request on the same server is answered.
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200 OK"));
     }
 
     #[test]
