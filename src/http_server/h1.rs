@@ -15,7 +15,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -93,16 +93,7 @@ pub async fn serve<F, Fut, B>(
     let (alive, mut all_closed) = mpsc::channel::<Infallible>(1);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(listener = "proxy", error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            stream = super::accept(&listener, "proxy") => {
                 let connection = Connection {
                     stream,
                     buf: BytesMut::new(),
@@ -468,7 +459,7 @@ impl Connection {
                 },
             };
             if chunked {
-                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                let _ = write!(out, "{:x}\r\n", data.len());
             }
             if data.len() >= WRITE_DIRECT {
                 self.stream.write_all(&out).await?;
@@ -555,15 +546,26 @@ impl Connection {
             stream,
             buf,
             mut shutdown,
+            options,
             ..
         } = self;
+        let limit = options.max_body_bytes;
         let io = TokioIo::new(Rewind {
             read: buf.freeze(),
             stream,
         });
         let handler = Arc::new(handler);
         let service = service_fn(move |request: Request<Incoming>| {
-            let response = handler(request.map(RequestBody::Streaming));
+            // An announced body over the limit is refused without being read.
+            let declared = request
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let response = handler(request.map(|body| match declared {
+                Some(len) if len > limit => RequestBody::TooLarge,
+                _ => RequestBody::Streaming(body),
+            }));
             async move { Ok::<_, Infallible>(response.await) }
         });
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -837,9 +839,7 @@ fn encode_head(
     }
     match framing {
         ResponseFraming::Length(len) if !bodiless || len > 0 => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(len.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            let _ = write!(out, "content-length: {len}\r\n");
         }
         ResponseFraming::Chunked if !bodiless => {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");

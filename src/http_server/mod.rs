@@ -34,10 +34,27 @@ pub enum RequestBody {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyReadError {
-    #[error("the request body is larger than {limit} bytes")]
+    #[error(
+        "the request body is larger than this Warden accepts ({limit} bytes, [server] max_body_bytes)"
+    )]
     TooLarge { limit: u64 },
     #[error("could not read the request body: {0}")]
     Failed(String),
+}
+
+impl BodyReadError {
+    /// How the caller is told: its provider's error kind and Warden's code.
+    pub fn kind_and_code(&self) -> (crate::providers::ErrorKind, &'static str) {
+        match self {
+            BodyReadError::TooLarge { .. } => {
+                (crate::providers::ErrorKind::TooLarge, "request_too_large")
+            }
+            BodyReadError::Failed(_) => (
+                crate::providers::ErrorKind::InvalidRequest,
+                "body_read_failed",
+            ),
+        }
+    }
 }
 
 impl RequestBody {
@@ -78,17 +95,7 @@ pub async fn serve<F, Fut>(
         .header_read_timeout(Duration::from_secs(30));
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(listener = name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            stream = accept(&listener, name) => {
                 let handler = handler.clone();
                 let service = service_fn(move |request| {
                     let response = handler(request);
@@ -109,5 +116,22 @@ pub async fn serve<F, Fut>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = name, "all connections finished"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = name, grace_secs = grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+}
+
+/// The next connection, with Nagle off. A failed accept (out of file
+/// descriptors and the like) backs off and keeps serving.
+async fn accept(listener: &TcpListener, name: &'static str) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return stream;
+            }
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 }

@@ -21,7 +21,7 @@ use super::govern;
 use super::headers;
 use super::supervise::{self, ApprovalAsk};
 use super::upstream::{Route, Upstream};
-use crate::http_server::{BodyReadError, RequestBody};
+use crate::http_server::RequestBody;
 use crate::limits::rate::{HeaderNumbers, LimitedBy, RateHeaders, openai_duration};
 use crate::limits::{AdmitError, CallFacts, CallSubject, OnExceed};
 use crate::metering::{MeterReport, StreamMeter};
@@ -131,7 +131,7 @@ async fn admit(
     supervise::check_halts(state, &agent.name, call.run_id.as_deref())?;
 
     // read
-    let body = read_body(body, &parts.headers, state.max_body_bytes).await?;
+    let body = read_body(body, state.max_body_bytes).await?;
 
     // inspect
     let facts = RequestFacts::parse(&body).map_err(|e| {
@@ -470,26 +470,10 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-async fn read_body(body: RequestBody, headers: &HeaderMap, limit: u64) -> Result<Bytes, Refusal> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let read = match declared {
-        Some(len) if len > limit => Err(BodyReadError::TooLarge { limit }),
-        _ => body.read(limit).await,
-    };
-    read.map_err(|e| match e {
-        BodyReadError::TooLarge { .. } => Refusal::new(
-            ErrorKind::TooLarge,
-            "request_too_large",
-            format!(
-                "the request body is larger than this Warden accepts ({limit} bytes, [server] max_body_bytes)"
-            ),
-        ),
-        BodyReadError::Failed(_) => {
-            Refusal::new(ErrorKind::InvalidRequest, "body_read_failed", e.to_string())
-        }
+async fn read_body(body: RequestBody, limit: u64) -> Result<Bytes, Refusal> {
+    body.read(limit).await.map_err(|e| {
+        let (kind, code) = e.kind_and_code();
+        Refusal::new(kind, code, e.to_string())
     })
 }
 

@@ -92,11 +92,8 @@ async fn serve(state: &ProxyState, request: Request<RequestBody>) -> Result<Valu
 
 async fn read_json(request: Request<RequestBody>, limit: u64) -> Result<Value, Failure> {
     let collected = request.into_body().read(limit).await.map_err(|e| {
-        (
-            ErrorKind::TooLarge,
-            "request_too_large",
-            format!("could not read the request body ({limit} bytes at most): {e}"),
-        )
+        let (kind, code) = e.kind_and_code();
+        (kind, code, e.to_string())
     })?;
     if collected.is_empty() {
         return Ok(json!({}));

@@ -128,6 +128,19 @@ fn chat_body() -> String {
     json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).to_string()
 }
 
+async fn chat_warden() -> TestWarden {
+    TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await
+}
+
+/// A whole chat request from agent alpha, with `extra` header lines.
+fn chat_request(extra: &str) -> String {
+    let body = chat_body();
+    format!(
+        "{}{body}",
+        post_head(&format!("content-length: {}\r\n{extra}", body.len()))
+    )
+}
+
 fn post_head(extra: &str) -> String {
     format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: warden\r\nauthorization: Bearer {AGENT_KEY}\r\ncontent-type: application/json\r\n{extra}\r\n"
@@ -136,7 +149,7 @@ fn post_head(extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chunked_request_body_reaches_the_upstream_whole() {
-    let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let warden = chat_warden().await;
     let body = chat_body();
     let (first, second) = body.split_at(10);
     let mut raw = Raw::connect(&warden).await;
@@ -163,7 +176,7 @@ async fn a_chunked_request_body_reaches_the_upstream_whole() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expect_100_continue_is_answered_before_the_body_is_sent() {
-    let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let warden = chat_warden().await;
     let body = chat_body();
     let mut raw = Raw::connect(&warden).await;
     raw.send(
@@ -185,12 +198,9 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
-    let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let warden = chat_warden().await;
     let body = chat_body();
-    let one = format!(
-        "{}{body}",
-        post_head(&format!("content-length: {}\r\n", body.len()))
-    );
+    let one = chat_request("");
     let unknown = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nauthorization: Bearer wk_nobody\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -212,7 +222,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
-    let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let warden = chat_warden().await;
     let body = chat_body();
     let request = format!(
         "POST /v1/chat/completions HTTP/1.0\r\nauthorization: Bearer {AGENT_KEY}\r\ncontent-length: {}\r\n\r\n{body}",
@@ -226,17 +236,8 @@ async fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
     assert!(raw.closed().await, "HTTP/1.0 without keep-alive closes");
 
     let mut raw = Raw::connect(&warden).await;
-    raw.send(
-        format!(
-            "{}{body}",
-            post_head(&format!(
-                "content-length: {}\r\nconnection: close\r\n",
-                body.len()
-            ))
-        )
-        .as_bytes(),
-    )
-    .await;
+    raw.send(chat_request("connection: close\r\n").as_bytes())
+        .await;
     let response = raw.response().await;
     assert_eq!(response.status, 200);
     assert_eq!(response.header("connection"), Some("close"));
@@ -245,7 +246,7 @@ async fn http_1_0_and_connection_close_end_the_connection_after_the_answer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_that_are_not_http_get_a_provider_shaped_error_and_a_close() {
-    let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let warden = chat_warden().await;
     let cases: Vec<(Vec<u8>, u16)> = vec![
         (b"HELLO\r\n\r\n".to_vec(), 400),
         (
@@ -346,7 +347,7 @@ async fn a_body_over_the_limit_is_not_read_and_the_connection_closes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
-    let warden = TestWarden::start(|_| Reply::json(fixture("openai/chat_completion.json"))).await;
+    let warden = chat_warden().await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
@@ -368,4 +369,15 @@ async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
         assert!(body["usage"]["total_tokens"].is_number());
     }
     warden.wait_for_calls(3).await;
+    // An announced body over [server] max_body_bytes (1 MiB here) is refused as on HTTP/1.1.
+    let big = Bytes::from(vec![b' '; 2 << 20]);
+    let request = warden
+        .request("/v1/chat/completions", Some(AGENT_KEY))
+        .body(Full::new(big))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 413);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "request_too_large");
 }
