@@ -5,6 +5,7 @@
 //!
 //!     cargo bench --bench store              # ROWS=400000 RATE=20000
 //!     SMAPS=1 cargo bench --bench store      # and the mappings holding memory
+//!     MEMORY_MB=64 cargo bench --bench store # another `[server] store_memory_mb`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +38,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 async fn drive(rows: u64, rate: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("bench.duckdb")).unwrap();
+    let memory_mb = env_or("MEMORY_MB", warden::store::DEFAULT_MEMORY_MB.into()) as u32;
+    let store = Store::open_with_memory(&dir.path().join("bench.duckdb"), memory_mb).unwrap();
     let metrics = Arc::new(Metrics::default());
     let (recorder, writer, reader) = store
         .start(Duration::from_millis(200), 65_536, metrics.clone())

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Capacity of the channel between the request path and the store writer.
     pub record_queue: usize,
+    /// DuckDB's buffer pool (written blocks it keeps cached, operators'
+    /// queries); queries that need more spill to a file next to the store.
+    pub store_memory_mb: u32,
     /// Proxy worker threads; 0 means one per CPU core.
     pub proxy_workers: usize,
     /// Changes one operator may make through the admin API per minute
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             flush_interval_ms: 200,
             shutdown_grace_secs: 30,
             record_queue: 65_536,
+            store_memory_mb: crate::store::DEFAULT_MEMORY_MB,
             proxy_workers: 0,
             admin_changes_per_minute: 120,
         }
@@ -348,6 +352,12 @@ impl Config {
             return Err((
                 0..0,
                 "server.flush_interval_ms must be between 1 and 200: records are committed at least every 200 ms".to_owned(),
+            ));
+        }
+        if self.server.store_memory_mb < 8 {
+            return Err((
+                0..0,
+                "server.store_memory_mb must be at least 8: DuckDB needs room for the writer's row groups".to_owned(),
             ));
         }
         if self.server.record_queue == 0 {
@@ -894,6 +904,20 @@ mod tests {
         let err = parse(text).unwrap_err().to_string();
         assert!(err.starts_with("warden.toml:3: "), "{err}");
         assert!(err.contains("gemini"), "{err}");
+    }
+
+    #[test]
+    fn store_memory_is_read_and_too_little_is_refused() {
+        let config = parse("[server]\nstore_memory_mb = 128\n").unwrap();
+        assert_eq!(config.server.store_memory_mb, 128);
+        assert_eq!(
+            parse("").unwrap().server.store_memory_mb,
+            crate::store::DEFAULT_MEMORY_MB
+        );
+        let err = parse("[server]\nstore_memory_mb = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store_memory_mb must be at least 8"), "{err}");
     }
 
     #[test]

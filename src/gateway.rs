@@ -81,9 +81,12 @@ impl Gateway {
         let prices = Arc::new(PriceTable::load(prices_path.as_deref())?);
         let store_path = config.resolve_path(&config.server.store);
         let store_path_text = store_path.display().to_string();
-        let store = tokio::task::spawn_blocking(move || Store::open(&store_path))
-            .await
-            .map_err(|e| StoreError::Sql(e.to_string()))??;
+        let store_memory_mb = config.server.store_memory_mb;
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open_with_memory(&store_path, store_memory_mb)
+        })
+        .await
+        .map_err(|e| StoreError::Sql(e.to_string()))??;
         let metrics = Arc::new(Metrics::default());
         let (recorder, writer, reader) = store.start(
             Duration::from_millis(config.server.flush_interval_ms),

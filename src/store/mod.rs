@@ -66,6 +66,9 @@ pub struct Store {
 
 /// Another connection to the store file (every connection starts in the
 /// in-memory catalog the file is attached to).
+/// DuckDB's buffer pool when `[server] store_memory_mb` is not set.
+pub const DEFAULT_MEMORY_MB: u32 = 32;
+
 fn connect(conn: &Connection) -> duckdb::Result<Connection> {
     let other = conn.try_clone()?;
     other.execute_batch(&format!("USE {CATALOG}"))?;
@@ -74,6 +77,13 @@ fn connect(conn: &Connection) -> duckdb::Result<Connection> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_memory(path, DEFAULT_MEMORY_MB)
+    }
+
+    /// Opens the store with DuckDB's buffer pool capped at `memory_mb`: the
+    /// blocks the writer has just written stay cached up to that cap, so it
+    /// is most of the store's share of Warden's RSS.
+    pub fn open_with_memory(path: &Path, memory_mb: u32) -> Result<Store, StoreError> {
         let open_err = |e: duckdb::Error| StoreError::Open {
             path: path.to_owned(),
             message: e.to_string(),
@@ -102,15 +112,18 @@ impl Store {
         // Operators' queries share this database: nothing may reach files,
         // other databases or extensions from it. One DuckDB thread: the
         // writer's (niced) thread does the store's work, instead of a pool
-        // competing with the proxy workers for cores. (A 16 MB buffer pool
-        // halves the writer's own memory in `cargo bench --bench store`, but
-        // its spilling slows the writer by a quarter, records queue up in
-        // Warden's heap instead and the p99 under load doubles: 64 MB.)
+        // competing with the proxy workers for cores. The buffer pool is
+        // `memory_mb` (32 MB by default: the writer's CPU per row is the same
+        // as with 64 MB in `cargo bench --bench store`, 16 MB spilled and
+        // slowed it by a quarter); a query that needs more spills to
+        // `<store>.tmp` (an in-memory main database has no spill directory of
+        // its own, so without this such a query failed out of memory).
+        let spill_dir = format!("{}.tmp", path.display()).replace('\'', "''");
         store
             .conn
-            .execute_batch(
-                "SET threads = 1; SET memory_limit = '64MB'; SET enable_external_access = false; SET lock_configuration = true;",
-            )
+            .execute_batch(&format!(
+                "SET threads = 1; SET memory_limit = '{memory_mb}MB'; SET temp_directory = '{spill_dir}'; SET enable_external_access = false; SET lock_configuration = true;",
+            ))
             .map_err(open_err)?;
         Ok(store)
     }
