@@ -224,7 +224,10 @@ pub fn start(
         tx,
         metrics,
         writer: thread.thread().clone(),
-        high_water: (capacity / 4).max(1),
+        // Woken as soon as a row group's worth waits: steady commits of one
+        // group each instead of bursts of four that let the queue (and the
+        // heap holding its records) reach its capacity under load.
+        high_water: MAX_BATCH.min(capacity / 4).max(1),
     };
     Ok((
         recorder,
