@@ -168,3 +168,54 @@ async fn secrets_never_reach_the_store() {
         assert!(!dump.contains(secret), "{secret} is in the store");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_writer_checkpoints_its_rows_into_the_file() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use warden::store::record::AlertRow;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quiet.duckdb");
+    let wal = dir.path().join("quiet.duckdb.wal");
+    let store = Store::open(&path).unwrap();
+    let (recorder, writer, reader) = store
+        .start(
+            Duration::from_millis(50),
+            4096,
+            Arc::new(warden::metrics::Metrics::default()),
+        )
+        .unwrap();
+    // Row statements (alerts, approvals) in a burst, as held calls make them.
+    for n in 0..2_000 {
+        recorder.alert(AlertRow {
+            alert_id: format!("alert-{n}"),
+            ts_us: warden::store::record::now_micros(),
+            rule: "approval_requested".to_owned(),
+            severity: "warning",
+            subject: format!("approval-{n}"),
+            message: "a call waits for an operator's approval".to_owned(),
+        });
+    }
+    recorder.flush().await;
+    let committed = reader.query("SELECT count(*) FROM alerts", 10).unwrap();
+    assert_eq!(committed.rows[0][0].as_deref(), Some("2000"));
+    assert!(
+        std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0),
+        "committed rows are in the WAL until a checkpoint"
+    );
+    // Nothing more arrives: within a few quiet seconds the rows move into
+    // the file and the WAL is emptied.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the WAL was never checkpointed while the writer was idle"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = reader.query("SELECT count(*) FROM alerts", 10).unwrap();
+    assert_eq!(kept.rows[0][0].as_deref(), Some("2000"));
+    drop(recorder);
+    writer.join();
+}
