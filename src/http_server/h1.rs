@@ -601,7 +601,14 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usi
         stream.readable().await?;
         buf.reserve(READ_CHUNK);
         match stream.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // Readiness can be reported with nothing to read (a fresh
+            // connection is, once): give the space back rather than keep
+            // 4 KiB per idle connection.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if buf.is_empty() {
+                    *buf = BytesMut::new();
+                }
+            }
             read => return read,
         }
     }
