@@ -314,15 +314,7 @@ impl Writer {
                 // An operator's open transaction makes DuckDB refuse; the
                 // next quiet second tries again only after new rows.
                 match self.conn.execute_batch("CHECKPOINT") {
-                    // DuckDB frees what it held in memory, but glibc keeps
-                    // freed pages in its arenas unless asked to give them back.
-                    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-                    // SAFETY: malloc_trim only releases free heap pages.
-                    Ok(()) => unsafe {
-                        libc::malloc_trim(0);
-                    },
-                    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-                    Ok(()) => {}
+                    Ok(()) => trim_c_heap(),
                     Err(e) => tracing::debug!(error = %e, "idle checkpoint skipped"),
                 }
             }
@@ -394,18 +386,17 @@ impl Writer {
             // prepared. Anything else is written in order, after them.
             let (mut alerts, mut approvals) = (Vec::new(), Vec::new());
             for command in &others {
-                match command {
-                    StoreCommand::Alert(row) => alerts.push(row),
-                    StoreCommand::Supervision(change) => match change.as_ref() {
-                        SupervisionChange::ApprovalRequested(row) => approvals.push(row.as_ref()),
-                        _ => {
-                            self.append_new_rows(&mut alerts, &mut approvals);
-                            self.write_other_or_count(command);
-                        }
-                    },
-                    _ => {
-                        self.append_new_rows(&mut alerts, &mut approvals);
-                        self.write_other_or_count(command);
+                if let StoreCommand::Alert(row) = command {
+                    alerts.push(row);
+                } else if let StoreCommand::Supervision(change) = command
+                    && let SupervisionChange::ApprovalRequested(row) = change.as_ref()
+                {
+                    approvals.push(row.as_ref());
+                } else {
+                    self.append_new_rows(&mut alerts, &mut approvals);
+                    if let Err(e) = self.write_other(command) {
+                        self.metrics.records_dropped.inc();
+                        tracing::error!(error = %e, "could not write an alert, setting, approval or halt row");
                     }
                 }
             }
@@ -453,13 +444,6 @@ impl Writer {
     /// (an approval and an alert row each) held the writer for 30 s.
     fn execute(&self, sql: &str, params: impl duckdb::Params) -> duckdb::Result<usize> {
         self.conn.prepare_cached(sql)?.execute(params)
-    }
-
-    fn write_other_or_count(&self, command: &StoreCommand) {
-        if let Err(e) = self.write_other(command) {
-            self.metrics.records_dropped.inc();
-            tracing::error!(error = %e, "could not write an alert, setting, approval or halt row");
-        }
     }
 
     /// Appends the alerts and approvals gathered so far, and empties both.
@@ -833,6 +817,16 @@ fn calls_batch(calls: &[CallRecord]) -> duckdb::Result<RecordBatch> {
         ("error", optional_text(calls, |r| r.error.as_deref())),
     ])
     .map_err(arrow_err)
+}
+
+/// DuckDB frees what a checkpoint moved to the file, but glibc keeps freed
+/// pages in its arenas unless asked to give them back.
+fn trim_c_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn money_decimal(usd: Usd) -> duckdb::Result<duckdb::types::Decimal> {

@@ -131,14 +131,7 @@ async fn unknown_model_gets_404_model_not_found_and_is_recorded() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_body_gets_413_whether_announced_or_streamed() {
-    let options = Options {
-        max_body_bytes: 1024,
-        ..Options::default()
-    };
-    let warden = TestWarden::start_with(options, |_| {
-        Reply::json(fixture("openai/chat_completion.json"))
-    })
-    .await;
+    let warden = TestWarden::start_with_body_limit(1024).await;
     let big =
         json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(4096)}]})
             .to_string();

@@ -303,14 +303,7 @@ async fn requests_that_are_not_http_get_a_provider_shaped_error_and_a_close() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_over_the_limit_is_not_read_and_the_connection_closes() {
-    let options = Options {
-        max_body_bytes: 1024,
-        ..Options::default()
-    };
-    let warden = TestWarden::start_with(options, |_| {
-        Reply::json(fixture("openai/chat_completion.json"))
-    })
-    .await;
+    let warden = TestWarden::start_with_body_limit(1024).await;
     let mut raw = Raw::connect(&warden).await;
     // Only the head is sent: Warden must answer without waiting for 5 MB.
     raw.send(post_head("content-length: 5000000\r\n").as_bytes())

@@ -357,6 +357,19 @@ impl TestWarden {
         TestWarden::start_with(Options::default(), script).await
     }
 
+    /// A Warden refusing request bodies over `max_body_bytes`, in front of an
+    /// upstream that answers every call with a chat completion.
+    pub async fn start_with_body_limit(max_body_bytes: u64) -> TestWarden {
+        let options = Options {
+            max_body_bytes,
+            ..Options::default()
+        };
+        TestWarden::start_with(options, |_| {
+            Reply::json(fixture("openai/chat_completion.json"))
+        })
+        .await
+    }
+
     pub async fn start_with(
         options: Options,
         script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
