@@ -370,7 +370,16 @@ async fn run() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let just_held = rss_kib(pid);
+    // Calls wait for minutes: measured once the store writer has gone quiet
+    // and checkpointed the burst's rows (after 1 s without new ones).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let holding = rss_kib(pid);
+    println!(
+        "held: RSS {:.1} MB half a second after the last call was held (the store still writing its rows), {:.1} MB 3 s later",
+        just_held as f64 / 1024.0,
+        holding as f64 / 1024.0
+    );
     println!(
         "held: {HELD} calls waiting for approval; Warden RSS {:.1} MB before, {:.1} MB holding them: {:.1} MB extra ({:.0} bytes per held call)",
         baseline as f64 / 1024.0,

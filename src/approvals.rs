@@ -206,7 +206,9 @@ impl Entry {
 
 #[derive(Default)]
 struct QueueState {
-    by_id: HashMap<String, Entry>,
+    /// Boxed: the table has room for up to twice its entries, and an
+    /// entry is ~400 bytes; 10,000 held calls' table was 7 MB inline.
+    by_id: HashMap<String, Box<Entry>>,
     /// The newest approval for each (agent, body).
     by_fingerprint: HashMap<[u8; 32], String>,
     gates_since_sweep: u32,
@@ -263,10 +265,10 @@ impl ApprovalQueue {
                 .insert(approval.fingerprint, approval.approval_id.clone());
             state.by_id.insert(
                 approval.approval_id.clone(),
-                Entry {
+                Box::new(Entry {
                     approval,
                     waiter: None,
-                },
+                }),
             );
         }
         ApprovalQueue {
@@ -326,10 +328,10 @@ impl ApprovalQueue {
         };
         self.lock().by_id.insert(
             approval.approval_id.clone(),
-            Entry {
+            Box::new(Entry {
                 approval: approval.clone(),
                 waiter: None,
-            },
+            }),
         );
         self.announce(&approval, None);
         approval
@@ -427,10 +429,10 @@ impl ApprovalQueue {
         state.by_fingerprint.insert(print, id.clone());
         state.by_id.insert(
             id,
-            Entry {
+            Box::new(Entry {
                 approval: approval.clone(),
                 waiter,
-            },
+            }),
         );
         drop(state);
         self.announce(&approval, request.estimated_cost);

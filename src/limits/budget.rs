@@ -739,7 +739,8 @@ pub struct BudgetHold {
     reservations: Vec<Reservation>,
     /// An exhausted `on_exceed = "require_approval"` budget reserved the
     /// call anyway: it may go only once an operator approves.
-    pub needs_approval: Option<BudgetRefusal>,
+    /// Boxed: rare, and large for every call's frame.
+    pub needs_approval: Option<Box<BudgetRefusal>>,
 }
 
 impl std::fmt::Debug for BudgetHold {
@@ -850,11 +851,15 @@ impl BudgetBook {
                 continue;
             };
             let mut over = None;
+            // Exactly sized: a held call keeps its hold for minutes.
+            if hold.reservations.capacity() == 0 {
+                hold.reservations.reserve_exact(budgets.len());
+            }
             // On a refusal `hold` drops and releases what was reserved so far.
             hold.reservations
                 .push(budget.reserve(key, amount, now_us, &mut over)?);
             if hold.needs_approval.is_none() {
-                hold.needs_approval = over;
+                hold.needs_approval = over.map(Box::new);
             }
         }
         Ok(hold)

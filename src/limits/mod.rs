@@ -47,9 +47,10 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// The exhausted budget that lets this call go only with an approval.
-    pub fn needs_approval(&self) -> Option<&BudgetRefusal> {
-        self.budget.needs_approval.as_ref()
+    /// The exhausted budget that lets this call go only with an approval
+    /// (taken: the call keeps only the approval it asks for).
+    pub fn take_needs_approval(&mut self) -> Option<Box<BudgetRefusal>> {
+        self.budget.needs_approval.take()
     }
 
     /// Replaces the admission charges with what the call used and cost.

@@ -121,7 +121,6 @@ impl Settlement {
 pub struct Call {
     state: Arc<ProxyState>,
     pub id: String,
-    id_header: HeaderValue,
     started: Instant,
     ts_start_us: i64,
     pub protocol: ProviderKind,
@@ -134,8 +133,9 @@ pub struct Call {
     pub stream: bool,
     pub run_id: Option<String>,
     pub step_id: Option<String>,
-    /// The workflow run and step this call serves.
-    pub binding: Option<crate::workflow::Binding>,
+    /// The workflow run and step this call serves (boxed: most calls serve
+    /// none, and every call's frame would carry its size).
+    pub binding: Option<Box<crate::workflow::Binding>>,
     pub request_body: Bytes,
     pub price: Option<Arc<ModelPrice>>,
     /// Rate-limit and budget charges, settled when the call ends.
@@ -154,7 +154,6 @@ pub struct Call {
 impl Call {
     pub fn begin(state: Arc<ProxyState>, protocol: ProviderKind) -> Call {
         let id = uuid::Uuid::now_v7().to_string();
-        let id_header = HeaderValue::from_str(&id).expect("a uuid is a valid header value");
         state
             .metrics
             .calls_in_flight
@@ -162,7 +161,6 @@ impl Call {
         Call {
             state,
             id,
-            id_header,
             started: Instant::now(),
             ts_start_us: now_micros(),
             protocol,
@@ -251,8 +249,10 @@ impl Call {
         self.started.elapsed().as_secs_f64() * 1000.0
     }
 
+    /// Made when answering rather than kept: a clone of a kept one would
+    /// allocate just the same, and a held call would carry it for minutes.
     pub fn id_header(&self) -> HeaderValue {
-        self.id_header.clone()
+        HeaderValue::from_str(&self.id).expect("a uuid is a valid header value")
     }
 
     /// Answers the refusal in the caller's format and records it.
@@ -309,7 +309,7 @@ impl Call {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        headers.insert(CALL_ID_HEADER, self.id_header.clone());
+        headers.insert(CALL_ID_HEADER, self.id_header());
         if let Some(extra) = refusal.headers {
             headers.extend(*extra);
         }

@@ -45,15 +45,7 @@ pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
     };
     let mut headers = HeaderMap::with_capacity(agent_headers.len() + 2);
     for (name, value) in agent_headers {
-        let dropped = HOP_BY_HOP.contains(&name.as_str())
-            || listed.contains(name)
-            || *name == header::HOST
-            || *name == header::AUTHORIZATION
-            || *name == header::CONTENT_LENGTH
-            || *name == header::ACCEPT_ENCODING
-            || name.as_str() == "x-api-key"
-            || name.as_str().starts_with("x-warden-");
-        if !dropped {
+        if goes_upstream(name, &listed) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -62,6 +54,39 @@ pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
         header::ACCEPT_ENCODING,
         http::HeaderValue::from_static("identity"),
     );
+    headers
+}
+
+fn goes_upstream(name: &HeaderName, connection_listed: &[HeaderName]) -> bool {
+    !(HOP_BY_HOP.contains(&name.as_str())
+        || connection_listed.contains(name)
+        || *name == header::HOST
+        || *name == header::AUTHORIZATION
+        || *name == header::CONTENT_LENGTH
+        || *name == header::ACCEPT_ENCODING
+        || name.as_str() == "x-api-key"
+        || name.as_str().starts_with("x-warden-"))
+}
+
+/// Only the agent's headers that will go upstream, in a map sized for them:
+/// what a call held for an operator keeps for minutes (the agent's key is
+/// not among them).
+pub fn keep_upstream_headers(agent_headers: &HeaderMap) -> HeaderMap {
+    let listed = if agent_headers.contains_key(header::CONNECTION) {
+        connection_listed(agent_headers)
+    } else {
+        Vec::new()
+    };
+    let kept = agent_headers
+        .keys()
+        .filter(|name| goes_upstream(name, &listed))
+        .count();
+    let mut headers = HeaderMap::with_capacity(kept);
+    for (name, value) in agent_headers {
+        if goes_upstream(name, &listed) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
     headers
 }
 

@@ -52,7 +52,8 @@ pub fn handle(
     let mut call = Call::begin(state.clone(), protocol);
     let span = tracing::debug_span!("call", call_id = %call.id);
     // What the block captures stays in its frame for the whole call, even
-    // once moved on: boxed, the request costs a held call 8 bytes, not 264.
+    // once moved on: boxed, and the box handed on to `admit` (which frees
+    // it), the request costs a held call nothing.
     let request = Box::new(request);
     let driver = async move {
         let Some(endpoint) = endpoint else {
@@ -71,29 +72,40 @@ pub fn handle(
         call.endpoint = Some(endpoint);
         // The stages before and after an approval hold are boxed: a call
         // waiting for an operator (minutes, thousands at once) keeps only
-        // this frame, not the largest state any stage ever needs.
-        let mut admitted = match Box::pin(admit(&state, &mut call, endpoint, *request)).await {
-            Ok(Stage::Done(response)) => return response,
-            Ok(Stage::Admitted(admitted)) => admitted,
-            Err(refusal) => return call.refuse(refusal),
-        };
-        if let Some(ask) = admitted.approval.take()
-            && let Err(refusal) = supervise::await_approval(
+        // this frame, not the largest state any stage ever needs. Values
+        // are moved on whole, not matched apart, and what is borrowed lives
+        // in a block: rustc keeps room across every later await for a local
+        // moved out of only in part, or ever borrowed, until its scope ends.
+        let admitted = {
+            let admitting = Box::pin(admit(&state, &mut call, endpoint, request));
+            let (mut admitted, approval) = match admitting.await {
+                Ok(Stage::Done(response)) => return response,
+                Ok(Stage::Admitted(admitted, approval)) => (admitted, approval),
+                Err(refusal) => return call.refuse(refusal),
+            };
+            let held = match supervise::ask_approval(
                 &state,
                 &mut call,
-                ask,
+                approval,
                 endpoint,
                 &admitted.facts,
                 &admitted.body,
-            )
-            .await
-        {
-            return call.refuse(refusal);
-        }
-        match Box::pin(forward(&state, &mut call, endpoint, admitted)).await {
-            Ok(upstream_response) => Box::pin(respond(call, endpoint, upstream_response)).await,
-            Err(refusal) => call.refuse(refusal),
-        }
+            ) {
+                Ok(held) => held,
+                Err(refusal) => return call.refuse(refusal),
+            };
+            if held.is_some() {
+                admitted.headers = headers::keep_upstream_headers(&admitted.headers);
+            }
+            let decided = supervise::await_decision(&state, &mut call, held).await;
+            if let Err(refusal) = decided {
+                return call.refuse(refusal);
+            }
+            admitted
+        };
+        let forwarded = Box::pin(forward(&state, &mut call, endpoint, admitted)).await;
+        let responding = Box::pin(respond(call, endpoint, forwarded));
+        responding.await
     };
     Either::Right(driver.instrument(span))
 }
@@ -103,7 +115,7 @@ enum Stage {
     Done(Response<ProxyBody>),
     /// Identified, read, routed, within its limits, passed by the policies;
     /// it may still need an operator's approval.
-    Admitted(Admitted),
+    Admitted(Admitted, Option<ApprovalAsk>),
 }
 
 /// What a call carries from admission, through a possible hold, to its upstream.
@@ -112,7 +124,6 @@ struct Admitted {
     body: Bytes,
     facts: RequestFacts,
     upstream: Arc<Upstream>,
-    approval: Option<ApprovalAsk>,
 }
 
 struct UpstreamResponse {
@@ -124,9 +135,9 @@ async fn admit(
     state: &ProxyState,
     call: &mut Call,
     endpoint: Endpoint,
-    request: Request<RequestBody>,
+    request: Box<Request<RequestBody>>,
 ) -> Result<Stage, Refusal> {
-    let (parts, body) = request.into_parts();
+    let (parts, body) = (*request).into_parts();
 
     // identify
     let agent = state.agents.identify(&parts.headers).ok_or_else(|| {
@@ -194,7 +205,7 @@ async fn admit(
     bind_to_run(state, call, &agent.name, endpoint, &body, facts.max_tokens)?;
 
     // limit: requests, then the budget reservation, then tokens
-    let admission = state
+    let mut admission = state
         .limits
         .admit(&CallFacts {
             subject: CallSubject {
@@ -214,7 +225,9 @@ async fn admit(
             }
             e => admission_refusal(e, &facts.model),
         })?;
-    let mut approval = admission.needs_approval().map(ApprovalAsk::for_budget);
+    let mut approval = admission
+        .take_needs_approval()
+        .map(|refusal| ApprovalAsk::for_budget(&refusal));
     call.admission = Some(admission);
     // policies (the hold and the plugins come after admission)
     if state.modules.has_policies()
@@ -234,13 +247,15 @@ async fn admit(
     {
         approval = Some(ask);
     }
-    Ok(Stage::Admitted(Admitted {
-        headers: parts.headers,
-        body,
-        facts,
-        upstream,
+    Ok(Stage::Admitted(
+        Admitted {
+            headers: parts.headers,
+            body,
+            facts,
+            upstream,
+        },
         approval,
-    }))
+    ))
 }
 
 /// plugins, then forward
@@ -358,7 +373,7 @@ fn bind_to_run(
     call.step_id = binding.step.as_ref().map(|s| s.id.clone());
     let over_budget = binding.step.as_ref().and_then(|s| s.over_budget.clone());
     // Bound even when refused: the refusal fails the step's attempt.
-    call.binding = Some(binding);
+    call.binding = Some(Box::new(binding));
     if let Some(message) = over_budget {
         let mut headers = HeaderMap::new();
         headers.insert("x-should-retry", HeaderValue::from_static("false"));
@@ -526,8 +541,12 @@ fn upstream_request(
 async fn respond(
     mut call: Call,
     endpoint: Endpoint,
-    upstream: UpstreamResponse,
+    forwarded: Result<UpstreamResponse, Refusal>,
 ) -> Response<ProxyBody> {
+    let upstream = match forwarded {
+        Ok(upstream) => upstream,
+        Err(refusal) => return call.refuse(refusal),
+    };
     let (mut parts, body) = upstream.response.into_parts();
     if parts.status == StatusCode::UNAUTHORIZED {
         // The agent's key was fine; Warden's provider key was not. Saying so

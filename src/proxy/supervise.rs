@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
@@ -76,15 +78,26 @@ pub fn budget_halt(
     Refusal::halted(&halt)
 }
 
-/// Holds the call for an operator (or lets an approved ticket through).
-pub async fn await_approval(
+/// A call waiting for an operator's decision.
+pub struct Held {
+    approval_id: String,
+    heard: oneshot::Receiver<Heard>,
+}
+
+/// Asks the approval queue about a call that needs an approval: `None`
+/// when it needs none or an approved ticket admits it now, the hold to
+/// wait on otherwise.
+pub fn ask_approval(
     state: &ProxyState,
     call: &mut Call,
-    ask: ApprovalAsk,
+    ask: Option<ApprovalAsk>,
     endpoint: Endpoint,
     facts: &RequestFacts,
     body: &Bytes,
-) -> Result<(), Refusal> {
+) -> Result<Option<Held>, Refusal> {
+    let Some(ask) = ask else {
+        return Ok(None);
+    };
     let queue = &state.supervisor.approvals;
     let agent = call.agent.clone().unwrap_or_else(|| "".into());
     let bound = call.upper_bound(endpoint, body, facts.max_tokens);
@@ -102,58 +115,79 @@ pub async fn await_approval(
         run_id: call.run_id.as_deref(),
         step_id: call.step_id.as_deref(),
     });
-    let (approval_id, heard) = match gate {
+    match gate {
         Gate::Admitted { approval_id } => {
             tracing::info!(call_id = %call.id, %approval_id, "approved ticket admits the call");
+            Ok(None)
+        }
+        Gate::Refused(refusal) => Err(gate_refusal(refusal)),
+        Gate::Wait { approval_id, heard } => {
+            tracing::info!(call_id = %call.id, %approval_id, "call held for approval");
+            call.watch_halts();
+            Ok(Some(Held { approval_id, heard }))
+        }
+    }
+}
+
+/// Waits for the operator's decision on a held call (ready at once with
+/// none). This frame is what a held call keeps for minutes: a plain fn
+/// returning an `async` block, as an `async fn` stores its arguments twice
+/// (rust-lang/rust#62958), and the hold's fields used in place.
+#[allow(clippy::manual_async_fn)]
+pub fn await_decision<'a>(
+    state: &'a ProxyState,
+    call: &'a mut Call,
+    held: Option<Held>,
+) -> impl Future<Output = Result<(), Refusal>> + Send + 'a {
+    async move {
+        let queue = &state.supervisor.approvals;
+        let mut held = held;
+        let Some(held) = held.as_mut() else {
             return Ok(());
-        }
-        Gate::Refused(refusal) => return Err(gate_refusal(refusal)),
-        Gate::Wait { approval_id, heard } => (approval_id, heard),
-    };
-    tracing::info!(call_id = %call.id, %approval_id, "call held for approval");
-    let call_id = call.id.clone();
-    call.watch_halts();
-    let waited = tokio::select! {
-        heard = heard => Waited::Heard(heard.unwrap_or(Heard::Released)),
-        () = tokio::time::sleep(queue.timeout) => match queue.expire(&approval_id) {
-            Some(heard) => Waited::Heard(heard),
-            None => Waited::TimedOut,
-        },
-        halt = call.halted() => Waited::Halted(halt),
-    };
-    let refusal = |kind, message: String| {
-        gate_refusal(GateRefusal {
-            kind,
-            approval_id: approval_id.clone(),
-            message,
-        })
-    };
-    match waited {
-        Waited::Heard(Heard::Approved { by }) => {
-            queue.mark_used(&approval_id, &call_id);
-            tracing::info!(call_id = %call_id, %approval_id, by, "approved; the call goes ahead");
-            Ok(())
-        }
-        Waited::Heard(Heard::Rejected { by, reason }) => Err(refusal(
-            RefusalKind::Rejected,
-            format!("an operator ({by}) rejected this call (approval {approval_id}): {reason}"),
-        )),
-        Waited::Heard(Heard::Released) => Err(refusal(
-            RefusalKind::Pending,
-            format!(
-                "Warden is restarting; approval {approval_id} stays pending. Retry the same request once it is approved (`warden approvals approve {approval_id}`)."
-            ),
-        )),
-        Waited::TimedOut => Err(refusal(
-            RefusalKind::Expired,
-            format!(
-                "no operator decided on approval {approval_id} within {} s ([approvals] timeout_secs); the call was not sent",
-                queue.timeout.as_secs()
-            ),
-        )),
-        Waited::Halted(halt) => {
-            queue.close_halted(&approval_id, &halt);
-            Err(Refusal::halted(&halt))
+        };
+        let approval_id = &held.approval_id;
+        let waited = tokio::select! {
+            heard = &mut held.heard => Waited::Heard(heard.unwrap_or(Heard::Released)),
+            () = tokio::time::sleep(queue.timeout) => match queue.expire(approval_id) {
+                Some(heard) => Waited::Heard(heard),
+                None => Waited::TimedOut,
+            },
+            halt = call.halted() => Waited::Halted(halt),
+        };
+        let refusal = |kind, message: String| {
+            gate_refusal(GateRefusal {
+                kind,
+                approval_id: approval_id.clone(),
+                message,
+            })
+        };
+        match waited {
+            Waited::Heard(Heard::Approved { by }) => {
+                queue.mark_used(approval_id, &call.id);
+                tracing::info!(call_id = %call.id, %approval_id, by, "approved; the call goes ahead");
+                Ok(())
+            }
+            Waited::Heard(Heard::Rejected { by, reason }) => Err(refusal(
+                RefusalKind::Rejected,
+                format!("an operator ({by}) rejected this call (approval {approval_id}): {reason}"),
+            )),
+            Waited::Heard(Heard::Released) => Err(refusal(
+                RefusalKind::Pending,
+                format!(
+                    "Warden is restarting; approval {approval_id} stays pending. Retry the same request once it is approved (`warden approvals approve {approval_id}`)."
+                ),
+            )),
+            Waited::TimedOut => Err(refusal(
+                RefusalKind::Expired,
+                format!(
+                    "no operator decided on approval {approval_id} within {} s ([approvals] timeout_secs); the call was not sent",
+                    queue.timeout.as_secs()
+                ),
+            )),
+            Waited::Halted(halt) => {
+                queue.close_halted(approval_id, &halt);
+                Err(Refusal::halted(&halt))
+            }
         }
     }
 }
