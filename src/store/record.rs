@@ -114,7 +114,8 @@ pub struct AuditEntry {
     pub actor: String,
     pub kind: String,
     pub subject: Option<String>,
-    pub payload: serde_json::Value,
+    /// The payload as canonical JSON (what the chain hashes and the row stores).
+    pub payload_canonical: String,
 }
 
 pub fn now_micros() -> i64 {

@@ -38,10 +38,12 @@ const MAX_BATCH: usize = super::ROW_GROUP_ROWS;
 /// How long the writer must have received nothing before it checkpoints.
 const QUIET_CHECKPOINT: Duration = Duration::from_secs(1);
 
+// Large rows are boxed: the channel's queue keeps the room of its deepest
+// backlog (tens of thousands of commands in a burst of held calls) for good.
 pub enum StoreCommand {
     Call(Box<CallRecord>),
-    Audit(AuditEntry),
-    Alert(AlertRow),
+    Audit(Box<AuditEntry>),
+    Alert(Box<AlertRow>),
     AlertDelivered(String),
     Setting(SettingChange),
     Decision(Box<DecisionRow>),
@@ -83,12 +85,15 @@ impl Recorder {
         subject: Option<&str>,
         payload: serde_json::Value,
     ) {
-        self.send(StoreCommand::Audit(AuditEntry {
+        // Written out here, once: the payload's tree of maps and strings is
+        // freed at once instead of waiting in the queue, scattered over the
+        // heap, for the writer.
+        self.send(StoreCommand::Audit(Box::new(AuditEntry {
             actor: actor.to_owned(),
             kind: kind.to_owned(),
             subject: subject.map(str::to_owned),
-            payload,
-        }));
+            payload_canonical: canonical_json(&payload),
+        })));
     }
 
     pub fn decision(&self, row: DecisionRow) {
@@ -124,7 +129,7 @@ impl Recorder {
     }
 
     pub fn alert(&self, row: AlertRow) {
-        self.send(StoreCommand::Alert(row));
+        self.send(StoreCommand::Alert(Box::new(row)));
     }
 
     pub fn alert_delivered(&self, alert_id: String) {
@@ -244,7 +249,7 @@ struct Writer {
     conn: Connection,
     metrics: Arc<Metrics>,
     calls: Vec<CallRecord>,
-    audits: Vec<AuditEntry>,
+    audits: Vec<Box<AuditEntry>>,
     decisions: Vec<DecisionRow>,
     /// Alerts, deliveries and settings: rare, written one statement each.
     others: Vec<StoreCommand>,
@@ -387,7 +392,7 @@ impl Writer {
             let (mut alerts, mut approvals) = (Vec::new(), Vec::new());
             for command in &others {
                 if let StoreCommand::Alert(row) = command {
-                    alerts.push(row);
+                    alerts.push(row.as_ref());
                 } else if let StoreCommand::Supervision(change) = command
                     && let SupervisionChange::ApprovalRequested(row) = change.as_ref()
                 {
@@ -692,7 +697,7 @@ impl Writer {
         }
     }
 
-    fn append_audits(&mut self, audits: &[AuditEntry]) -> duckdb::Result<()> {
+    fn append_audits(&mut self, audits: &[Box<AuditEntry>]) -> duckdb::Result<()> {
         let (mut seq, mut prev) = match self.chain.take() {
             Some(head) => head,
             None => chain_head(&self.conn)?,
@@ -705,14 +710,14 @@ impl Writer {
             for entry in audits {
                 seq += 1;
                 let ts_us = now_micros();
-                let payload = canonical_json(&entry.payload);
+                let payload = &entry.payload_canonical;
                 let fields = ChainFields {
                     seq,
                     ts_us,
                     actor: &entry.actor,
                     kind: &entry.kind,
                     subject: entry.subject.as_deref(),
-                    payload_canonical: &payload,
+                    payload_canonical: payload,
                 };
                 let hash = chain_hash(&prev, &fields);
                 appender.append_row(duckdb::params![
