@@ -249,7 +249,7 @@ struct Writer {
     conn: Connection,
     metrics: Arc<Metrics>,
     calls: Vec<CallRecord>,
-    audits: Vec<Box<AuditEntry>>,
+    audits: Vec<AuditEntry>,
     decisions: Vec<DecisionRow>,
     /// Alerts, deliveries and settings: rare, written one statement each.
     others: Vec<StoreCommand>,
@@ -329,7 +329,7 @@ impl Writer {
     fn take(&mut self, command: StoreCommand) {
         match command {
             StoreCommand::Call(record) => self.calls.push(*record),
-            StoreCommand::Audit(entry) => self.audits.push(entry),
+            StoreCommand::Audit(entry) => self.audits.push(*entry),
             StoreCommand::Decision(row) => self.decisions.push(*row),
             StoreCommand::Flush(ack) => self.acks.push(ack),
             StoreCommand::Shutdown => self.stopping = true,
@@ -697,7 +697,7 @@ impl Writer {
         }
     }
 
-    fn append_audits(&mut self, audits: &[Box<AuditEntry>]) -> duckdb::Result<()> {
+    fn append_audits(&mut self, audits: &[AuditEntry]) -> duckdb::Result<()> {
         let (mut seq, mut prev) = match self.chain.take() {
             Some(head) => head,
             None => chain_head(&self.conn)?,
