@@ -139,6 +139,8 @@ pub enum Heard {
     },
     /// Warden is stopping: the approval stays pending.
     Released,
+    /// No operator decided within `timeout_secs`: the approval is expired.
+    Expired,
 }
 
 /// The queue's answer to a call that needs approval.
@@ -196,6 +198,8 @@ fn reason_suffix(reason: &str) -> String {
 struct Entry {
     approval: Approval,
     waiter: Option<oneshot::Sender<Heard>>,
+    /// When the waiting call began to wait (a retry waits afresh).
+    waiting_since_us: i64,
 }
 
 impl Entry {
@@ -208,9 +212,10 @@ impl Entry {
 struct QueueState {
     /// Boxed: the table has room for up to twice its entries, and an
     /// entry is ~400 bytes; 10,000 held calls' table was 7 MB inline.
-    by_id: HashMap<String, Box<Entry>>,
+    /// Keyed by the id's 128 bits rather than a copy of its text.
+    by_id: HashMap<Key, Box<Entry>>,
     /// The newest approval for each (agent, body).
-    by_fingerprint: HashMap<[u8; 32], String>,
+    by_fingerprint: HashMap<[u8; 32], Key>,
     gates_since_sweep: u32,
 }
 
@@ -239,6 +244,20 @@ pub struct GateRequest<'a> {
     pub message: String,
 }
 
+type Key = u128;
+
+/// An approval id's key in the queue: its uuid's bits (every id Warden
+/// makes is a uuid); any other text by a digest of it.
+fn key(approval_id: &str) -> Key {
+    match uuid::Uuid::parse_str(approval_id) {
+        Ok(id) => id.as_u128(),
+        Err(_) => {
+            let digest: [u8; 32] = Sha256::digest(approval_id.as_bytes()).into();
+            Key::from_be_bytes(digest[..16].try_into().expect("16 of 32 bytes"))
+        }
+    }
+}
+
 /// The fingerprint of a call for ticket retries: its agent and exact body.
 pub fn fingerprint(agent: &str, body: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
@@ -262,12 +281,13 @@ impl ApprovalQueue {
         for approval in restored {
             state
                 .by_fingerprint
-                .insert(approval.fingerprint, approval.approval_id.clone());
+                .insert(approval.fingerprint, key(&approval.approval_id));
             state.by_id.insert(
-                approval.approval_id.clone(),
+                key(&approval.approval_id),
                 Box::new(Entry {
                     approval,
                     waiter: None,
+                    waiting_since_us: 0,
                 }),
             );
         }
@@ -327,10 +347,11 @@ impl ApprovalQueue {
             fingerprint: hasher.finalize().into(),
         };
         self.lock().by_id.insert(
-            approval.approval_id.clone(),
+            key(&approval.approval_id),
             Box::new(Entry {
                 approval: approval.clone(),
                 waiter: None,
+                waiting_since_us: 0,
             }),
         );
         self.announce(&approval, None);
@@ -355,10 +376,11 @@ impl ApprovalQueue {
             state.gates_since_sweep = 0;
             self.sweep(&mut state, now_us);
         }
-        let known = state.by_fingerprint.get(&print).cloned();
-        if let Some(id) = known
-            && let Some(entry) = state.by_id.get_mut(&id)
+        let known = state.by_fingerprint.get(&print).copied();
+        if let Some(known) = known
+            && let Some(entry) = state.by_id.get_mut(&known)
         {
+            let id = entry.approval.approval_id.clone();
             self.expire_stale(entry, now_us);
             let live_waiter = entry.has_live_waiter();
             let approval = &mut entry.approval;
@@ -375,6 +397,7 @@ impl ApprovalQueue {
                         // The agent hung up and retried: wait again.
                         let (tx, rx) = oneshot::channel();
                         entry.waiter = Some(tx);
+                        entry.waiting_since_us = now_us;
                         return Gate::Wait {
                             approval_id: id,
                             heard: rx,
@@ -426,12 +449,13 @@ impl ApprovalQueue {
         } else {
             (Gate::Refused(pending_refusal(&approval, self.mode)), None)
         };
-        state.by_fingerprint.insert(print, id.clone());
+        state.by_fingerprint.insert(print, key(&id));
         state.by_id.insert(
-            id,
+            key(&id),
             Box::new(Entry {
                 approval: approval.clone(),
                 waiter,
+                waiting_since_us: now_us,
             }),
         );
         drop(state);
@@ -531,7 +555,7 @@ impl ApprovalQueue {
     /// used by it.
     pub fn mark_used(&self, id: &str, call_id: &str) {
         let mut state = self.lock();
-        if let Some(entry) = state.by_id.get_mut(id) {
+        if let Some(entry) = state.by_id.get_mut(&key(id)) {
             entry.approval.used_by_call = Some(call_id.to_owned());
             entry.waiter = None;
         }
@@ -539,36 +563,46 @@ impl ApprovalQueue {
         self.record_use(id, call_id, now_micros());
     }
 
-    /// The held call's wait ran out. Returns the decision if one came in
-    /// meanwhile; otherwise the approval is expired.
-    pub fn expire(&self, id: &str) -> Option<Heard> {
-        let mut state = self.lock();
-        let entry = state.by_id.get_mut(id)?;
-        entry.waiter = None;
-        let approval = &mut entry.approval;
-        match approval.status {
-            Status::Approved => {
-                return Some(Heard::Approved {
-                    by: approval.decided_by.clone().unwrap_or_default(),
-                });
+    /// How often held calls are checked for having waited too long: a
+    /// call is answered at most this late.
+    pub fn expiry_tick(&self) -> Duration {
+        (self.timeout / 4).clamp(Duration::from_millis(20), Duration::from_millis(500))
+    }
+
+    /// Expires the approval of every call that has waited `timeout_secs`
+    /// and tells it so. One timer for all held calls rather than one in each
+    /// (a timer entry is ~120 bytes of every held call's frame).
+    pub fn expire_overdue(&self) {
+        let now_us = now_micros();
+        let timeout_us = i64::try_from(self.timeout.as_micros()).unwrap_or(i64::MAX);
+        let mut expired = Vec::new();
+        {
+            let mut state = self.lock();
+            for entry in state.by_id.values_mut() {
+                if entry.approval.status != Status::Pending
+                    || !entry.has_live_waiter()
+                    || entry.waiting_since_us.saturating_add(timeout_us) > now_us
+                {
+                    continue;
+                }
+                let reason = format!(
+                    "no operator decided within {} s ([approvals] timeout_secs)",
+                    self.timeout.as_secs()
+                );
+                expired.push(close(
+                    &mut entry.approval,
+                    Status::Expired,
+                    "warden",
+                    &reason,
+                ));
+                if let Some(waiter) = entry.waiter.take() {
+                    let _ = waiter.send(Heard::Expired);
+                }
             }
-            Status::Rejected => {
-                return Some(Heard::Rejected {
-                    by: approval.decided_by.clone().unwrap_or_default(),
-                    reason: approval.decision_reason.clone().unwrap_or_default(),
-                });
-            }
-            Status::Pending => {}
-            Status::Expired | Status::Halted => return None,
         }
-        let reason = format!(
-            "no operator decided within {} s ([approvals] timeout_secs)",
-            self.timeout.as_secs()
-        );
-        let changed = close(approval, Status::Expired, "warden", &reason);
-        drop(state);
-        self.record_decision(&changed);
-        None
+        for changed in expired {
+            self.record_decision(&changed);
+        }
     }
 
     /// A held call was cut by a halt: its approval is closed with it.
@@ -580,7 +614,7 @@ impl ApprovalQueue {
     /// run cancelled), as `halted`, by whoever withdrew it.
     pub fn withdraw(&self, id: &str, by: &str, reason: &str) {
         let mut state = self.lock();
-        let Some(entry) = state.by_id.get_mut(id) else {
+        let Some(entry) = state.by_id.get_mut(&key(id)) else {
             return;
         };
         entry.waiter = None;
@@ -603,7 +637,7 @@ impl ApprovalQueue {
         let now_us = now_micros();
         let (changed, waiter) = {
             let mut state = self.lock();
-            let Some(entry) = state.by_id.get_mut(id) else {
+            let Some(entry) = state.by_id.get_mut(&key(id)) else {
                 return Err(DecideError::NotFound(id.to_owned()));
             };
             self.expire_stale(entry, now_us);
@@ -722,14 +756,14 @@ impl ApprovalQueue {
             }
         }
         let horizon = now_us - self.ticket_ttl_us;
-        let stale: Vec<String> = state
+        let stale: Vec<Key> = state
             .by_id
-            .values()
-            .filter(|e| {
+            .iter()
+            .filter(|(_, e)| {
                 e.approval.status != Status::Pending
                     && e.approval.decided_at_us.unwrap_or(i64::MAX) < horizon
             })
-            .map(|e| e.approval.approval_id.clone())
+            .map(|(key, _)| *key)
             .collect();
         for id in stale {
             if let Some(entry) = state.by_id.remove(&id)

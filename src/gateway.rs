@@ -151,6 +151,24 @@ impl Gateway {
                 recorder.clone(),
             ))
         };
+        // One timer answers every held call that waited too long.
+        background.push(tokio::spawn({
+            let supervisor = Arc::downgrade(&supervisor);
+            async move {
+                let Some(tick) = supervisor.upgrade().map(|s| s.approvals.expiry_tick()) else {
+                    return;
+                };
+                let mut ticks = tokio::time::interval(tick);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let Some(supervisor) = supervisor.upgrade() else {
+                        return;
+                    };
+                    supervisor.approvals.expire_overdue();
+                }
+            }
+        }));
         let modules = {
             let specs = config.module_specs();
             let cache = PathBuf::from(format!("{}.wasm-cache", store_path_text));

@@ -2,6 +2,7 @@
 //! and those named in `Connection`, stop here in both directions; agent
 //! credentials and Warden's own headers never go upstream.
 
+use http::HeaderValue;
 use http::header::{self, HeaderMap, HeaderName};
 
 const HOP_BY_HOP: [&str; 9] = [
@@ -84,7 +85,10 @@ pub fn keep_upstream_headers(agent_headers: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(kept);
     for (name, value) in agent_headers {
         if goes_upstream(name, &listed) {
-            headers.append(name.clone(), value.clone());
+            // Copied, not shared: a shared value keeps the request's
+            // buffer and adds a reference count.
+            let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            headers.append(name.clone(), value);
         }
     }
     headers

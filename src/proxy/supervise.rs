@@ -148,10 +148,6 @@ pub fn await_decision<'a>(
         let approval_id = &held.approval_id;
         let waited = tokio::select! {
             heard = &mut held.heard => Waited::Heard(heard.unwrap_or(Heard::Released)),
-            () = tokio::time::sleep(queue.timeout) => match queue.expire(approval_id) {
-                Some(heard) => Waited::Heard(heard),
-                None => Waited::TimedOut,
-            },
             halt = call.halted() => Waited::Halted(halt),
         };
         let refusal = |kind, message: String| {
@@ -177,7 +173,7 @@ pub fn await_decision<'a>(
                     "Warden is restarting; approval {approval_id} stays pending. Retry the same request once it is approved (`warden approvals approve {approval_id}`)."
                 ),
             )),
-            Waited::TimedOut => Err(refusal(
+            Waited::Heard(Heard::Expired) => Err(refusal(
                 RefusalKind::Expired,
                 format!(
                     "no operator decided on approval {approval_id} within {} s ([approvals] timeout_secs); the call was not sent",
@@ -194,7 +190,6 @@ pub fn await_decision<'a>(
 
 enum Waited {
     Heard(Heard),
-    TimedOut,
     Halted(Arc<Halt>),
 }
 
