@@ -354,10 +354,13 @@ impl Config {
                 "server.flush_interval_ms must be between 1 and 200: records are committed at least every 200 ms".to_owned(),
             ));
         }
-        if self.server.store_memory_mb < 8 {
+        if self.server.store_memory_mb < crate::store::MIN_MEMORY_MB {
             return Err((
                 0..0,
-                "server.store_memory_mb must be at least 8: DuckDB needs room for the writer's row groups".to_owned(),
+                format!(
+                    "server.store_memory_mb must be at least {}: with less, DuckDB's checkpoint can run out of memory under load and invalidate the store",
+                    crate::store::MIN_MEMORY_MB
+                ),
             ));
         }
         if self.server.record_queue == 0 {
@@ -914,10 +917,10 @@ mod tests {
             parse("").unwrap().server.store_memory_mb,
             crate::store::DEFAULT_MEMORY_MB
         );
-        let err = parse("[server]\nstore_memory_mb = 4\n")
+        let err = parse("[server]\nstore_memory_mb = 16\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("store_memory_mb must be at least 8"), "{err}");
+        assert!(err.contains("store_memory_mb must be at least 32"), "{err}");
     }
 
     #[test]

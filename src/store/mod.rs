@@ -69,6 +69,12 @@ pub struct Store {
 /// DuckDB's buffer pool when `[server] store_memory_mb` is not set.
 pub const DEFAULT_MEMORY_MB: u32 = 32;
 
+/// The least buffer pool Warden accepts. At 16 MB a checkpoint under 40,000
+/// rows/s ran out of memory and DuckDB invalidated the database (`RATE=40000
+/// ROWS=1200000 MEMORY_MB=16 cargo bench --bench store`); 24 MB held at that
+/// rate and 32 MB at 60,000 rows/s.
+pub const MIN_MEMORY_MB: u32 = 32;
+
 fn connect(conn: &Connection) -> duckdb::Result<Connection> {
     let other = conn.try_clone()?;
     other.execute_batch(&format!("USE {CATALOG}"))?;
@@ -114,8 +120,8 @@ impl Store {
         // writer's (niced) thread does the store's work, instead of a pool
         // competing with the proxy workers for cores. The buffer pool is
         // `memory_mb` (32 MB by default: the writer's CPU per row is the same
-        // as with 64 MB in `cargo bench --bench store`, 16 MB spilled and
-        // slowed it by a quarter); a query that needs more spills to
+        // as with 64 MB in `cargo bench --bench store`; with 16 MB a
+        // checkpoint under load failed, see MIN_MEMORY_MB); a query that needs more spills to
         // `<store>.tmp` (an in-memory main database has no spill directory of
         // its own, so without this such a query failed out of memory).
         let spill_dir = format!("{}.tmp", path.display()).replace('\'', "''");
