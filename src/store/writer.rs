@@ -44,22 +44,25 @@ pub enum StoreCommand {
     Call(Box<CallRecord>),
     Audit(Box<AuditEntry>),
     Alert(Box<AlertRow>),
-    AlertDelivered(String),
-    Setting(SettingChange),
+    AlertDelivered(Box<str>),
+    Setting(Box<SettingChange>),
     Decision(Box<DecisionRow>),
     Supervision(Box<SupervisionChange>),
     WorkflowVersion(Box<WorkflowVersionRow>),
-    WorkflowPin {
-        workflow: String,
-        version_hash: String,
-        operator: String,
-    },
+    WorkflowPin(Box<WorkflowPin>),
     Run(Box<RunRow>),
     Step(Box<StepRow>),
     /// Commit everything received so far, then answer.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// Commit everything received so far and stop.
     Shutdown,
+}
+
+/// An operator made an older version of a workflow current.
+pub struct WorkflowPin {
+    workflow: String,
+    version_hash: String,
+    operator: String,
 }
 
 /// The request path's handle to the writer.
@@ -111,11 +114,11 @@ impl Recorder {
 
     /// An operator made an older version of a workflow current.
     pub fn workflow_pin(&self, workflow: &str, version_hash: &str, operator: &str) {
-        self.send(StoreCommand::WorkflowPin {
+        self.send(StoreCommand::WorkflowPin(Box::new(WorkflowPin {
             workflow: workflow.to_owned(),
             version_hash: version_hash.to_owned(),
             operator: operator.to_owned(),
-        });
+        })));
     }
 
     /// A run's row as it stands now; `flush` to know it is durable.
@@ -133,12 +136,12 @@ impl Recorder {
     }
 
     pub fn alert_delivered(&self, alert_id: String) {
-        self.send(StoreCommand::AlertDelivered(alert_id));
+        self.send(StoreCommand::AlertDelivered(alert_id.into_boxed_str()));
     }
 
     /// Records an operator's change; `flush` afterwards to know it is durable.
     pub fn setting(&self, change: SettingChange) {
-        self.send(StoreCommand::Setting(change));
+        self.send(StoreCommand::Setting(Box::new(change)));
     }
 
     /// Waits until everything recorded before this call is committed.
@@ -338,7 +341,7 @@ impl Writer {
             | StoreCommand::Setting(_)
             | StoreCommand::Supervision(_)
             | StoreCommand::WorkflowVersion(_)
-            | StoreCommand::WorkflowPin { .. }
+            | StoreCommand::WorkflowPin(_)
             | StoreCommand::Run(_)
             | StoreCommand::Step(_)) => self.others.push(other),
         }
@@ -536,40 +539,9 @@ impl Writer {
             StoreCommand::Alert(row) => self.append_alerts(&[row]).map(|()| 1),
             StoreCommand::AlertDelivered(alert_id) => self.execute(
                 "UPDATE alerts SET delivered = true WHERE alert_id = ?",
-                [alert_id],
+                [alert_id.as_ref()],
             ),
-            StoreCommand::Setting(SettingChange::Budget {
-                operator,
-                scope,
-                period,
-                limit_usd,
-                on_exceed,
-            }) => self.execute(
-                "INSERT INTO budget_changes (ts, operator, scope, period, limit_usd, on_exceed) VALUES (make_timestamp(?), ?, ?, ?, ?, ?)",
-                duckdb::params![
-                    now_micros(),
-                    operator,
-                    scope,
-                    period,
-                    Value::Decimal(money_decimal(*limit_usd)?),
-                    on_exceed
-                ],
-            ),
-            StoreCommand::Setting(SettingChange::Limit {
-                operator,
-                scope,
-                requests_per_minute,
-                tokens_per_minute,
-            }) => self.execute(
-                "INSERT INTO limit_changes (ts, operator, scope, requests_per_minute, tokens_per_minute) VALUES (make_timestamp(?), ?, ?, ?, ?)",
-                duckdb::params![
-                    now_micros(),
-                    operator,
-                    scope,
-                    requests_per_minute,
-                    tokens_per_minute.map(|t| t as i64)
-                ],
-            ),
+            StoreCommand::Setting(change) => self.write_setting(change),
             StoreCommand::Supervision(change) => self.write_supervision(change),
             StoreCommand::WorkflowVersion(row) => self.execute(
                 "INSERT INTO workflow_versions (workflow, version_hash, definition, source, loaded_at, loaded_by) VALUES (?, ?, ?, ?, ?, ?)",
@@ -582,17 +554,13 @@ impl Writer {
                     row.loaded_by
                 ],
             ),
-            StoreCommand::WorkflowPin {
-                workflow,
-                version_hash,
-                operator,
-            } => self.execute(
+            StoreCommand::WorkflowPin(pin) => self.execute(
                 "INSERT INTO workflow_pins (ts, workflow, version_hash, operator) VALUES (?, ?, ?, ?)",
                 duckdb::params![
                     Value::Timestamp(TimeUnit::Microsecond, now_micros()),
-                    workflow,
-                    version_hash,
-                    operator
+                    pin.workflow,
+                    pin.version_hash,
+                    pin.operator
                 ],
             ),
             StoreCommand::Run(row) => self.write_run(row),
@@ -600,6 +568,43 @@ impl Writer {
             _ => Ok(0),
         }
         .map(|_| ())
+    }
+
+    fn write_setting(&self, change: &SettingChange) -> duckdb::Result<usize> {
+        match change {
+            SettingChange::Budget {
+                operator,
+                scope,
+                period,
+                limit_usd,
+                on_exceed,
+            } => self.execute(
+                "INSERT INTO budget_changes (ts, operator, scope, period, limit_usd, on_exceed) VALUES (make_timestamp(?), ?, ?, ?, ?, ?)",
+                duckdb::params![
+                    now_micros(),
+                    operator,
+                    scope,
+                    period,
+                    Value::Decimal(money_decimal(*limit_usd)?),
+                    on_exceed
+                ],
+            ),
+            SettingChange::Limit {
+                operator,
+                scope,
+                requests_per_minute,
+                tokens_per_minute,
+            } => self.execute(
+                "INSERT INTO limit_changes (ts, operator, scope, requests_per_minute, tokens_per_minute) VALUES (make_timestamp(?), ?, ?, ?, ?)",
+                duckdb::params![
+                    now_micros(),
+                    operator,
+                    scope,
+                    requests_per_minute,
+                    tokens_per_minute.map(|t| t as i64)
+                ],
+            ),
+        }
     }
 
     /// Runs and steps are rewritten whole: a row per run or step, as it
