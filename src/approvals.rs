@@ -575,6 +575,10 @@ impl ApprovalQueue {
     pub fn expire_overdue(&self) {
         let now_us = now_micros();
         let timeout_us = i64::try_from(self.timeout.as_micros()).unwrap_or(i64::MAX);
+        let reason = format!(
+            "no operator decided within {} s ([approvals] timeout_secs)",
+            self.timeout.as_secs()
+        );
         let mut expired = Vec::new();
         {
             let mut state = self.lock();
@@ -585,10 +589,6 @@ impl ApprovalQueue {
                 {
                     continue;
                 }
-                let reason = format!(
-                    "no operator decided within {} s ([approvals] timeout_secs)",
-                    self.timeout.as_secs()
-                );
                 expired.push(close(
                     &mut entry.approval,
                     Status::Expired,

@@ -198,6 +198,8 @@ struct Answering {
 /// How a connection's HTTP/1.1 loop ends when it is not simply closed.
 enum Exit {
     Http2,
+    /// The head boxed: the matched-apart exit stays in the connection's
+    /// frame while the refusal is written.
     Refuse(Option<Box<Head>>, HttpError),
     /// The answer said the connection closes: linger, then close.
     Close,

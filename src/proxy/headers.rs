@@ -39,16 +39,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The agent's headers as they should reach the upstream, built in one pass
 /// (copying the map and removing from it costs a hash per removal).
 pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
-    let listed = if agent_headers.contains_key(header::CONNECTION) {
-        connection_listed(agent_headers)
-    } else {
-        Vec::new()
-    };
     let mut headers = HeaderMap::with_capacity(agent_headers.len() + 2);
-    for (name, value) in agent_headers {
-        if goes_upstream(name, &listed) {
-            headers.append(name.clone(), value.clone());
-        }
+    for (name, value) in going_upstream(agent_headers) {
+        headers.append(name.clone(), value.clone());
     }
     // The meter reads the bytes, so ask for them uncompressed.
     headers.insert(
@@ -58,40 +51,38 @@ pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
     headers
 }
 
-fn goes_upstream(name: &HeaderName, connection_listed: &[HeaderName]) -> bool {
-    !(HOP_BY_HOP.contains(&name.as_str())
-        || connection_listed.contains(name)
-        || *name == header::HOST
-        || *name == header::AUTHORIZATION
-        || *name == header::CONTENT_LENGTH
-        || *name == header::ACCEPT_ENCODING
-        || name.as_str() == "x-api-key"
-        || name.as_str().starts_with("x-warden-"))
-}
-
 /// Only the agent's headers that will go upstream, in a map sized for them:
 /// what a call held for an operator keeps for minutes (the agent's key is
 /// not among them).
 pub fn keep_upstream_headers(agent_headers: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(going_upstream(agent_headers).count());
+    for (name, value) in going_upstream(agent_headers) {
+        // Copied, not shared: a shared value keeps the request's buffer
+        // and adds a reference count.
+        let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        headers.append(name.clone(), value);
+    }
+    headers
+}
+
+/// The agent's headers that go upstream: not hop-by-hop ones or those named
+/// in `Connection`, not its credentials, Warden's own or the framing.
+fn going_upstream(agent_headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
     let listed = if agent_headers.contains_key(header::CONNECTION) {
         connection_listed(agent_headers)
     } else {
         Vec::new()
     };
-    let kept = agent_headers
-        .keys()
-        .filter(|name| goes_upstream(name, &listed))
-        .count();
-    let mut headers = HeaderMap::with_capacity(kept);
-    for (name, value) in agent_headers {
-        if goes_upstream(name, &listed) {
-            // Copied, not shared: a shared value keeps the request's
-            // buffer and adds a reference count.
-            let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-            headers.append(name.clone(), value);
-        }
-    }
-    headers
+    agent_headers.iter().filter(move |(name, _)| {
+        !(HOP_BY_HOP.contains(&name.as_str())
+            || listed.contains(name)
+            || **name == header::HOST
+            || **name == header::AUTHORIZATION
+            || **name == header::CONTENT_LENGTH
+            || **name == header::ACCEPT_ENCODING
+            || name.as_str() == "x-api-key"
+            || name.as_str().starts_with("x-warden-"))
+    })
 }
 
 /// The upstream's response headers as they should reach the agent. The

@@ -137,11 +137,10 @@ pub fn ask_approval(
 pub fn await_decision<'a>(
     state: &'a ProxyState,
     call: &'a mut Call,
-    held: Option<Held>,
+    mut held: Option<Held>,
 ) -> impl Future<Output = Result<(), Refusal>> + Send + 'a {
     async move {
         let queue = &state.supervisor.approvals;
-        let mut held = held;
         let Some(held) = held.as_mut() else {
             return Ok(());
         };
