@@ -191,7 +191,7 @@ pub struct WebhookDelivery {
 
 impl WebhookDelivery {
     pub async fn run(mut self) {
-        let client = match crate::proxy::upstream::build_client() {
+        let client = match crate::http_client::tls_client() {
             Ok(client) => client,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the alert webhook client; alerts are recorded but not posted");
@@ -213,7 +213,7 @@ impl WebhookDelivery {
 /// Posts a JSON body to a webhook, retried with backoff; true once the
 /// webhook took it (2xx). Never on a request path: callers spawn it.
 pub async fn post_with_retries(
-    client: &crate::proxy::upstream::HttpClient,
+    client: &crate::http_client::TlsClient,
     url: &http::Uri,
     body: Bytes,
     what: &str,

@@ -15,6 +15,7 @@ pub mod events;
 pub mod file_stamp;
 pub mod gateway;
 pub mod halts;
+pub mod http_client;
 pub mod http_server;
 pub mod limits;
 pub mod metering;

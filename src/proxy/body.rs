@@ -8,7 +8,6 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::call::{Call, Settlement};
 use crate::metering::{ChunkFilter, StreamMeter};
@@ -86,7 +85,7 @@ impl Body for ProxyBody {
 /// error event and a clean end of stream instead.
 pub struct MeteredStream {
     /// `None` once a halt has dropped it.
-    upstream: Option<Incoming>,
+    upstream: Option<crate::http_client::ResponseBody>,
     meter: StreamMeter,
     filter: ChunkFilter,
     call: Option<Call>,
@@ -99,7 +98,7 @@ pub struct MeteredStream {
 
 impl MeteredStream {
     pub fn new(
-        upstream: Incoming,
+        upstream: crate::http_client::ResponseBody,
         meter: StreamMeter,
         call: Call,
         status: StatusCode,

@@ -28,7 +28,7 @@ use crate::providers::ProviderKind;
 use crate::store::Recorder;
 use body::ProxyBody;
 use call::Call;
-use upstream::{HttpClient, Router, Upstream, UpstreamError};
+use upstream::{Router, Upstream, UpstreamError};
 
 /// An agent as configured.
 #[derive(Debug)]
@@ -103,7 +103,7 @@ pub struct ProxyState {
     pub runs: Arc<crate::workflow::Runs>,
     /// This worker's in-flight calls, woken by halts.
     pub halt_slots: Arc<crate::halts::WakerSlots>,
-    pub client: HttpClient,
+    pub client: crate::http_client::UpstreamClient,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: u64,
@@ -153,7 +153,7 @@ impl ProxyState {
             halt_slots: supervisor.halts.worker_slots(),
             supervisor,
             runs,
-            client: upstream::build_client()?,
+            client: crate::http_client::UpstreamClient::new()?,
             recorder,
             metrics,
             max_body_bytes: config.server.max_body_bytes,
@@ -175,7 +175,7 @@ impl ProxyState {
             supervisor: self.supervisor.clone(),
             runs: self.runs.clone(),
             halt_slots: self.supervisor.halts.worker_slots(),
-            client: upstream::build_client()?,
+            client: crate::http_client::UpstreamClient::new()?,
             recorder: self.recorder.clone(),
             metrics: self.metrics.clone(),
             max_body_bytes: self.max_body_bytes,

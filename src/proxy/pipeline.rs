@@ -8,11 +8,11 @@
 
 use std::sync::Arc;
 
+use crate::http_client::ResponseBody;
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use tracing::Instrument;
 
 use super::ProxyState;
@@ -127,7 +127,7 @@ struct Admitted {
 }
 
 struct UpstreamResponse {
-    response: Response<Incoming>,
+    response: Response<ResponseBody>,
     strip_usage_chunk: bool,
 }
 
@@ -513,7 +513,7 @@ fn upstream_request(
     endpoint: Endpoint,
     agent_headers: &HeaderMap,
     body: Bytes,
-) -> Result<Request<Full<Bytes>>, Refusal> {
+) -> Result<Request<Bytes>, Refusal> {
     let mut headers = headers::upstream_request_headers(agent_headers);
     if let Some((name, value)) = upstream.auth_header() {
         headers.insert(name.clone(), value.clone());
@@ -530,7 +530,7 @@ fn upstream_request(
             HeaderValue::from_static("application/json"),
         );
     }
-    let mut request = Request::new(Full::new(body));
+    let mut request = Request::new(body);
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = upstream.url(endpoint).clone();
     *request.headers_mut() = headers;

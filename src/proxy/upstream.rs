@@ -3,19 +3,11 @@
 //! Mozilla roots). URLs and auth headers are built once at start.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Uri};
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, UpstreamConfig, line_in_file};
 use crate::providers::{Endpoint, ProviderKind};
-
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -38,8 +30,8 @@ pub enum UpstreamError {
         url: String,
         message: String,
     },
-    #[error("cannot set up TLS for upstream calls: {0}")]
-    Tls(String),
+    #[error(transparent)]
+    Client(#[from] crate::http_client::ClientError),
 }
 
 pub struct Upstream {
@@ -192,26 +184,6 @@ impl Router {
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
     }
-}
-
-pub fn build_client() -> Result<HttpClient, UpstreamError> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| UpstreamError::Tls(e.to_string()))?
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(usize::MAX)
-        .build(https))
 }
 
 #[cfg(test)]

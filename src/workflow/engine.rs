@@ -207,7 +207,7 @@ pub struct Runs {
     workflows: Arc<WorkflowSet>,
     agents: HashMap<String, AgentInfo>,
     /// For dispatch webhooks, built on first use.
-    webhook_client: OnceLock<crate::proxy::upstream::HttpClient>,
+    webhook_client: OnceLock<crate::http_client::TlsClient>,
     recorder: Recorder,
     events: EventBus,
     supervisor: Arc<Supervisor>,
@@ -671,7 +671,7 @@ impl Runs {
     fn dispatch(&self, url: http::Uri, item: WorkItem) {
         let client = match self.webhook_client.get() {
             Some(client) => client.clone(),
-            None => match crate::proxy::upstream::build_client() {
+            None => match crate::http_client::tls_client() {
                 Ok(client) => self.webhook_client.get_or_init(|| client).clone(),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot build the dispatch webhook client");

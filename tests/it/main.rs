@@ -15,4 +15,5 @@ mod runs;
 mod store;
 mod streaming;
 mod supervision;
+mod upstream_http;
 mod workflows;
