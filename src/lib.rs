@@ -24,6 +24,7 @@ pub mod money;
 pub mod policy;
 pub mod providers;
 pub mod proxy;
+pub mod resident;
 pub mod store;
 pub mod supervisor;
 pub mod workflow;

@@ -142,13 +142,27 @@ impl fmt::Display for Usd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sign = if self.0 < 0 { "-" } else { "" };
         let magnitude = self.0.unsigned_abs();
-        let whole = magnitude / ONE_USD as u128;
-        let frac = magnitude % ONE_USD as u128;
+        // Every call's cost is formatted: u64 arithmetic when it fits (any
+        // amount under $18), and the fraction's digits on the stack.
+        let (whole, frac) = match u64::try_from(magnitude) {
+            Ok(small) => (u128::from(small / ONE_USD as u64), small % ONE_USD as u64),
+            Err(_) => (
+                magnitude / ONE_USD as u128,
+                (magnitude % ONE_USD as u128) as u64,
+            ),
+        };
         if frac == 0 {
             return write!(f, "{sign}{whole}");
         }
-        let frac = format!("{frac:018}");
-        write!(f, "{sign}{whole}.{}", frac.trim_end_matches('0'))
+        let mut digits = [b'0'; 18];
+        let mut rest = frac;
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let used = 18 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+        let frac = std::str::from_utf8(&digits[..used]).map_err(|_| fmt::Error)?;
+        write!(f, "{sign}{whole}.{frac}")
     }
 }
 
@@ -236,6 +250,18 @@ mod tests {
         assert_eq!(Usd::from_whole_dollars(3).to_string(), "3");
         assert_eq!(Usd::parse("-0.5").unwrap().to_string(), "-0.5");
         assert_eq!(Usd::from_atto(1).to_string(), "0.000000000000000001");
+        // Past u64 (about $18.4) and far past it.
+        assert_eq!(Usd::parse("18.5").unwrap().to_string(), "18.5");
+        assert_eq!(
+            Usd::parse("-123456789.000000000000000001")
+                .unwrap()
+                .to_string(),
+            "-123456789.000000000000000001"
+        );
+        assert_eq!(
+            Usd::parse("18.446744073709551615").unwrap().to_string(),
+            "18.446744073709551615"
+        );
     }
 
     #[test]

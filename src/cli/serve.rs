@@ -12,6 +12,11 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     super::runtime()?.block_on(async move {
         let gateway = Gateway::start(config).await?;
+        let released = crate::resident::release_startup_code();
+        tracing::debug!(
+            released_mb = released >> 20,
+            "dropped the code pages only starting used"
+        );
         eprintln!(
             "warden: agents -> http://{}/v1   operators -> http://{}",
             gateway.proxy_addr(),

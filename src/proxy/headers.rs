@@ -124,4 +124,20 @@ mod tests {
         assert_eq!(out["anthropic-version"], "2023-06-01");
         assert_eq!(out["openai-beta"], "assistants=v2");
     }
+
+    #[test]
+    fn answers_lose_hop_headers_and_their_length_only() {
+        let mut answer = HeaderMap::new();
+        answer.insert("connection", "keep-alive, x-upstream-hop".parse().unwrap());
+        answer.insert("keep-alive", "timeout=5".parse().unwrap());
+        answer.insert("x-upstream-hop", "1".parse().unwrap());
+        answer.insert("transfer-encoding", "chunked".parse().unwrap());
+        answer.insert("content-length", "12".parse().unwrap());
+        answer.insert("content-type", "text/event-stream".parse().unwrap());
+        answer.insert("x-request-id", "req_1".parse().unwrap());
+        agent_response_headers(&mut answer);
+        let mut left: Vec<_> = answer.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-request-id"]);
+    }
 }
