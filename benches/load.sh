@@ -153,6 +153,9 @@ run() { # name url
     p99="$(awk '$1 == "99%" {print $2}' "$WORK/$1.out")"
     total="$(awk '/requests in/ {print $1}' "$WORK/$1.out")"
     printf '%-22s %12s %10s %10s %10s\n' "$1" "$rps" "$p50" "$p99" "$total"
+    # wrk gives up on a request after 2 s and reconnects: say so, since
+    # Warden records each such call as cancelled by its agent.
+    grep -E "Socket errors|Non-2xx" "$WORK/$1.out" | sed "s/^/    $1: /" || true
     echo "$rps $p50 $p99 $total" > "$WORK/$1.res"
 }
 to_ms() { case "$1" in *us) echo "${1%us} / 1000" | bc -l;; *ms) echo "${1%ms}";; *s) echo "${1%s} * 1000" | bc -l;; esac; }
@@ -234,7 +237,9 @@ run warden_run_bound http://127.0.0.1:18089/v1/chat/completions
 cp "$WORK/post-plain.lua" "$WORK/post.lua"
 sleep 1
 RUN_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE run_id = '$RUN' AND step_id = 'work') || ' of ' || count(*) || ' calls bound to the run step' FROM calls" --format csv --admin-url http://127.0.0.1:18090 | tail -1)"
-RUN_STEP="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs show "$RUN" --format json --admin-url http://127.0.0.1:18090 | python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]; print(s["status"], s["calls"], "calls, $" + s["cost_usd"])')"
+RUN_STEP="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs show "$RUN" --format json --admin-url http://127.0.0.1:18090 | python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]; print(s["status"], s["calls"], "calls, $" + s["cost_usd"], "" if s["error"] is None else "(" + s["error"] + ")")')"
+# Calls that did not end well (a failed call fails the step it serves).
+RUN_NOT_OK="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT outcome || ' ' || status_code || ': ' || count(*) || ' (' || coalesce(any_value(error), '') || ')' FROM calls WHERE outcome <> 'ok' GROUP BY outcome, status_code" --format csv --admin-url http://127.0.0.1:18090 | tail -n +2 | tr '\n' ';')"
 read -r R_RPS _ R_P99 _ < "$WORK/warden_run_bound.res"
 read -r L_RPS _ L_P99 _ < "$WORK/warden_limits.res"
 read -r P_RPS _ P_P99 _ < "$WORK/warden_policies.res"
@@ -248,6 +253,7 @@ printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99")
 printf 'warden with limits / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$L_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$L_P99") / $(to_ms "$N_P99")" | bc -l)" "$LIMITED_ADMITTED"
 printf 'warden with policies / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$P_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$P_P99") / $(to_ms "$N_P99")" | bc -l)" "$POLICY_CALLS"
 printf 'warden with a run bound to every call / nginx throughput: %.2f (p99 %.2f; %s; step: %s)\n' "$(echo "$R_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$R_P99") / $(to_ms "$N_P99")" | bc -l)" "$RUN_CALLS" "$RUN_STEP"
+[ -n "$RUN_NOT_OK" ] && echo "run-bound calls that did not end ok: $RUN_NOT_OK"
 echo "policies: $POLICY_STATS"
 echo "calls recorded by warden: $RECORDED of $SENT answered by wrk (dropped records: $DROPPED)"
 echo "warden peak RSS: $((RSS_KB / 1024)) MB"
