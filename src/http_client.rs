@@ -29,6 +29,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::http_server::h1::{chunk_size, tokens};
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Idle pooled connections older than this are closed rather than reused.
@@ -502,15 +504,6 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
     )))
 }
 
-fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value
-        .to_str()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
     Length(u64),
@@ -573,19 +566,9 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Decoded, ClientEr
                         }
                         return Ok(Decoded::NeedMore);
                     };
-                    let size_text = buf[..line_end]
-                        .split(|b| *b == b';')
-                        .next()
-                        .unwrap_or_default();
-                    let size_text = std::str::from_utf8(size_text).unwrap_or("").trim();
-                    let size = (!size_text.is_empty() && size_text.len() <= 15)
-                        .then(|| u64::from_str_radix(size_text, 16).ok())
-                        .flatten()
-                        .ok_or_else(|| {
-                            ClientError::Malformed(
-                                "a chunk size is not a hexadecimal number".into(),
-                            )
-                        })?;
+                    let size = chunk_size(&buf[..line_end]).ok_or_else(|| {
+                        ClientError::Malformed("a chunk size is not a hexadecimal number".into())
+                    })?;
                     buf.advance(line_end + 2);
                     *state = if size == 0 {
                         ChunkState::Trailers

@@ -801,7 +801,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
     Ok(Some((head, len)))
 }
 
-fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+/// The comma-separated tokens of a header value (`Connection`,
+/// `Transfer-Encoding`); shared with the upstream client.
+pub(crate) fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value
         .to_str()
         .unwrap_or("")
@@ -819,6 +821,17 @@ enum Chunk {
     TooLarge,
 }
 
+/// The size on a chunk-size line (extensions after `;` ignored); `None`
+/// unless it is 1 to 15 hexadecimal digits. Shared with the upstream client.
+pub(crate) fn chunk_size(line: &[u8]) -> Option<u64> {
+    let text = line.split(|b| *b == b';').next().unwrap_or_default();
+    let text = std::str::from_utf8(text).unwrap_or("").trim();
+    if text.is_empty() || text.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(text, 16).ok()
+}
+
 /// Moves every complete chunk at the front of `buf` into `body`.
 fn decode_chunk(buf: &mut BytesMut, body: &mut BytesMut, limit: u64) -> Result<Chunk, HttpError> {
     loop {
@@ -830,15 +843,8 @@ fn decode_chunk(buf: &mut BytesMut, body: &mut BytesMut, limit: u64) -> Result<C
             }
             return Ok(Chunk::More);
         };
-        let line = &buf[..line_end];
-        let size_text = line.split(|b| *b == b';').next().unwrap_or_default();
-        let size_text = std::str::from_utf8(size_text).unwrap_or("").trim();
-        let size = if size_text.is_empty() || size_text.len() > 15 {
-            None
-        } else {
-            u64::from_str_radix(size_text, 16).ok()
-        }
-        .ok_or_else(|| HttpError::bad("a chunk size is not a hexadecimal number"))?;
+        let size = chunk_size(&buf[..line_end])
+            .ok_or_else(|| HttpError::bad("a chunk size is not a hexadecimal number"))?;
         if size == 0 {
             // The last chunk, then trailers up to an empty line.
             let rest = &buf[line_end + 2..];
