@@ -671,16 +671,29 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usi
     loop {
         stream.readable().await?;
         buf.reserve(READ_CHUNK);
-        match stream.try_read_buf(buf) {
+        // Through `AsyncRead`, not `try_read_buf`: a short read there also
+        // clears the socket's readiness, so watching for a hang-up while the
+        // call runs waits for the next event instead of first making a
+        // `recv` that can only say "nothing yet" (one system call a call).
+        let read = std::future::poll_fn(|cx| {
+            Poll::Ready(
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf) {
+                    Poll::Ready(read) => Some(read),
+                    Poll::Pending => None,
+                },
+            )
+        })
+        .await;
+        match read {
             // Readiness can be reported with nothing to read (a fresh
             // connection is, once): give the space back rather than keep
             // 4 KiB per idle connection.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            None => {
                 if buf.is_empty() {
                     *buf = BytesMut::new();
                 }
             }
-            read => return read,
+            Some(read) => return read,
         }
     }
 }
