@@ -11,7 +11,7 @@
 //! Each proxy worker owns one client, so a pooled connection is only ever
 //! used by the thread whose reactor it is registered with.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -29,7 +29,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::http_server::h1::{chunk_size, tokens};
+use crate::http_server::h1::{BadLength, chunk_size, merge_content_length, tokens, write_fields};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -43,9 +43,11 @@ const READ_CHUNK: usize = 8 * 1024;
 /// A request body up to this size is copied behind its head and sent in one
 /// write; a larger one is written after it.
 const COALESCE_BODY: usize = 16 * 1024;
-/// A connection idle this long may have been closed by the upstream just as
-/// Warden sent on it: a failure before any answer is then retried once on a
-/// new connection (the upstream never saw the call).
+/// A connection idle this long may have been closed by the upstream (its
+/// keep-alive timer) just as Warden sent on it: a failure before any answer
+/// is then taken for that and retried once on a new connection. Sooner
+/// after an answer the upstream may have started the call, which is not
+/// sent twice.
 const STALE_AFTER: Duration = Duration::from_secs(1);
 
 pub type TlsClient = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -143,6 +145,9 @@ struct Pool {
 
 struct Conn {
     stream: TcpStream,
+    /// The pool's key, kept with the connection so a reused one costs no
+    /// allocation.
+    authority: Arc<str>,
     /// When it was last put back idle; `None` for a new connection.
     idle_since: Option<Instant>,
 }
@@ -152,19 +157,19 @@ impl Pool {
         self: Arc<Pool>,
         request: Request<Bytes>,
     ) -> Result<Response<ResponseBody>, ClientError> {
-        let authority: Arc<str> = request
+        let authority = request
             .uri()
             .authority()
-            .map(|a| a.as_str().into())
+            .map(|a| a.as_str())
             .ok_or_else(|| ClientError::NoHost(request.uri().to_string()))?;
-        let message = encode_request(&request, &authority);
-        let mut conn = match self.checkout(&authority) {
+        let message = encode_request(&request, authority);
+        let mut conn = match self.checkout(authority) {
             Some(conn) => conn,
-            None => connect(request.uri(), &authority).await?,
+            None => connect(request.uri(), authority.into()).await?,
         };
         loop {
             match exchange(&mut conn.stream, &message).await {
-                Ok(head) => return Ok(self.answer(head, conn, authority)),
+                Ok(head) => return Ok(self.answer(head, conn)),
                 Err(failure) => {
                     let retry = failure.before_answer
                         && conn.idle_since.is_some_and(|since| {
@@ -174,7 +179,7 @@ impl Pool {
                         return Err(failure.error);
                     }
                     tracing::debug!(%authority, error = %failure.error, "pooled upstream connection was stale; retrying on a new one");
-                    conn = connect(request.uri(), &authority).await?;
+                    conn = connect(request.uri(), conn.authority).await?;
                 }
             }
         }
@@ -188,6 +193,7 @@ impl Pool {
             if candidate.since.elapsed() < IDLE_TIMEOUT && still_open(&candidate.stream) {
                 return Some(Conn {
                     stream: candidate.stream,
+                    authority: candidate.authority,
                     idle_since: Some(candidate.since),
                 });
             }
@@ -211,12 +217,7 @@ impl Pool {
         });
     }
 
-    fn answer(
-        self: Arc<Pool>,
-        head: ResponseHead,
-        conn: Conn,
-        authority: Arc<str>,
-    ) -> Response<ResponseBody> {
+    fn answer(self: Arc<Pool>, head: ResponseHead, conn: Conn) -> Response<ResponseBody> {
         let ResponseHead {
             status,
             version,
@@ -231,7 +232,7 @@ impl Pool {
             framing,
             keep_alive,
             pool: self,
-            authority,
+            authority: conn.authority,
         };
         body.finish_if_done();
         let mut response = Response::new(ResponseBody::Plain(body));
@@ -257,7 +258,7 @@ fn still_open(stream: &TcpStream) -> bool {
     }
 }
 
-async fn connect(uri: &Uri, authority: &str) -> Result<Conn, ClientError> {
+async fn connect(uri: &Uri, authority: Arc<str>) -> Result<Conn, ClientError> {
     let host = uri
         .host()
         .ok_or_else(|| ClientError::NoHost(uri.to_string()))?;
@@ -266,10 +267,10 @@ async fn connect(uri: &Uri, authority: &str) -> Result<Conn, ClientError> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
         .await
         .map_err(|_| ClientError::ConnectTimeout {
-            authority: authority.to_owned(),
+            authority: authority.to_string(),
         })?
         .map_err(|source| ClientError::Connect {
-            authority: authority.to_owned(),
+            authority: authority.to_string(),
             source,
         })?;
     stream.set_nodelay(true)?;
@@ -277,6 +278,7 @@ async fn connect(uri: &Uri, authority: &str) -> Result<Conn, ClientError> {
     socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
     Ok(Conn {
         stream,
+        authority,
         idle_since: None,
     })
 }
@@ -299,18 +301,9 @@ fn encode_request(request: &Request<Bytes>, authority: &str) -> OutgoingMessage 
     head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     head.extend_from_slice(authority.as_bytes());
     head.extend_from_slice(b"\r\n");
-    for (name, value) in request.headers() {
-        if is_framing(name) {
-            continue;
-        }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"content-length: ");
-    head.extend_from_slice(body.len().to_string().as_bytes());
-    head.extend_from_slice(b"\r\n\r\n");
+    write_fields(&mut head, request.headers());
+    // Written into the head: no String for the number.
+    let _ = write!(head, "content-length: {}\r\n\r\n", body.len());
     if body.len() <= COALESCE_BODY {
         head.extend_from_slice(body);
         OutgoingMessage {
@@ -323,13 +316,6 @@ fn encode_request(request: &Request<Bytes>, authority: &str) -> OutgoingMessage 
             body: body.clone(),
         }
     }
-}
-
-fn is_framing(name: &HeaderName) -> bool {
-    *name == header::HOST
-        || *name == header::CONTENT_LENGTH
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::CONNECTION
 }
 
 struct OutgoingMessage {
@@ -447,19 +433,17 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
             ClientError::Malformed(format!("the value of header `{name}` is not valid"))
         })?;
         if name == header::CONTENT_LENGTH {
-            let len = std::str::from_utf8(field.value)
-                .ok()
-                .map(str::trim)
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ClientError::Malformed("its content-length is not a number".into())
-                })?;
-            if content_length.is_some_and(|known| known != len) {
-                return Err(ClientError::Malformed(
-                    "it has conflicting content-length values".into(),
-                ));
-            }
-            content_length = Some(len);
+            content_length = Some(merge_content_length(content_length, field.value).map_err(
+                |e| {
+                    ClientError::Malformed(
+                        match e {
+                            BadLength::NotANumber => "its content-length is not a number",
+                            BadLength::Conflicting => "it has conflicting content-length values",
+                        }
+                        .into(),
+                    )
+                },
+            )?);
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = Some(
                 tokens(&value)
@@ -480,6 +464,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
     let no_body = status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || status == StatusCode::SWITCHING_PROTOCOLS;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // The connection speaks something else now.
+        keep_alive = false;
+    }
     let framing = match (no_body, transfer_encoding, content_length) {
         (true, _, _) => Framing::Done,
         // A transfer coding wins over a length (RFC 9112 §6.3); one that
@@ -825,6 +813,11 @@ mod tests {
         assert!(!head.keep_alive);
         let head = parse(b"HTTP/1.1 204 No Content\r\n\r\n");
         assert_eq!(head.framing, Framing::Done);
+        let head = parse(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n");
+        assert_eq!((head.framing, head.keep_alive), (Framing::Done, false));
+        let head = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n");
+        assert_eq!(head.framing, Framing::Length(7));
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: +7\r\n\r\n").is_err());
         assert!(matches!(
             parse_head(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap(),
             Some((_, Parsed::Interim))

@@ -751,20 +751,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         let value = HeaderValue::from_bytes(field.value)
             .map_err(|_| HttpError::bad(format!("the value of header `{name}` is not valid")))?;
         if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|b| *b == b',') {
-                let len = std::str::from_utf8(part)
-                    .ok()
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| HttpError::bad("content-length is not a number"))?;
-                if content_length.is_some_and(|known| known != len) {
-                    return Err(HttpError::bad(
-                        "the request has conflicting content-length values",
-                    ));
-                }
-                content_length = Some(len);
-            }
+            content_length = Some(
+                merge_content_length(content_length, value.as_bytes()).map_err(|e| match e {
+                    BadLength::NotANumber => HttpError::bad("content-length is not a number"),
+                    BadLength::Conflicting => {
+                        HttpError::bad("the request has conflicting content-length values")
+                    }
+                })?,
+            );
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // Only the last coding tells the framing; anything but chunked there is unreadable.
@@ -812,6 +806,31 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         expect_continue,
     };
     Ok(Some((head, len)))
+}
+
+pub(crate) enum BadLength {
+    NotANumber,
+    Conflicting,
+}
+
+/// The length a `content-length` field gives, together with one seen
+/// before: digits only, a comma list of equal values accepted (RFC 9110
+/// §8.6), different values refused. Shared with the upstream client.
+pub(crate) fn merge_content_length(known: Option<u64>, value: &[u8]) -> Result<u64, BadLength> {
+    let mut length = known;
+    for part in value.split(|b| *b == b',') {
+        let len = std::str::from_utf8(part)
+            .ok()
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or(BadLength::NotANumber)?;
+        if length.is_some_and(|seen| seen != len) {
+            return Err(BadLength::Conflicting);
+        }
+        length = Some(len);
+    }
+    length.ok_or(BadLength::NotANumber)
 }
 
 /// The comma-separated tokens of a header value (`Connection`,
@@ -894,6 +913,26 @@ fn decode_chunk(buf: &mut BytesMut, body: &mut BytesMut, limit: u64) -> Result<C
     }
 }
 
+/// Writes `headers` as HTTP/1.1 field lines, leaving out the framing and
+/// connection fields (and `host`): the writer of the message sets those.
+/// Shared with the upstream client.
+pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+            || name == header::HOST
+            || name.as_str() == "keep-alive"
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ResponseFraming {
     Length(u64),
@@ -915,20 +954,7 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        // Framing and connection headers are this server's to write.
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-            || name.as_str() == "keep-alive"
-        {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_fields(out, headers);
     if !headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
         DATE.with(|date| out.extend_from_slice(&date.now()));
