@@ -123,18 +123,25 @@ fn with_length(body: &[u8]) -> Vec<u8> {
     answer
 }
 
-/// One agent connection, reused for every call (so every call is served by
-/// the same proxy worker and its pool).
-struct Agent {
+/// A Warden in front of a raw upstream (its store in a temporary
+/// directory) and one agent connection to it, reused for every call (so
+/// every call is served by the same proxy worker and its pool).
+struct Front {
+    gateway: Gateway,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     url: String,
+    _dir: tempfile::TempDir,
 }
 
-impl Agent {
-    fn new(gateway: &Gateway) -> Agent {
-        Agent {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+impl Front {
+    async fn before(upstream: &RawUpstream) -> Front {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = gateway_for(&upstream.url, &upstream.url, dir.path()).await;
+        Front {
             url: format!("http://{}/v1/chat/completions", gateway.proxy_addr()),
+            gateway,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            _dir: dir,
         }
     }
 
@@ -152,18 +159,23 @@ impl Agent {
             response.into_body().collect().await.unwrap().to_bytes(),
         )
     }
-}
 
-async fn recorded(gateway: &Gateway) -> Vec<Vec<Option<String>>> {
-    gateway.flush().await;
-    gateway
-        .reader()
-        .query(
-            "SELECT outcome, status_code, output_tokens FROM calls ORDER BY ts_start",
-            100,
-        )
-        .unwrap()
-        .rows
+    /// Outcome, status and output tokens of every recorded call, in order.
+    async fn recorded(&self) -> Vec<Vec<Option<String>>> {
+        self.gateway.flush().await;
+        self.gateway
+            .reader()
+            .query(
+                "SELECT outcome, status_code, output_tokens FROM calls ORDER BY ts_start",
+                100,
+            )
+            .unwrap()
+            .rows
+    }
+
+    async fn shutdown(self) {
+        self.gateway.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -171,11 +183,9 @@ async fn calls_share_one_kept_alive_upstream_connection() {
     let completion = fixture("openai/chat_completion.json");
     let answer = with_length(&completion);
     let upstream = RawUpstream::start(move |_| Act::Answer(answer.clone())).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = gateway_for(&upstream.url, &upstream.url, dir.path()).await;
-    let agent = Agent::new(&gateway);
+    let warden = Front::before(&upstream).await;
     for _ in 0..20 {
-        let (status, body) = agent.call().await;
+        let (status, body) = warden.call().await;
         assert_eq!(status, 200);
         assert_eq!(body, completion);
     }
@@ -185,10 +195,10 @@ async fn calls_share_one_kept_alive_upstream_connection() {
         1,
         "every call went over one connection"
     );
-    let rows = recorded(&gateway).await;
+    let rows = warden.recorded().await;
     assert_eq!(rows.len(), 20);
     assert!(rows.iter().all(|r| r[0].as_deref() == Some("ok")));
-    gateway.shutdown().await;
+    warden.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,11 +212,9 @@ async fn an_upstream_that_closes_its_connections_costs_no_call() {
             answer.splice(17..17, b"connection: close\r\n".iter().copied());
         }
         let upstream = RawUpstream::start(move |_| Act::AnswerAndClose(answer.clone())).await;
-        let dir = tempfile::tempdir().unwrap();
-        let gateway = gateway_for(&upstream.url, &upstream.url, dir.path()).await;
-        let agent = Agent::new(&gateway);
+        let warden = Front::before(&upstream).await;
         for _ in 0..5 {
-            let (status, body) = agent.call().await;
+            let (status, body) = warden.call().await;
             assert_eq!(status, 200, "announced close: {announced}");
             assert_eq!(body, completion);
             // Time for the upstream's FIN to arrive.
@@ -218,7 +226,7 @@ async fn an_upstream_that_closes_its_connections_costs_no_call() {
             5,
             "a closed connection is never reused"
         );
-        gateway.shutdown().await;
+        warden.shutdown().await;
     }
 }
 
@@ -237,14 +245,12 @@ async fn a_kept_connection_dropped_as_a_call_arrives_is_retried_only_when_it_had
         }
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = gateway_for(&upstream.url, &upstream.url, dir.path()).await;
-    let agent = Agent::new(&gateway);
-    assert_eq!(agent.call().await.0, 200);
+    let warden = Front::before(&upstream).await;
+    assert_eq!(warden.call().await.0, 200);
 
     // Right after an answer the upstream may have started on the call: not
     // sent again (it could run twice), the agent gets a 502 to retry on.
-    let (status, body) = agent.call().await;
+    let (status, body) = warden.call().await;
     assert_eq!(status, 502);
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error["error"]["code"], "upstream_unreachable");
@@ -258,18 +264,18 @@ async fn a_kept_connection_dropped_as_a_call_arrives_is_retried_only_when_it_had
     assert_eq!(upstream.connections(), 1);
 
     // A connection that idled past a second: retried once on a new one.
-    assert_eq!(agent.call().await.0, 200);
+    assert_eq!(warden.call().await.0, 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (status, body) = agent.call().await;
+    let (status, body) = warden.call().await;
     assert_eq!(status, 200);
     assert_eq!(body, completion);
     assert_eq!(upstream.connections(), 3);
     assert_eq!(upstream.requests(), 5);
 
-    let rows = recorded(&gateway).await;
+    let rows = warden.recorded().await;
     let outcomes: Vec<_> = rows.iter().map(|r| r[1].clone().unwrap()).collect();
     assert_eq!(outcomes, ["200", "502", "200", "200"]);
-    gateway.shutdown().await;
+    warden.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -304,23 +310,21 @@ async fn chunked_and_close_delimited_answers_reach_the_agent_whole() {
             }
         })
         .await;
-        let dir = tempfile::tempdir().unwrap();
-        let gateway = gateway_for(&upstream.url, &upstream.url, dir.path()).await;
-        let agent = Agent::new(&gateway);
+        let warden = Front::before(&upstream).await;
         for _ in 0..3 {
-            let (status, body) = agent.call().await;
+            let (status, body) = warden.call().await;
             assert_eq!(status, 200, "{name}");
             assert_eq!(body, completion, "{name}");
         }
         let expected_connections = if closes { 3 } else { 1 };
         assert_eq!(upstream.connections(), expected_connections, "{name}");
-        let rows = recorded(&gateway).await;
+        let rows = warden.recorded().await;
         assert!(
             rows.iter()
                 .all(|r| r[0].as_deref() == Some("ok") && r[2].as_deref() == Some("10")),
             "{name}: {rows:?}"
         );
-        gateway.shutdown().await;
+        warden.shutdown().await;
     }
 }
 
@@ -332,15 +336,14 @@ async fn an_answer_that_is_not_http_gets_502_and_is_recorded() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
     ] {
         let upstream = RawUpstream::start(move |_| Act::AnswerAndClose(wire.to_vec())).await;
-        let dir = tempfile::tempdir().unwrap();
-        let gateway = gateway_for(&upstream.url, &upstream.url, dir.path()).await;
-        let (status, body) = Agent::new(&gateway).call().await;
+        let warden = Front::before(&upstream).await;
+        let (status, body) = warden.call().await;
         let text = String::from_utf8_lossy(&body).into_owned();
         assert_eq!(status, 502, "{text}");
         assert!(text.contains("not valid HTTP/1.1"), "{text}");
-        let rows = recorded(&gateway).await;
+        let rows = warden.recorded().await;
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0][..2], [Some("error".into()), Some("502".into())]);
-        gateway.shutdown().await;
+        warden.shutdown().await;
     }
 }
