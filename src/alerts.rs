@@ -1,7 +1,8 @@
 //! Alerts: a row in `alerts`, an entry in the audit log and, when
 //! `[alerts] webhook` is set, a Slack-compatible post, retried with backoff
 //! by a background task. Raising an alert never waits: the request path only
-//! hands it over.
+//! hands it over. What has a table and audit entry of its own (an approval
+//! request) is only posted: see `AlertSink::post`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +102,23 @@ impl AlertSink {
         (sink, delivery)
     }
 
+    /// Posts an alert about something already recorded in its own table
+    /// and audit entry (an approval request). With a webhook it gets an
+    /// `alerts` row, which tracks the post's delivery; without one there is
+    /// nothing to deliver and nothing to record twice.
+    pub fn post(&self, alert: Alert) {
+        match self.inner.as_ref() {
+            Sink::Live {
+                recorder,
+                webhook: Some(webhook),
+                ..
+            } => deliver(recorder, Some(webhook), AlertRow::from(alert)),
+            Sink::Live { webhook: None, .. } | Sink::Log => {}
+            #[cfg(test)]
+            Sink::Collect(alerts) => alerts.lock().unwrap().push(alert),
+        }
+    }
+
     pub fn raise(&self, alert: Alert) {
         match self.inner.as_ref() {
             Sink::Live {
@@ -118,14 +136,7 @@ impl AlertSink {
                         data: json!({"rule": alert.rule, "severity": alert.severity.as_str()}),
                     });
                 }
-                let row = AlertRow {
-                    alert_id: uuid::Uuid::now_v7().to_string(),
-                    ts_us: now_micros(),
-                    rule: alert.rule,
-                    severity: alert.severity.as_str(),
-                    subject: alert.subject,
-                    message: alert.message,
-                };
+                let row = AlertRow::from(alert);
                 recorder.audit(
                     "warden",
                     "alert",
@@ -137,12 +148,7 @@ impl AlertSink {
                         "message": row.message,
                     }),
                 );
-                if let Some(webhook) = webhook
-                    && webhook.try_send(row.clone()).is_err()
-                {
-                    tracing::error!(alert_id = %row.alert_id, "the alert webhook queue is full; this alert is recorded but not posted");
-                }
-                recorder.alert(row);
+                deliver(recorder, webhook.as_ref(), row);
             }
             Sink::Log => {
                 tracing::warn!(rule = %alert.rule, subject = %alert.subject, "{}", alert.message);
@@ -179,6 +185,29 @@ impl AlertInbox {
     pub fn drain(&self) -> Vec<Alert> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
+}
+
+impl From<Alert> for AlertRow {
+    fn from(alert: Alert) -> AlertRow {
+        AlertRow {
+            alert_id: uuid::Uuid::now_v7().to_string(),
+            ts_us: now_micros(),
+            rule: alert.rule,
+            severity: alert.severity.as_str(),
+            subject: alert.subject,
+            message: alert.message,
+        }
+    }
+}
+
+/// Records the alert's row and queues it for the webhook, if one is set.
+fn deliver(recorder: &Recorder, webhook: Option<&mpsc::Sender<AlertRow>>, row: AlertRow) {
+    if let Some(webhook) = webhook
+        && webhook.try_send(row.clone()).is_err()
+    {
+        tracing::error!(alert_id = %row.alert_id, "the alert webhook queue is full; this alert is recorded but not posted");
+    }
+    recorder.alert(row);
 }
 
 /// Posts alerts to the webhook one after another, each retried with

@@ -526,7 +526,7 @@ impl ApprovalQueue {
             message: summary.clone(),
             data: serde_json::to_value(approval).unwrap_or_default(),
         });
-        self.alerts.raise(crate::alerts::Alert {
+        self.alerts.post(crate::alerts::Alert {
             rule: "approval_requested".into(),
             severity: crate::alerts::Severity::Warning,
             subject: approval.approval_id.clone(),

@@ -161,6 +161,18 @@ async fn a_held_call_goes_upstream_once_approved_streamed_or_not() {
         .as_deref(),
         Some("2")
     );
+    // Each request is an approvals row and an audit entry; with no webhook
+    // to deliver to, it is not recorded again as an alert.
+    assert_eq!(
+        tw.scalar("SELECT count(*) FROM audit_log WHERE kind = 'approval_requested'")
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        tw.scalar("SELECT count(*) FROM alerts").await.as_deref(),
+        Some("0")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -881,5 +893,28 @@ async fn every_kind_of_event_reaches_a_watcher_and_approvals_post_to_the_webhook
             .unwrap()
             .contains(&format!("warden approvals approve {id}")),
         "{approval_post}"
+    );
+    // The post's delivery is tracked by an alerts row, without a second
+    // audit entry (the approval has its own).
+    let mut delivered = None;
+    for _ in 0..50 {
+        delivered = tw
+            .scalar(&format!(
+                "SELECT delivered FROM alerts WHERE rule = 'approval_requested' AND subject = '{id}'"
+            ))
+            .await;
+        if delivered.as_deref() == Some("true") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(delivered.as_deref(), Some("true"));
+    assert_eq!(
+        tw.scalar(&format!(
+            "SELECT count(*) FROM audit_log WHERE kind = 'alert' AND subject = '{id}'"
+        ))
+        .await
+        .as_deref(),
+        Some("0")
     );
 }
