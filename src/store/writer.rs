@@ -284,7 +284,7 @@ impl Writer {
     /// and when the queue passes its high-water mark.
     fn run(mut self, rx: flume::Receiver<StoreCommand>, interval: Duration) {
         // Rows committed since the last checkpoint live in DuckDB's memory,
-        // uncompressed (about 3 KB for each held call's approval, alert and
+        // uncompressed (about 1-2 KB for each held call's approval and
         // audit rows) until the WAL reaches 16 MB. A quiet second is the
         // cheap moment to move them into the file: under load there is none,
         // so the calls table's row groups are still compressed once.
