@@ -10,7 +10,7 @@ OUT="${1:-.}"
 CLANG="${CLANG:-clang}"
 FLAGS=(--target=wasm32 -O2 -nostdlib -mbulk-memory -mmutable-globals -Wall -Werror
        -Wl,--no-entry -Wl,--strip-all -Wl,-z,stack-size=8192
-       -Wl,--export=__stack_pointer)
+       -Wl,--export=__stack_pointer -Wl,--export=__heap_base -Wl,--export=wd_heap_next)
 for src in policies/*.c plugins/*.c; do
     out="$OUT/${src%.c}.wasm"
     mkdir -p "$(dirname "$out")"

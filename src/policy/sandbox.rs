@@ -102,6 +102,35 @@ struct Warm {
     main: TypedFunc<(i32, i32), i64>,
     image: Vec<u8>,
     globals: Vec<(Global, Val)>,
+    /// Where the module says its writes end, when it says so.
+    heap: Option<HeapBounds>,
+}
+
+/// A module that exports `__heap_base` and `wd_heap_next` (the address of
+/// the i32 holding its allocator's next free byte) writes nothing at or
+/// above the larger of the two (see policies/ABI.md): only the memory below
+/// is put back, a few KiB instead of the whole 64 KiB page.
+#[derive(Clone, Copy)]
+struct HeapBounds {
+    base: u32,
+    next_at: u32,
+}
+
+impl HeapBounds {
+    /// The end of what an evaluation may have written: above the heap as
+    /// it is now and as it was in the snapshot.
+    fn written_end(self, memory: &[u8], image: &[u8]) -> usize {
+        let at = self.next_at as usize;
+        let next = |bytes: &[u8]| {
+            bytes
+                .get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        match (next(memory), next(image)) {
+            (Some(now), Some(then)) => now.max(then).max(self.base as usize).min(memory.len()),
+            _ => memory.len(),
+        }
+    }
 }
 
 impl Drop for Warm {
@@ -118,7 +147,10 @@ impl Warm {
         if data.len() != self.image.len() {
             return false;
         }
-        data.copy_from_slice(&self.image);
+        let end = self
+            .heap
+            .map_or(data.len(), |heap| heap.written_end(data, &self.image));
+        data[..end].copy_from_slice(&self.image[..end]);
         self.globals
             .iter()
             .all(|(global, value)| global.set(&mut self.store, *value).is_ok())
@@ -134,6 +166,8 @@ pub struct Sandbox {
     max_memory_mb: u64,
     /// Its mutable globals, when one instance may serve many evaluations.
     reusable: Option<Vec<ModuleExport>>,
+    /// `__heap_base` and `wd_heap_next`, when both are exported i32 constants.
+    heap: Option<(ModuleExport, ModuleExport)>,
     alive: Arc<()>,
 }
 
@@ -188,6 +222,12 @@ impl Sandbox {
                 .filter_map(|e| module.get_export_index(e.name()))
                 .collect()
         });
+        let constant = |name: &str| {
+            matches!(module.get_export(name), Some(ExternType::Global(g)) if !g.mutability().is_var() && g.content().is_i32())
+                .then(|| module.get_export_index(name))
+                .flatten()
+        };
+        let heap = constant("__heap_base").zip(constant("wd_heap_next"));
         let sandbox = Sandbox {
             pre,
             entry,
@@ -195,6 +235,7 @@ impl Sandbox {
             timeout,
             max_memory_mb,
             reusable,
+            heap,
             alive: Arc::new(()),
         };
         sandbox.check_version()?;
@@ -332,6 +373,21 @@ impl Sandbox {
             })
             .collect::<Result<Vec<_>, RunError>>()?;
         let image = ready.memory.data(&store).to_vec();
+        let constant = |store: &mut Store<Host>, export: &ModuleExport| match ready
+            .instance
+            .get_module_export(&mut *store, export)
+            .and_then(Extern::into_global)
+            .map(|global| global.get(&mut *store))
+        {
+            Some(Val::I32(value)) => Some(value as u32),
+            _ => None,
+        };
+        let heap = self.heap.as_ref().and_then(|(base, next_at)| {
+            Some(HeapBounds {
+                base: constant(&mut store, base)?,
+                next_at: constant(&mut store, next_at)?,
+            })
+        });
         WARM_COUNT.fetch_add(1, Ordering::Relaxed);
         Ok(Warm {
             owner: Arc::downgrade(&self.alive),
@@ -341,6 +397,7 @@ impl Sandbox {
             main: ready.main,
             image,
             globals,
+            heap,
         })
     }
 

@@ -182,6 +182,33 @@ fn a_kept_instance_is_put_back_after_every_evaluation() {
 }
 
 #[test]
+fn a_module_that_says_where_its_heap_ends_gets_only_the_memory_below_put_back() {
+    let set = policy("tests/wat/heap_bounded.wat", "{}");
+    let module = set.policies.load()[0].clone();
+    assert!(module.sandbox.reuses_instances());
+    // A thread of its own: a fresh kept instance, whatever ran before here.
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let rules: Vec<String> = (0..4)
+                .map(|_| {
+                    let (output, _) = module.sandbox.run(b"{}", b"{}");
+                    let output = String::from_utf8(output.unwrap()).unwrap();
+                    let decision: serde_json::Value = serde_json::from_str(&output).unwrap();
+                    assert_eq!(decision["action"], "allow", "{output}");
+                    decision["rule"].as_str().unwrap().to_owned()
+                })
+                .collect();
+            // Statics, the stack and the heap start afresh every time (no
+            // deny); the count above the heap is the module's own affair.
+            assert_eq!(
+                rules,
+                ["", "above_heap_kept", "above_heap_kept", "above_heap_kept"]
+            );
+        });
+    });
+}
+
+#[test]
 fn only_modules_whose_whole_state_the_host_can_restore_keep_an_instance() {
     let wat = |text: &str| engine::reusable(&wat::parse_str(text).unwrap());
     for shipped in [
@@ -196,6 +223,13 @@ fn only_modules_whose_whole_state_the_host_can_restore_keep_an_instance() {
             engine::reusable(&bytes),
             "{shipped} exports its stack pointer"
         );
+        let module = wasmtime::Module::new(&wasmtime::Engine::default(), &bytes).unwrap();
+        for bound in ["__heap_base", "wd_heap_next"] {
+            assert!(
+                module.get_export(bound).is_some(),
+                "{shipped} exports {bound}: only the memory below its heap is put back"
+            );
+        }
     }
     let stateful = std::fs::read_to_string(repo("tests/wat/stateful.wat")).unwrap();
     assert!(!wat(&stateful), "a mutable global the host cannot reach");

@@ -53,7 +53,12 @@ void *memmove(void *dst, const void *src, unsigned long n) {
 }
 
 extern unsigned char __heap_base;
-static wd_u32 wd_heap_next;
+/* The allocator's next free byte. Not static: linked with
+ * -Wl,--export=__heap_base -Wl,--export=wd_heap_next (policies/build.sh),
+ * the host learns where the module's writes end and, between evaluations,
+ * puts back only the memory below (policies/ABI.md). Everything this SDK
+ * writes is below it: statics, the stack, and what wd_alloc handed out. */
+wd_u32 wd_heap_next;
 
 /* Bump allocation, 8-byte aligned; grows the memory as needed. Returns 0
  * when the memory cap is reached (the host then sees a trap or an error). */
