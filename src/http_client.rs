@@ -18,7 +18,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderMap;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -29,7 +29,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::http_server::h1::{BadLength, chunk_size, merge_content_length, tokens, write_fields};
+use crate::http_server::h1::{BodyPiece, ChunkState, read_fields, write_fields};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -189,7 +189,8 @@ impl Pool {
     fn checkout(&self, authority: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
         while let Some(position) = idle.iter().rposition(|c| &*c.authority == authority) {
-            let candidate = idle.swap_remove(position);
+            // `remove`, not `swap_remove`: the others keep their order of use.
+            let candidate = idle.remove(position);
             if candidate.since.elapsed() < IDLE_TIMEOUT && still_open(&candidate.stream) {
                 return Some(Conn {
                     stream: candidate.stream,
@@ -362,10 +363,14 @@ async fn exchange(
             .map_err(write_failed)?;
     }
     let mut buf = BytesMut::new();
+    // Not `buf.is_empty()`: a skipped 1xx answer leaves it empty, yet the
+    // upstream has the call.
+    let mut answered = false;
     loop {
         buf.reserve(READ_CHUNK);
         let read = tokio::io::AsyncReadExt::read_buf(stream, &mut buf).await;
-        let before_answer = buf.is_empty();
+        answered |= matches!(read, Ok(n) if n > 0);
+        let before_answer = !answered;
         let failed = |error| Failure {
             error,
             before_answer,
@@ -421,46 +426,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    let mut content_length: Option<u64> = None;
-    let mut transfer_encoding: Option<bool> = None;
-    let mut keep_alive = version == Version::HTTP_11;
-    for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
-            ClientError::Malformed(format!("`{}` is not a valid header name", field.name))
-        })?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| {
-            ClientError::Malformed(format!("the value of header `{name}` is not valid"))
-        })?;
-        if name == header::CONTENT_LENGTH {
-            content_length = Some(merge_content_length(content_length, field.value).map_err(
-                |e| {
-                    ClientError::Malformed(
-                        match e {
-                            BadLength::NotANumber => "its content-length is not a number",
-                            BadLength::Conflicting => "it has conflicting content-length values",
-                        }
-                        .into(),
-                    )
-                },
-            )?);
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_encoding = Some(
-                tokens(&value)
-                    .last()
-                    .is_some_and(|t| t.eq_ignore_ascii_case("chunked")),
-            );
-        } else if name == header::CONNECTION {
-            for token in tokens(&value) {
-                if token.eq_ignore_ascii_case("close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case("keep-alive") && version == Version::HTTP_10 {
-                    keep_alive = true;
-                }
-            }
-        }
-        headers.append(name, value);
-    }
+    let fields =
+        read_fields(version, parsed.headers).map_err(|e| ClientError::Malformed(e.to_string()))?;
+    let mut keep_alive = fields.keep_alive;
     let no_body = status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || status == StatusCode::SWITCHING_PROTOCOLS;
@@ -468,7 +436,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
         // The connection speaks something else now.
         keep_alive = false;
     }
-    let framing = match (no_body, transfer_encoding, content_length) {
+    let framing = match (no_body, fields.chunked, fields.content_length) {
         (true, _, _) => Framing::Done,
         // A transfer coding wins over a length (RFC 9112 §6.3); one that
         // does not end in chunked runs to the close.
@@ -477,6 +445,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
             keep_alive = false;
             Framing::UntilClose
         }
+        (_, None, Some(0)) => Framing::Done,
         (_, None, Some(len)) => Framing::Length(len),
     };
     Ok(Some((
@@ -484,7 +453,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
         Parsed::Final(ResponseHead {
             status,
             version,
-            headers,
+            headers: fields.headers,
             framing,
             keep_alive,
             rest: BytesMut::new(),
@@ -500,114 +469,31 @@ enum Framing {
     Done,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this many bytes left.
-    Data(u64),
-    /// After a chunk's data, expecting its CRLF.
-    DataEnd,
-    /// After the last chunk: trailers up to an empty line.
-    Trailers,
-}
-
-/// What the framing makes of the buffered bytes.
-enum Decoded {
-    Data(Bytes),
-    NeedMore,
-    End,
-}
-
 /// Takes the next piece of body out of `buf`: as much of the current chunk
 /// (or length) as has arrived, so a streamed event goes on as soon as it
 /// is read.
-fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Decoded, ClientError> {
-    loop {
-        match framing {
-            Framing::Done => return Ok(Decoded::End),
-            Framing::Length(left) => {
-                if buf.is_empty() {
-                    return Ok(Decoded::NeedMore);
-                }
-                let take = (*left).min(buf.len() as u64) as usize;
-                *left -= take as u64;
-                let data = buf.split_to(take).freeze();
-                if *left == 0 {
-                    *framing = Framing::Done;
-                }
-                return Ok(Decoded::Data(data));
+fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<BodyPiece, ClientError> {
+    match framing {
+        Framing::Done => Ok(BodyPiece::End),
+        _ if buf.is_empty() && !matches!(framing, Framing::Chunked(_)) => Ok(BodyPiece::NeedMore),
+        Framing::Length(left) => {
+            let take = (*left).min(buf.len() as u64) as usize;
+            *left -= take as u64;
+            let data = buf.split_to(take).freeze();
+            if *left == 0 {
+                *framing = Framing::Done;
             }
-            Framing::UntilClose => {
-                if buf.is_empty() {
-                    return Ok(Decoded::NeedMore);
-                }
-                return Ok(Decoded::Data(buf.split().freeze()));
+            Ok(BodyPiece::Data(data))
+        }
+        Framing::UntilClose => Ok(BodyPiece::Data(buf.split().freeze())),
+        Framing::Chunked(state) => {
+            let piece = state
+                .decode(buf)
+                .map_err(|e| ClientError::Malformed(e.into()))?;
+            if matches!(piece, BodyPiece::End) {
+                *framing = Framing::Done;
             }
-            Framing::Chunked(state) => match *state {
-                ChunkState::Size => {
-                    let Some(line_end) = memchr::memmem::find(buf, b"\r\n") else {
-                        if buf.len() > 1024 {
-                            return Err(ClientError::Malformed(
-                                "a chunk size line is longer than 1024 bytes".into(),
-                            ));
-                        }
-                        return Ok(Decoded::NeedMore);
-                    };
-                    let size = chunk_size(&buf[..line_end]).ok_or_else(|| {
-                        ClientError::Malformed("a chunk size is not a hexadecimal number".into())
-                    })?;
-                    buf.advance(line_end + 2);
-                    *state = if size == 0 {
-                        ChunkState::Trailers
-                    } else {
-                        ChunkState::Data(size)
-                    };
-                }
-                ChunkState::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let take = left.min(buf.len() as u64) as usize;
-                    *state = if take as u64 == left {
-                        ChunkState::DataEnd
-                    } else {
-                        ChunkState::Data(left - take as u64)
-                    };
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
-                }
-                ChunkState::DataEnd => {
-                    if buf.len() < 2 {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(ClientError::Malformed(
-                            "a chunk does not end with CRLF".into(),
-                        ));
-                    }
-                    buf.advance(2);
-                    *state = ChunkState::Size;
-                }
-                ChunkState::Trailers => {
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
-                        *framing = Framing::Done;
-                        continue;
-                    }
-                    match memchr::memmem::find(buf, b"\r\n\r\n") {
-                        Some(end) => {
-                            buf.advance(end + 4);
-                            *framing = Framing::Done;
-                        }
-                        None if buf.len() > MAX_HEAD_BYTES => {
-                            return Err(ClientError::Malformed(
-                                "the chunked body's trailers are too large".into(),
-                            ));
-                        }
-                        None => return Ok(Decoded::NeedMore),
-                    }
-                }
-            },
+            Ok(piece)
         }
     }
 }
@@ -671,20 +557,16 @@ impl PlainBody {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, ClientError>>> {
         loop {
             match decode(&mut self.framing, &mut self.buf) {
-                Err(e) => {
-                    self.stream = None;
-                    self.framing = Framing::Done;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Ok(Decoded::Data(data)) => {
+                Err(e) => return self.abandon(Some(e)),
+                Ok(BodyPiece::Data(data)) => {
                     self.finish_if_done();
                     return Poll::Ready(Some(Ok(data)));
                 }
-                Ok(Decoded::End) => {
+                Ok(BodyPiece::End) => {
                     self.finish_if_done();
                     return Poll::Ready(None);
                 }
-                Ok(Decoded::NeedMore) => {}
+                Ok(BodyPiece::NeedMore) => {}
             }
             let Some(stream) = self.stream.as_mut() else {
                 return Poll::Ready(None);
@@ -699,24 +581,20 @@ impl PlainBody {
                 &mut self.buf
             ));
             match read {
-                Ok(0) if self.framing == Framing::UntilClose => {
-                    self.stream = None;
-                    self.framing = Framing::Done;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => {
-                    self.stream = None;
-                    self.framing = Framing::Done;
-                    return Poll::Ready(Some(Err(ClientError::ClosedMidAnswer)));
-                }
+                Ok(0) if self.framing == Framing::UntilClose => return self.abandon(None),
+                Ok(0) => return self.abandon(Some(ClientError::ClosedMidAnswer)),
                 Ok(_) => {}
-                Err(e) => {
-                    self.stream = None;
-                    self.framing = Framing::Done;
-                    return Poll::Ready(Some(Err(ClientError::Io(e))));
-                }
+                Err(e) => return self.abandon(Some(ClientError::Io(e))),
             }
         }
+    }
+
+    /// Ends the body without giving the connection back: at a close-delimited
+    /// body's end, or with `error`.
+    fn abandon(&mut self, error: Option<ClientError>) -> Poll<Option<Result<Bytes, ClientError>>> {
+        self.stream = None;
+        self.framing = Framing::Done;
+        Poll::Ready(error.map(Err))
     }
 
     /// At the end of the body, the connection goes back to the pool if the
@@ -737,6 +615,7 @@ impl PlainBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn decode_all(
         framing: &mut Framing,
@@ -749,9 +628,9 @@ mod tests {
             buf.extend_from_slice(piece);
             loop {
                 match decode(framing, &mut buf)? {
-                    Decoded::Data(data) => body.extend_from_slice(&data),
-                    Decoded::NeedMore => break,
-                    Decoded::End => return Ok((body, buf.is_empty())),
+                    BodyPiece::Data(data) => body.extend_from_slice(&data),
+                    BodyPiece::NeedMore => break,
+                    BodyPiece::End => return Ok((body, buf.is_empty())),
                 }
             }
         }
@@ -785,10 +664,10 @@ mod tests {
         let mut framing = Framing::Length(5);
         let mut buf = BytesMut::from(&b"hello"[..]);
         assert!(
-            matches!(decode(&mut framing, &mut buf), Ok(Decoded::Data(d)) if &d[..] == b"hello")
+            matches!(decode(&mut framing, &mut buf), Ok(BodyPiece::Data(d)) if &d[..] == b"hello")
         );
         assert_eq!(framing, Framing::Done);
-        assert!(matches!(decode(&mut framing, &mut buf), Ok(Decoded::End)));
+        assert!(matches!(decode(&mut framing, &mut buf), Ok(BodyPiece::End)));
     }
 
     #[test]
@@ -813,6 +692,8 @@ mod tests {
         assert!(!head.keep_alive);
         let head = parse(b"HTTP/1.1 204 No Content\r\n\r\n");
         assert_eq!(head.framing, Framing::Done);
+        let head = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!((head.framing, head.keep_alive), (Framing::Done, true));
         let head = parse(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n");
         assert_eq!((head.framing, head.keep_alive), (Framing::Done, false));
         let head = parse(b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n");

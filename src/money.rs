@@ -143,7 +143,7 @@ impl fmt::Display for Usd {
         let sign = if self.0 < 0 { "-" } else { "" };
         let magnitude = self.0.unsigned_abs();
         // Every call's cost is formatted: u64 arithmetic when it fits (any
-        // amount under $18), and the fraction's digits on the stack.
+        // amount under $18), and no string for the fraction.
         let (whole, frac) = match u64::try_from(magnitude) {
             Ok(small) => (u128::from(small / ONE_USD as u64), small % ONE_USD as u64),
             Err(_) => (
@@ -154,15 +154,13 @@ impl fmt::Display for Usd {
         if frac == 0 {
             return write!(f, "{sign}{whole}");
         }
-        let mut digits = [b'0'; 18];
-        let mut rest = frac;
-        for digit in digits.iter_mut().rev() {
-            *digit = b'0' + (rest % 10) as u8;
-            rest /= 10;
+        // 18 fraction digits without their trailing zeros.
+        let (mut frac, mut width) = (frac, 18);
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
         }
-        let used = 18 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-        let frac = std::str::from_utf8(&digits[..used]).map_err(|_| fmt::Error)?;
-        write!(f, "{sign}{whole}.{frac}")
+        write!(f, "{sign}{whole}.{frac:0width$}")
     }
 }
 

@@ -383,9 +383,9 @@ impl Connection {
                 if head.expect_continue {
                     self.continue_100().await?;
                 }
-                let mut body = BytesMut::new();
+                let (mut state, mut body) = (ChunkState::Size, BytesMut::new());
                 loop {
-                    match decode_chunk(&mut self.buf, &mut body, limit) {
+                    match decode_chunk(&mut state, &mut self.buf, &mut body, limit) {
                         Ok(Chunk::Done) => return Ok(RequestBody::Whole(body.freeze())),
                         Ok(Chunk::TooLarge) => return Ok(RequestBody::TooLarge),
                         Ok(Chunk::More) => {}
@@ -739,84 +739,103 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    let mut content_length: Option<u64> = None;
-    let mut chunked = false;
-    let mut transfer_encoding = false;
-    let mut close = version == Version::HTTP_10;
-    let mut expect_continue = false;
-    for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| HttpError::bad(format!("`{}` is not a valid header name", field.name)))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| HttpError::bad(format!("the value of header `{name}` is not valid")))?;
-        if name == header::CONTENT_LENGTH {
-            content_length = Some(
-                merge_content_length(content_length, value.as_bytes()).map_err(|e| match e {
-                    BadLength::NotANumber => HttpError::bad("content-length is not a number"),
-                    BadLength::Conflicting => {
-                        HttpError::bad("the request has conflicting content-length values")
-                    }
-                })?,
-            );
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_encoding = true;
-            // Only the last coding tells the framing; anything but chunked there is unreadable.
-            chunked = tokens(&value)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
-        } else if name == header::CONNECTION {
-            for token in tokens(&value) {
-                if token.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    close = false;
-                }
-            }
-        } else if name == header::EXPECT {
-            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-        }
-        headers.append(name, value);
-    }
-    let framing = if transfer_encoding {
-        if !chunked {
+    let fields = read_fields(version, parsed.headers).map_err(|e| HttpError::bad(e.to_string()))?;
+    let framing = match (fields.chunked, fields.content_length) {
+        (Some(false), _) => {
             return Err(HttpError::bad(
                 "transfer-encoding must end with chunked; send the body chunked or with a content-length",
             ));
         }
-        if content_length.is_some() {
+        (Some(true), Some(_)) => {
             return Err(HttpError::bad(
                 "the request has both transfer-encoding and content-length; send one",
             ));
         }
-        Framing::Chunked
-    } else {
-        match content_length {
-            None | Some(0) => Framing::Empty,
-            Some(len) => Framing::Length(len),
-        }
+        (Some(true), None) => Framing::Chunked,
+        (None, None | Some(0)) => Framing::Empty,
+        (None, Some(len)) => Framing::Length(len),
     };
     let head = Head {
         method,
         uri,
         version,
-        headers,
+        headers: fields.headers,
         framing,
-        keep_alive: !close,
-        expect_continue,
+        keep_alive: fields.keep_alive,
+        expect_continue: fields.expect_continue,
     };
     Ok(Some((head, len)))
 }
 
-pub(crate) enum BadLength {
-    NotANumber,
-    Conflicting,
+/// What a message's header fields say about its framing and connection.
+pub(crate) struct MessageFields {
+    pub headers: HeaderMap,
+    pub content_length: Option<u64>,
+    /// With a transfer-encoding: whether its last coding is chunked (only
+    /// the last one tells the framing).
+    pub chunked: Option<bool>,
+    /// `close` wins; otherwise `keep-alive`, or HTTP/1.1's default.
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FieldError {
+    #[error("`{0}` is not a valid header name")]
+    Name(String),
+    #[error("the value of header `{0}` is not valid")]
+    Value(HeaderName),
+    #[error("content-length is not a number")]
+    LengthNotANumber,
+    #[error("conflicting content-length values")]
+    LengthsConflict,
+}
+
+/// Reads parsed header fields, for requests and answers alike. Shared with
+/// the upstream client.
+pub(crate) fn read_fields(
+    version: Version,
+    fields: &[httparse::Header<'_>],
+) -> Result<MessageFields, FieldError> {
+    let mut out = MessageFields {
+        headers: HeaderMap::with_capacity(fields.len()),
+        content_length: None,
+        chunked: None,
+        keep_alive: version == Version::HTTP_11,
+        expect_continue: false,
+    };
+    let (mut close, mut keep_alive) = (false, false);
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| FieldError::Name(field.name.to_owned()))?;
+        let value =
+            HeaderValue::from_bytes(field.value).map_err(|_| FieldError::Value(name.clone()))?;
+        if name == header::CONTENT_LENGTH {
+            out.content_length = Some(merge_content_length(out.content_length, field.value)?);
+        } else if name == header::TRANSFER_ENCODING {
+            out.chunked = Some(
+                tokens(&value)
+                    .last()
+                    .is_some_and(|t| t.eq_ignore_ascii_case("chunked")),
+            );
+        } else if name == header::CONNECTION {
+            for token in tokens(&value) {
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        } else if name == header::EXPECT {
+            out.expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        out.headers.append(name, value);
+    }
+    out.keep_alive = !close && (keep_alive || out.keep_alive);
+    Ok(out)
 }
 
 /// The length a `content-length` field gives, together with one seen
 /// before: digits only, a comma list of equal values accepted (RFC 9110
-/// §8.6), different values refused. Shared with the upstream client.
-pub(crate) fn merge_content_length(known: Option<u64>, value: &[u8]) -> Result<u64, BadLength> {
+/// §8.6), different values refused.
+fn merge_content_length(known: Option<u64>, value: &[u8]) -> Result<u64, FieldError> {
     let mut length = known;
     for part in value.split(|b| *b == b',') {
         let len = std::str::from_utf8(part)
@@ -824,18 +843,18 @@ pub(crate) fn merge_content_length(known: Option<u64>, value: &[u8]) -> Result<u
             .map(str::trim)
             .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|s| s.parse::<u64>().ok())
-            .ok_or(BadLength::NotANumber)?;
+            .ok_or(FieldError::LengthNotANumber)?;
         if length.is_some_and(|seen| seen != len) {
-            return Err(BadLength::Conflicting);
+            return Err(FieldError::LengthsConflict);
         }
         length = Some(len);
     }
-    length.ok_or(BadLength::NotANumber)
+    length.ok_or(FieldError::LengthNotANumber)
 }
 
 /// The comma-separated tokens of a header value (`Connection`,
 /// `Transfer-Encoding`); shared with the upstream client.
-pub(crate) fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value
         .to_str()
         .unwrap_or("")
@@ -853,64 +872,135 @@ enum Chunk {
     TooLarge,
 }
 
+/// Moves what has arrived of a chunked body from `buf` into `body`.
+fn decode_chunk(
+    state: &mut ChunkState,
+    buf: &mut BytesMut,
+    body: &mut BytesMut,
+    limit: u64,
+) -> Result<Chunk, HttpError> {
+    loop {
+        match state.decode(buf).map_err(HttpError::bad)? {
+            BodyPiece::Data(data) => {
+                if (body.len() + data.len()) as u64 > limit {
+                    return Ok(Chunk::TooLarge);
+                }
+                body.extend_from_slice(&data);
+            }
+            BodyPiece::End => return Ok(Chunk::Done),
+            BodyPiece::NeedMore => {
+                if let ChunkState::Data(left) = *state {
+                    // Refused on its size line, not once it has arrived.
+                    if body.len() as u64 + left > limit {
+                        return Ok(Chunk::TooLarge);
+                    }
+                    buf.reserve(left as usize + 2);
+                }
+                return Ok(Chunk::More);
+            }
+        }
+    }
+}
+
+/// Where the decoding of a chunked body stands. Shared with the upstream
+/// client, which passes each piece on as it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// After a chunk's data, expecting its CRLF.
+    DataEnd,
+    /// After the last chunk: trailers up to an empty line.
+    Trailers,
+    Done,
+}
+
+/// What a body's framing makes of the buffered bytes.
+pub(crate) enum BodyPiece {
+    Data(Bytes),
+    NeedMore,
+    End,
+}
+
+impl ChunkState {
+    /// Takes the next piece of body out of `buf`: as much of the current
+    /// chunk as has arrived. Trailers are skipped; nothing past the body is
+    /// consumed.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<BodyPiece, &'static str> {
+        loop {
+            match *self {
+                ChunkState::Done => return Ok(BodyPiece::End),
+                ChunkState::Size => {
+                    let Some(line_end) = memchr::memmem::find(buf, b"\r\n") else {
+                        if buf.len() > 1024 {
+                            return Err("a chunk size line is longer than 1024 bytes");
+                        }
+                        return Ok(BodyPiece::NeedMore);
+                    };
+                    let size = chunk_size(&buf[..line_end])
+                        .ok_or("a chunk size is not a hexadecimal number")?;
+                    buf.advance(line_end + 2);
+                    *self = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(BodyPiece::NeedMore);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    *self = if take == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - take)
+                    };
+                    return Ok(BodyPiece::Data(buf.split_to(take as usize).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(BodyPiece::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("a chunk does not end with CRLF");
+                    }
+                    buf.advance(2);
+                    *self = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let end = if buf.starts_with(b"\r\n") {
+                        Some(0)
+                    } else {
+                        memchr::memmem::find(buf, b"\r\n\r\n").map(|end| end + 2)
+                    };
+                    match end {
+                        Some(end) => {
+                            buf.advance(end + 2);
+                            *self = ChunkState::Done;
+                        }
+                        None if buf.len() > MAX_HEAD_BYTES => {
+                            return Err("the chunked body's trailers are too large");
+                        }
+                        None => return Ok(BodyPiece::NeedMore),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The size on a chunk-size line (extensions after `;` ignored); `None`
-/// unless it is 1 to 15 hexadecimal digits. Shared with the upstream client.
-pub(crate) fn chunk_size(line: &[u8]) -> Option<u64> {
+/// unless it is 1 to 15 hexadecimal digits.
+fn chunk_size(line: &[u8]) -> Option<u64> {
     let text = line.split(|b| *b == b';').next().unwrap_or_default();
     let text = std::str::from_utf8(text).unwrap_or("").trim();
     if text.is_empty() || text.len() > 15 {
         return None;
     }
     u64::from_str_radix(text, 16).ok()
-}
-
-/// Moves every complete chunk at the front of `buf` into `body`.
-fn decode_chunk(buf: &mut BytesMut, body: &mut BytesMut, limit: u64) -> Result<Chunk, HttpError> {
-    loop {
-        let Some(line_end) = memchr::memmem::find(buf, b"\r\n") else {
-            if buf.len() > 1024 {
-                return Err(HttpError::bad(
-                    "a chunk size line is longer than 1024 bytes",
-                ));
-            }
-            return Ok(Chunk::More);
-        };
-        let size = chunk_size(&buf[..line_end])
-            .ok_or_else(|| HttpError::bad("a chunk size is not a hexadecimal number"))?;
-        if size == 0 {
-            // The last chunk, then trailers up to an empty line.
-            let rest = &buf[line_end + 2..];
-            if rest.starts_with(b"\r\n") {
-                buf.advance(line_end + 4);
-                return Ok(Chunk::Done);
-            }
-            return match memchr::memmem::find(rest, b"\r\n\r\n") {
-                Some(end) => {
-                    buf.advance(line_end + 2 + end + 4);
-                    Ok(Chunk::Done)
-                }
-                None if rest.len() > MAX_HEAD_BYTES => {
-                    Err(HttpError::bad("the chunked body's trailers are too large"))
-                }
-                None => Ok(Chunk::More),
-            };
-        }
-        if body.len() as u64 + size > limit {
-            return Ok(Chunk::TooLarge);
-        }
-        let size = size as usize;
-        let needed = line_end + 2 + size + 2;
-        if buf.len() < needed {
-            // Make room for the whole chunk at once.
-            buf.reserve(needed - buf.len());
-            return Ok(Chunk::More);
-        }
-        if &buf[needed - 2..needed] != b"\r\n" {
-            return Err(HttpError::bad("a chunk does not end with CRLF"));
-        }
-        body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
-        buf.advance(needed);
-    }
 }
 
 /// Writes `headers` as HTTP/1.1 field lines, leaving out the framing and
@@ -1132,10 +1222,10 @@ mod tests {
         let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
         // Fed a byte at a time, as a slow socket would.
         let (mut buf, mut body) = (BytesMut::new(), BytesMut::new());
-        let mut outcome = Chunk::More;
+        let (mut outcome, mut state) = (Chunk::More, ChunkState::Size);
         for byte in wire {
             buf.extend_from_slice(&[*byte]);
-            outcome = decode_chunk(&mut buf, &mut body, 1024).unwrap();
+            outcome = decode_chunk(&mut state, &mut buf, &mut body, 1024).unwrap();
             if outcome == Chunk::Done {
                 break;
             }
@@ -1146,22 +1236,22 @@ mod tests {
 
         let (mut buf, mut body) = (BytesMut::from(&wire[..]), BytesMut::new());
         assert_eq!(
-            decode_chunk(&mut buf, &mut body, 1024).unwrap(),
+            decode_chunk(&mut ChunkState::Size, &mut buf, &mut body, 1024).unwrap(),
             Chunk::Done
         );
         assert_eq!(&buf[..], b"NEXT");
 
         let (mut buf, mut body) = (BytesMut::from(&wire[..]), BytesMut::new());
         assert_eq!(
-            decode_chunk(&mut buf, &mut body, 8).unwrap(),
+            decode_chunk(&mut ChunkState::Size, &mut buf, &mut body, 8).unwrap(),
             Chunk::TooLarge
         );
 
         let (mut buf, mut body) = (BytesMut::from(&b"zz\r\n"[..]), BytesMut::new());
-        assert!(decode_chunk(&mut buf, &mut body, 8).is_err());
+        assert!(decode_chunk(&mut ChunkState::Size, &mut buf, &mut body, 8).is_err());
         let (mut buf, mut body) = (BytesMut::from(&b"2\r\nabXY"[..]), BytesMut::new());
         assert!(
-            decode_chunk(&mut buf, &mut body, 8).is_err(),
+            decode_chunk(&mut ChunkState::Size, &mut buf, &mut body, 8).is_err(),
             "a chunk must end with CRLF"
         );
     }

@@ -347,3 +347,27 @@ async fn an_answer_that_is_not_http_gets_502_and_is_recorded() {
         warden.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_answer_ends_at_once_and_keeps_its_connection() {
+    let upstream = RawUpstream::start(|_| {
+        Act::Answer(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )
+    })
+    .await;
+    let warden = Front::before(&upstream).await;
+    for _ in 0..2 {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), warden.call())
+            .await
+            .expect("an empty answer is not waited on");
+        assert_eq!((status, body.len()), (200, 0));
+    }
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "the connection went back to the pool"
+    );
+    warden.shutdown().await;
+}
