@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -125,11 +125,14 @@ fn with_length(body: &[u8]) -> Vec<u8> {
 
 /// A Warden in front of a raw upstream (its store in a temporary
 /// directory) and one agent connection to it, reused for every call (so
-/// every call is served by the same proxy worker and its pool).
+/// every call is served by the same proxy worker and its pool). One HTTP/1.1
+/// connection made by hand: a pooling client may open a second one when
+/// the first is not back in its pool yet, which could land on another
+/// worker with a pool of its own.
 struct Front {
     gateway: Gateway,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    url: String,
+    agent: tokio::sync::Mutex<SendRequest<Full<Bytes>>>,
+    host: String,
     _dir: tempfile::TempDir,
 }
 
@@ -137,22 +140,30 @@ impl Front {
     async fn before(upstream: &RawUpstream) -> Front {
         let dir = tempfile::tempdir().unwrap();
         let gateway = gateway_for(&upstream.url, &upstream.url, dir.path()).await;
+        let stream = TcpStream::connect(gateway.proxy_addr()).await.unwrap();
+        let (agent, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
         Front {
-            url: format!("http://{}/v1/chat/completions", gateway.proxy_addr()),
+            host: gateway.proxy_addr().to_string(),
             gateway,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            agent: tokio::sync::Mutex::new(agent),
             _dir: dir,
         }
     }
 
     async fn call(&self) -> (u16, Bytes) {
         let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
-        let request = http::Request::post(&self.url)
+        let request = http::Request::post("/v1/chat/completions")
+            .header("host", &self.host)
             .header("authorization", format!("Bearer {AGENT_KEY}"))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap();
-        let response = self.client.request(request).await.unwrap();
+        let mut agent = self.agent.lock().await;
+        agent.ready().await.unwrap();
+        let response = agent.send_request(request).await.unwrap();
         let status = response.status().as_u16();
         (
             status,
