@@ -4,6 +4,7 @@
 
 pub mod answer;
 pub mod anthropic;
+pub mod members;
 pub mod openai;
 
 use std::borrow::Cow;
@@ -273,23 +274,20 @@ impl RawUsage {
     }
 }
 
-#[derive(Deserialize)]
-struct BodyWithUsage {
-    usage: Option<RawUsage>,
-    /// count_tokens answers with a bare `input_tokens`.
-    input_tokens: Option<u64>,
-}
-
-/// Usage reported in a non-streamed success body, if any.
+/// Usage reported in a non-streamed success body, if any: its top-level
+/// `usage` object, or a bare `input_tokens` (count_tokens answers so).
 pub fn usage_from_body(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
-    let parsed: BodyWithUsage = serde_json::from_slice(body).ok()?;
-    match (parsed.usage, parsed.input_tokens) {
-        (Some(raw), _) => Some(raw.normalize(endpoint.protocol())),
-        (None, Some(input_tokens)) => Some(Usage {
-            input_tokens,
+    let [usage, input_tokens] = members::top_level_members(body, [b"usage", b"input_tokens"])?;
+    let usage: Option<RawUsage> = match usage {
+        Some(raw) => serde_json::from_slice(raw).ok()?,
+        None => None,
+    };
+    match usage {
+        Some(raw) => Some(raw.normalize(endpoint.protocol())),
+        None => Some(Usage {
+            input_tokens: serde_json::from_slice(input_tokens?).ok()?,
             ..Usage::default()
         }),
-        (None, None) => None,
     }
 }
 
@@ -419,6 +417,29 @@ mod tests {
                 reasoning_tokens: 0
             }
         );
+    }
+
+    #[test]
+    fn only_the_answers_own_usage_counts() {
+        // A tool's input is the model's own JSON: its `usage` is not the call's.
+        let body = br#"{"content": [{"type": "tool_use", "name": "bill",
+            "input": {"usage": {"input_tokens": 999999, "output_tokens": 999999}}}],
+            "usage": {"input_tokens": 12, "output_tokens": 7}}"#;
+        let usage = usage_from_body(Endpoint::Messages, body).unwrap();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (12, 7));
+        assert_eq!(
+            usage_from_body(Endpoint::CountTokens, br#"{"input_tokens": 42}"#)
+                .map(|u| u.input_tokens),
+            Some(42)
+        );
+        for nothing in [
+            &br#"{"usage": null}"#[..],
+            b"{}",
+            b"not json",
+            br#"{"usage": 5}"#,
+        ] {
+            assert_eq!(usage_from_body(Endpoint::Messages, nothing), None);
+        }
     }
 
     #[test]

@@ -5,16 +5,18 @@
 use http::HeaderValue;
 use http::header::{self, HeaderMap, HeaderName};
 
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+// Names, not strings: removing by `&str` parses and hashes the name again
+// for every header map.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
@@ -27,11 +29,21 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Removes only what is there: an answer usually carries a few headers and
+/// none or one of the nine, and a removal hashes its name.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in connection_listed(headers) {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    let mut doomed = if headers.contains_key(header::CONNECTION) {
+        connection_listed(headers)
+    } else {
+        Vec::new()
+    };
+    doomed.extend(
+        headers
+            .keys()
+            .filter(|name| HOP_BY_HOP.contains(name))
+            .cloned(),
+    );
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -74,7 +86,7 @@ fn going_upstream(agent_headers: &HeaderMap) -> impl Iterator<Item = (&HeaderNam
         Vec::new()
     };
     agent_headers.iter().filter(move |(name, _)| {
-        !(HOP_BY_HOP.contains(&name.as_str())
+        !(HOP_BY_HOP.contains(name)
             || listed.contains(name)
             || **name == header::HOST
             || **name == header::AUTHORIZATION
