@@ -207,23 +207,43 @@ WD_FN wd_u32 wd_skip_ws(wd_slice s, wd_u32 i) {
     return i;
 }
 
+/* End (exclusive) of the string whose opening quote is at `i`, or 0 when it
+ * does not close. Looks at 8 bytes at a time for a quote or a backslash:
+ * walking the input's strings byte by byte was most of a policy's time. */
+WD_FN wd_u32 wd_string_end(wd_slice s, wd_u32 i) {
+    const wd_u64 ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+    for (i++; i < s.len;) {
+        if (s.len - i >= 8) {
+            wd_u64 w, quote, backslash, hit;
+            __builtin_memcpy(&w, s.ptr + i, 8);
+            quote = w ^ (ones * '"');
+            backslash = w ^ (ones * '\\');
+            /* A byte equal to the quote or the backslash: the lowest such
+             * byte's high bit is set, the first one in the text. */
+            hit = (((quote - ones) & ~quote) | ((backslash - ones) & ~backslash)) & highs;
+            if (!hit) {
+                i += 8;
+                continue;
+            }
+            i += (wd_u32)__builtin_ctzll(hit) >> 3;
+        }
+        if (s.ptr[i] == '"') return i + 1;
+        i += s.ptr[i] == '\\' ? 2 : 1;
+    }
+    return 0;
+}
+
 /* End (exclusive) of the value starting at `i`, or 0 on malformed input. */
 WD_FN wd_u32 wd_value_end(wd_slice s, wd_u32 i) {
     if (i >= s.len) return 0;
     char c = s.ptr[i];
-    if (c == '"') {
-        for (i++; i < s.len; i++) {
-            if (s.ptr[i] == '\\') i++;
-            else if (s.ptr[i] == '"') return i + 1;
-        }
-        return 0;
-    }
+    if (c == '"') return wd_string_end(s, i);
     if (c == '{' || c == '[') {
         int depth = 0;
         for (; i < s.len; i++) {
             char d = s.ptr[i];
             if (d == '"') {
-                wd_u32 end = wd_value_end(s, i);
+                wd_u32 end = wd_string_end(s, i);
                 if (!end) return 0;
                 i = end - 1;
             } else if (d == '{' || d == '[') {
@@ -398,7 +418,11 @@ WD_FN wd_i64 wd_decide_buf(const char *action, const char *rule, const wd_buf *r
     return wd_decide_n(action, rule, reason->ptr, reason->len);
 }
 
-/* The default: allow, nothing to record. */
-WD_FN wd_i64 wd_allow(void) { return wd_decide("allow", "", ""); }
+/* The default: allow, nothing to record. Answered from a constant: most
+ * evaluations end here, and building it copied seven pieces. */
+WD_FN wd_i64 wd_allow(void) {
+    static const char allow[] = "{\"action\":\"allow\"}";
+    return wd_pack(allow, sizeof allow - 1);
+}
 
 #endif
