@@ -380,6 +380,41 @@ fn model_allowlist_reads_roles_and_globs() {
 }
 
 #[test]
+fn the_c_sdk_skips_strings_with_escapes_at_every_alignment() {
+    // The SDK looks for a string's end 8 bytes at a time: a quote or a
+    // backslash at any offset in a word, escaped quotes and backslashes, and
+    // text that looks like the member the policy wants must all be skipped.
+    let set = policy(
+        "policies/model_allowlist.wasm",
+        r#"{"researcher":["gpt-4o*"]}"#,
+    );
+    for pad in 0..20 {
+        for tricky in [
+            r#"\""#,
+            r#"\\"#,
+            r#"\\\""#,
+            r#"x\",\"role\":\"intern\""#,
+            "\u{e9}\u{2014}",
+        ] {
+            let call_id = format!("{}{tricky}{}", "a".repeat(pad), "b".repeat(pad % 9));
+            let input = INPUT.replace(r#""c1""#, &format!("\"{call_id}\""));
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&input).is_ok(),
+                "{input}"
+            );
+            let allowed = decide_one(&set, &input, None);
+            assert_eq!(allowed.action, Action::Allow, "{input}: {}", allowed.reason);
+            let denied = decide_one(&set, &input.replace("gpt-4o", "o3"), None);
+            assert_eq!(
+                denied.rule, "model_not_allowed",
+                "{input}: {}",
+                denied.reason
+            );
+        }
+    }
+}
+
+#[test]
 fn runaway_guard_halts_an_agent_above_its_rate() {
     let set = policy(
         "policies/runaway_guard.wasm",
