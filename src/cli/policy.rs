@@ -108,6 +108,7 @@ pub fn test(
                 without_config.to_string().as_bytes(),
                 None,
             )
+            .concat()
         }
     };
     let first = Instant::now();

@@ -172,24 +172,28 @@ impl<'a> BodyShape<'a> {
     }
 }
 
-/// The bytes one policy reads: `{"config":…,` then the shared input (and
-/// the messages when the policy asked for them).
-pub fn for_policy(config_json: &[u8], shared: &[u8], messages: Option<&str>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(shared.len() + config_json.len() + 16);
-    out.extend_from_slice(b"{\"config\":");
-    out.extend_from_slice(config_json);
-    out.push(b',');
-    // `shared` is a JSON object: drop its opening brace, and its closing one
-    // when members follow.
+/// The bytes one policy reads, in the pieces the sandbox writes one after
+/// another into the module's memory (no joined copy per policy):
+/// `{"config":…,` then the shared input's members (and the messages when the
+/// policy asked for them).
+pub fn for_policy<'a>(
+    config_json: &'a [u8],
+    shared: &'a [u8],
+    messages: Option<&'a str>,
+) -> [&'a [u8]; 6] {
+    // `shared` is a JSON object: its opening brace is dropped, and its
+    // closing one when members follow.
     match messages {
-        Some(members) if !members.is_empty() => {
-            out.extend_from_slice(&shared[1..shared.len() - 1]);
-            out.extend_from_slice(members.as_bytes());
-            out.push(b'}');
-        }
-        _ => out.extend_from_slice(&shared[1..]),
+        Some(members) if !members.is_empty() => [
+            b"{\"config\":",
+            config_json,
+            b",",
+            &shared[1..shared.len() - 1],
+            members.as_bytes(),
+            b"}",
+        ],
+        _ => [b"{\"config\":", config_json, b",", &shared[1..], b"", b""],
     }
-    out
 }
 
 #[cfg(test)]
@@ -218,11 +222,11 @@ mod tests {
     #[test]
     fn splices_config_and_messages_into_valid_json() {
         let shared = br#"{"call":{"model":"m"},"run":null}"#;
-        let plain = for_policy(br#"{"max":1}"#, shared, None);
+        let plain = for_policy(br#"{"max":1}"#, shared, None).concat();
         let value: serde_json::Value = serde_json::from_slice(&plain).unwrap();
         assert_eq!(value["config"]["max"], 1);
         assert_eq!(value["call"]["model"], "m");
-        let with = for_policy(b"{}", shared, Some(r#","messages":[{"content":"x"}]"#));
+        let with = for_policy(b"{}", shared, Some(r#","messages":[{"content":"x"}]"#)).concat();
         let value: serde_json::Value = serde_json::from_slice(&with).unwrap();
         assert_eq!(value["messages"][0]["content"], "x");
         assert!(value["run"].is_null());

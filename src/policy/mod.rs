@@ -109,8 +109,9 @@ pub struct LoadedModule {
 }
 
 impl LoadedModule {
-    /// Runs the module on `input`, counting the evaluation.
-    fn run(&self, input: &[u8]) -> (Result<Vec<u8>, RunError>, Duration) {
+    /// Runs the module on `input` (its pieces joined), counting the
+    /// evaluation.
+    fn run(&self, input: &[&[u8]]) -> (Result<Vec<u8>, RunError>, Duration) {
         let (output, took) = self.sandbox.run(self.spec.config_json.as_bytes(), input);
         if matches!(output, Err(RunError::Timeout(_))) {
             self.quarantined.store(true, Ordering::Relaxed);
@@ -398,7 +399,7 @@ impl ModuleSet {
         let mut out = Transformed::default();
         for plugin in plugins.iter() {
             let current = out.body.as_deref().unwrap_or(body);
-            let (output, took) = plugin.run(current);
+            let (output, took) = plugin.run(&[current]);
             let checked = output.map_err(|e| e.to_string()).and_then(|bytes| {
                 serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
                     .map(|_| bytes)
@@ -624,7 +625,7 @@ pub enum RunOutcome {
 
 /// Runs a module once, offline (for `warden policy test`).
 pub fn run_once(module: &LoadedModule, input: &[u8]) -> RunOutcome {
-    let (output, took) = module.run(input);
+    let (output, took) = module.run(&[input]);
     match module.spec.kind {
         ModuleKind::Policy => RunOutcome::Decision(decide(module, output, took)),
         ModuleKind::Plugin => RunOutcome::Body(output),

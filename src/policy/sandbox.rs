@@ -303,9 +303,10 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Runs the module once on `input` (with `config` handed to
-    /// `warden_init` first) and returns its output bytes and the time taken.
-    pub fn run(&self, config: &[u8], input: &[u8]) -> (Result<Vec<u8>, RunError>, Duration) {
+    /// Runs the module once on `input`, its pieces joined (with `config`
+    /// handed to `warden_init` first), and returns its output bytes and the
+    /// time taken.
+    pub fn run(&self, config: &[u8], input: &[&[u8]]) -> (Result<Vec<u8>, RunError>, Duration) {
         let started = Instant::now();
         let result = match &self.reusable {
             Some(globals) => self.run_warm(globals, config, input),
@@ -314,7 +315,7 @@ impl Sandbox {
         (result, started.elapsed())
     }
 
-    fn run_fresh(&self, config: &[u8], input: &[u8]) -> Result<Vec<u8>, RunError> {
+    fn run_fresh(&self, config: &[u8], input: &[&[u8]]) -> Result<Vec<u8>, RunError> {
         let mut store = self.store();
         let ready = self.instantiate(&mut store, config)?;
         self.evaluate(&mut store, ready.memory, &ready.alloc, &ready.main, input)
@@ -327,7 +328,7 @@ impl Sandbox {
         &self,
         globals: &[ModuleExport],
         config: &[u8],
-        input: &[u8],
+        input: &[&[u8]],
     ) -> Result<Vec<u8>, RunError> {
         WARM.with_borrow_mut(|warm| {
             let mine = Arc::as_ptr(&self.alive);
@@ -420,8 +421,8 @@ impl Sandbox {
         if let Some(init) = &self.entry.init {
             let init = typed::<(i32, i32), ()>(&instance, &mut *store, init)
                 .map_err(RunError::Instantiate)?;
-            let ptr = self.write(store, memory, &alloc, config)?;
-            init.call(&mut *store, (ptr, config.len() as i32))
+            let written = self.write(store, memory, &alloc, &[config])?;
+            init.call(&mut *store, written)
                 .map_err(|e| self.classify(e))?;
         }
         let main = typed::<(i32, i32), i64>(&instance, &mut *store, &self.entry.main)
@@ -434,23 +435,33 @@ impl Sandbox {
         })
     }
 
-    /// Copies `bytes` into a buffer the module allocated for them.
+    /// Copies `pieces`, one after another, into a buffer the module
+    /// allocated for them; returns where it starts and its length.
     fn write(
         &self,
         store: &mut Store<Host>,
         memory: Memory,
         alloc: &TypedFunc<i32, i32>,
-        bytes: &[u8],
-    ) -> Result<i32, RunError> {
-        let len = i32::try_from(bytes.len()).map_err(|_| RunError::Memory(self.max_memory_mb))?;
+        pieces: &[&[u8]],
+    ) -> Result<(i32, i32), RunError> {
+        let total: usize = pieces.iter().map(|piece| piece.len()).sum();
+        let len = i32::try_from(total).map_err(|_| RunError::Memory(self.max_memory_mb))?;
         let ptr = alloc.call(&mut *store, len).map_err(|e| self.classify(e))?;
-        memory
-            .write(&mut *store, ptr as u32 as usize, bytes)
-            .map_err(|_| RunError::OutOfBounds {
-                ptr: ptr as u32,
-                len: len as u32,
-            })?;
-        Ok(ptr)
+        let out_of_bounds = RunError::OutOfBounds {
+            ptr: ptr as u32,
+            len: len as u32,
+        };
+        let start = ptr as u32 as usize;
+        let buffer = memory
+            .data_mut(&mut *store)
+            .get_mut(start..start + total)
+            .ok_or(out_of_bounds)?;
+        let mut at = 0;
+        for piece in pieces {
+            buffer[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        }
+        Ok((ptr, len))
     }
 
     fn evaluate(
@@ -459,11 +470,11 @@ impl Sandbox {
         memory: Memory,
         alloc: &TypedFunc<i32, i32>,
         main: &TypedFunc<(i32, i32), i64>,
-        input: &[u8],
+        input: &[&[u8]],
     ) -> Result<Vec<u8>, RunError> {
-        let ptr = self.write(store, memory, alloc, input)?;
+        let (ptr, len) = self.write(store, memory, alloc, input)?;
         let packed = main
-            .call(&mut *store, (ptr, input.len() as i32))
+            .call(&mut *store, (ptr, len))
             .map_err(|e| self.classify(e))?;
         let (out_ptr, out_len) = ((packed as u64 >> 32) as u32, packed as u32);
         memory

@@ -157,7 +157,7 @@ fn a_kept_instance_is_put_back_after_every_evaluation() {
         "every mutable global is exported"
     );
     let run = |input: &[u8]| {
-        let (output, _) = module.sandbox.run(b"{}", input);
+        let (output, _) = module.sandbox.run(b"{}", &[input]);
         output.map(|bytes| String::from_utf8(bytes).unwrap())
     };
     // "g" grows the memory (that instance cannot be put back and is dropped),
@@ -191,7 +191,7 @@ fn a_module_that_says_where_its_heap_ends_gets_only_the_memory_below_put_back() 
         scope.spawn(|| {
             let rules: Vec<String> = (0..4)
                 .map(|_| {
-                    let (output, _) = module.sandbox.run(b"{}", b"{}");
+                    let (output, _) = module.sandbox.run(b"{}", &[b"{}"]);
                     let output = String::from_utf8(output.unwrap()).unwrap();
                     let decision: serde_json::Value = serde_json::from_str(&output).unwrap();
                     assert_eq!(decision["action"], "allow", "{output}");
