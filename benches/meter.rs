@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use warden::metering::{ChunkFilter, PriceTable, StreamMeter};
-use warden::providers::{Endpoint, RequestFacts, Usage};
+use warden::providers::{Endpoint, RequestFacts, Usage, usage_from_body};
 
 /// A 1,000-chunk OpenAI chat stream as the provider sends it: one content
 /// delta per chunk, a finish chunk, the usage chunk and [DONE].
@@ -92,6 +92,14 @@ fn cost_benches(c: &mut Criterion) {
     let body = br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":512,"messages":[{"role":"system","content":"You are a careful research assistant."},{"role":"user","content":"List three sources on AI agent governance and summarise each in two sentences."}],"temperature":0.2}"#;
     c.bench_function("request_facts_parse", |b| {
         b.iter(|| RequestFacts::parse(black_box(body)).unwrap())
+    });
+    let completion = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/openai/chat_completion.json"
+    ))
+    .unwrap();
+    c.bench_function("usage_from_body (707-byte chat completion)", |b| {
+        b.iter(|| usage_from_body(Endpoint::ChatCompletions, black_box(&completion)).unwrap())
     });
 }
 

@@ -236,6 +236,79 @@ struct ReasoningDetails {
 }
 
 impl RawUsage {
+    /// Reads a usage object's raw JSON (or `null`) by its members, without
+    /// serde: as strict about the counts (unsigned integers or `null`),
+    /// blind to the members Warden does not read. `Err` for text that is
+    /// not such an object.
+    pub fn from_json(raw: &[u8]) -> Result<Option<RawUsage>, UnreadableUsage> {
+        if raw == b"null" {
+            return Ok(None);
+        }
+        let [
+            prompt_tokens,
+            completion_tokens,
+            input_tokens,
+            output_tokens,
+            cache_creation_input_tokens,
+            cache_read_input_tokens,
+            prompt_tokens_details,
+            input_tokens_details,
+            completion_tokens_details,
+            output_tokens_details,
+        ] = members::top_level_members(
+            raw,
+            [
+                b"prompt_tokens",
+                b"completion_tokens",
+                b"input_tokens",
+                b"output_tokens",
+                b"cache_creation_input_tokens",
+                b"cache_read_input_tokens",
+                b"prompt_tokens_details",
+                b"input_tokens_details",
+                b"completion_tokens_details",
+                b"output_tokens_details",
+            ],
+        )
+        .ok_or(UnreadableUsage)?;
+        let detail = |value: Option<&[u8]>, key: &[u8]| -> Result<Option<u64>, UnreadableUsage> {
+            match value {
+                None | Some(b"null") => Ok(None),
+                Some(object) => {
+                    let [count] =
+                        members::top_level_members(object, [key]).ok_or(UnreadableUsage)?;
+                    token_count(count)
+                }
+            }
+        };
+        let cached = |value| {
+            detail(value, b"cached_tokens").map(|count| {
+                value.filter(|v| *v != b"null").map(|_| CachedDetails {
+                    cached_tokens: count,
+                })
+            })
+        };
+        let reasoning = |value| {
+            detail(value, b"reasoning_tokens").map(|count| {
+                value.filter(|v| *v != b"null").map(|_| ReasoningDetails {
+                    reasoning_tokens: count,
+                })
+            })
+        };
+        Ok(Some(RawUsage {
+            prompt_tokens: token_count(prompt_tokens)?,
+            completion_tokens: token_count(completion_tokens)?,
+            input_tokens: token_count(input_tokens)?,
+            output_tokens: token_count(output_tokens)?,
+            cache_creation_input_tokens: token_count(cache_creation_input_tokens)?,
+            cache_read_input_tokens: token_count(cache_read_input_tokens)?,
+            prompt_tokens_details: cached(prompt_tokens_details)?,
+            input_tokens_details: cached(input_tokens_details)?,
+            completion_tokens_details: reasoning(completion_tokens_details)?,
+            output_tokens_details: reasoning(output_tokens_details)?,
+        }))
+    }
+
     pub fn output_tokens(&self) -> Option<u64> {
         self.completion_tokens.or(self.output_tokens)
     }
@@ -274,18 +347,38 @@ impl RawUsage {
     }
 }
 
+/// A usage object that is not one: not an object, or a count that is not
+/// an unsigned integer.
+#[derive(Debug)]
+pub struct UnreadableUsage;
+
+/// A token count as JSON writes it: digits, or `null` / absent for none.
+fn token_count(value: Option<&[u8]>) -> Result<Option<u64>, UnreadableUsage> {
+    match value {
+        None | Some(b"null") => Ok(None),
+        Some(digits) if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(digits)
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .map(Some)
+                .ok_or(UnreadableUsage)
+        }
+        Some(_) => Err(UnreadableUsage),
+    }
+}
+
 /// Usage reported in a non-streamed success body, if any: its top-level
 /// `usage` object, or a bare `input_tokens` (count_tokens answers so).
 pub fn usage_from_body(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
     let [usage, input_tokens] = members::top_level_members(body, [b"usage", b"input_tokens"])?;
-    let usage: Option<RawUsage> = match usage {
-        Some(raw) => serde_json::from_slice(raw).ok()?,
+    let usage = match usage {
+        Some(raw) => RawUsage::from_json(raw).ok()?,
         None => None,
     };
     match usage {
         Some(raw) => Some(raw.normalize(endpoint.protocol())),
         None => Some(Usage {
-            input_tokens: serde_json::from_slice(input_tokens?).ok()?,
+            input_tokens: token_count(input_tokens).ok()??,
             ..Usage::default()
         }),
     }
@@ -439,6 +532,51 @@ mod tests {
             br#"{"usage": 5}"#,
         ] {
             assert_eq!(usage_from_body(Endpoint::Messages, nothing), None);
+        }
+    }
+
+    #[test]
+    fn usage_read_by_members_matches_serde_on_every_fixture() {
+        for (name, endpoint) in [
+            ("openai/chat_completion.json", Endpoint::ChatCompletions),
+            (
+                "openai/chat_completion_cached_reasoning.json",
+                Endpoint::ChatCompletions,
+            ),
+            ("openai/responses.json", Endpoint::Responses),
+            ("anthropic/message.json", Endpoint::Messages),
+            ("anthropic/message_cache.json", Endpoint::Messages),
+        ] {
+            let body = fixture(name);
+            let whole: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let by_serde: RawUsage = serde_json::from_value(whole["usage"].clone()).unwrap();
+            let expected = by_serde.normalize(endpoint.protocol());
+            assert_eq!(usage_from_body(endpoint, &body), Some(expected), "{name}");
+        }
+    }
+
+    #[test]
+    fn usage_counts_are_unsigned_integers_or_null() {
+        let read = |json: &str| RawUsage::from_json(json.as_bytes()).map(|u| u.is_some());
+        assert!(matches!(read("null"), Ok(false)));
+        for fine in [
+            r#"{"prompt_tokens": 3, "completion_tokens": null}"#,
+            r#"{"input_tokens": 0, "input_tokens_details": null, "extra": [1.5, "x"]}"#,
+            r#"{"output_tokens_details": {"reasoning_tokens": 18446744073709551615}}"#,
+        ] {
+            assert!(matches!(read(fine), Ok(true)), "{fine}");
+        }
+        for bad in [
+            r#"{"prompt_tokens": 1.5}"#,
+            r#"{"prompt_tokens": -1}"#,
+            r#"{"prompt_tokens": "3"}"#,
+            r#"{"completion_tokens_details": {"reasoning_tokens": true}}"#,
+            r#"{"output_tokens_details": {"reasoning_tokens": 18446744073709551616}}"#,
+            r#"{"prompt_tokens_details": 4}"#,
+            "[]",
+            "",
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
         }
     }
 
