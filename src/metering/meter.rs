@@ -229,16 +229,10 @@ fn first_string_after<'a>(data: &'a [u8], finder: &Finder<'_>) -> Option<&'a [u8
     Some(&data[start..string_end(data, start)])
 }
 
+/// Where the string whose contents start at `start` ends: its closing
+/// quote, or the end of `data` when the string runs past it.
 fn string_end(data: &[u8], start: usize) -> usize {
-    let mut i = start;
-    while i < data.len() {
-        match data[i] {
-            b'\\' => i += 2,
-            b'"' => return i,
-            _ => i += 1,
-        }
-    }
-    data.len()
+    crate::providers::members::closing_quote(data, start).unwrap_or(data.len())
 }
 
 /// Whether `"usage"` in `data` is followed by an object, not `null`.

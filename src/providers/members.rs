@@ -55,16 +55,23 @@ fn skip_whitespace(json: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// Just past the closing quote of the string opening at `start`.
-fn string_end(json: &[u8], start: usize) -> Option<usize> {
-    let mut at = start + 1;
+/// Where the JSON string whose contents start at `from` closes: the index
+/// of its closing quote, escaped characters skipped; `None` when it does not
+/// close within `json`.
+pub fn closing_quote(json: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
     loop {
         let found = at + memchr::memchr2(b'"', b'\\', json.get(at..)?)?;
         if json[found] == b'"' {
-            return Some(found + 1);
+            return Some(found);
         }
         at = found + 2;
     }
+}
+
+/// Just past the closing quote of the string opening at `start`.
+fn string_end(json: &[u8], start: usize) -> Option<usize> {
+    closing_quote(json, start + 1).map(|quote| quote + 1)
 }
 
 /// Just past the value starting at `start`.
