@@ -19,6 +19,8 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// The names a `Connection` header lists (none, and no allocation, when
+/// there is no such header).
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
@@ -32,11 +34,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Removes only what is there: an answer usually carries a few headers and
 /// none or one of the nine, and a removal hashes its name.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut doomed = if headers.contains_key(header::CONNECTION) {
-        connection_listed(headers)
-    } else {
-        Vec::new()
-    };
+    let mut doomed = connection_listed(headers);
     doomed.extend(
         headers
             .keys()
@@ -80,11 +78,7 @@ pub fn keep_upstream_headers(agent_headers: &HeaderMap) -> HeaderMap {
 /// The agent's headers that go upstream: not hop-by-hop ones or those named
 /// in `Connection`, not its credentials, Warden's own or the framing.
 fn going_upstream(agent_headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-    let listed = if agent_headers.contains_key(header::CONNECTION) {
-        connection_listed(agent_headers)
-    } else {
-        Vec::new()
-    };
+    let listed = connection_listed(agent_headers);
     agent_headers.iter().filter(move |(name, _)| {
         !(HOP_BY_HOP.contains(name)
             || listed.contains(name)
