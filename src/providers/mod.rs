@@ -271,29 +271,23 @@ impl RawUsage {
             ],
         )
         .ok_or(UnreadableUsage)?;
-        let detail = |value: Option<&[u8]>, key: &[u8]| -> Result<Option<u64>, UnreadableUsage> {
-            match value {
-                None | Some(b"null") => Ok(None),
-                Some(object) => {
-                    let [count] =
-                        members::top_level_members(object, [key]).ok_or(UnreadableUsage)?;
-                    token_count(count)
-                }
+        // A details object's one count: `None` when the object is absent
+        // or null (`normalize` then looks at the other spelling), `Some` of
+        // its count, itself maybe absent, when it is there.
+        let detail = |value: Option<&[u8]>, key: &[u8]| match value {
+            None | Some(b"null") => Ok(None),
+            Some(object) => {
+                let [count] = members::top_level_members(object, [key]).ok_or(UnreadableUsage)?;
+                token_count(count).map(Some)
             }
         };
         let cached = |value| {
-            detail(value, b"cached_tokens").map(|count| {
-                value.filter(|v| *v != b"null").map(|_| CachedDetails {
-                    cached_tokens: count,
-                })
-            })
+            detail(value, b"cached_tokens")
+                .map(|count| count.map(|cached_tokens| CachedDetails { cached_tokens }))
         };
         let reasoning = |value| {
-            detail(value, b"reasoning_tokens").map(|count| {
-                value.filter(|v| *v != b"null").map(|_| ReasoningDetails {
-                    reasoning_tokens: count,
-                })
-            })
+            detail(value, b"reasoning_tokens")
+                .map(|count| count.map(|reasoning_tokens| ReasoningDetails { reasoning_tokens }))
         };
         Ok(Some(RawUsage {
             prompt_tokens: token_count(prompt_tokens)?,
