@@ -200,6 +200,10 @@ struct Entry {
     waiter: Option<oneshot::Sender<Heard>>,
     /// When the waiting call began to wait (a retry waits afresh).
     waiting_since_us: i64,
+    /// The approval was handed to the call waiting on it: that call is its
+    /// one use, and an identical call arriving before the held one has
+    /// marked it used must not take it as a ticket too.
+    promised: bool,
 }
 
 impl Entry {
@@ -288,6 +292,7 @@ impl ApprovalQueue {
                     approval,
                     waiter: None,
                     waiting_since_us: 0,
+                    promised: false,
                 }),
             );
         }
@@ -352,6 +357,7 @@ impl ApprovalQueue {
                 approval: approval.clone(),
                 waiter: None,
                 waiting_since_us: 0,
+                promised: false,
             }),
         );
         self.announce(&approval, None);
@@ -385,7 +391,9 @@ impl ApprovalQueue {
             let live_waiter = entry.has_live_waiter();
             let approval = &mut entry.approval;
             match approval.status {
-                Status::Approved if approval.used_by_call.is_none() && !live_waiter => {
+                Status::Approved
+                    if approval.used_by_call.is_none() && !live_waiter && !entry.promised =>
+                {
                     approval.used_by_call = Some(request.call_id.to_owned());
                     entry.waiter = None;
                     drop(state);
@@ -456,6 +464,7 @@ impl ApprovalQueue {
                 approval: approval.clone(),
                 waiter,
                 waiting_since_us: now_us,
+                promised: false,
             }),
         );
         drop(state);
@@ -635,7 +644,7 @@ impl ApprovalQueue {
         reason: &str,
     ) -> Result<Approval, DecideError> {
         let now_us = now_micros();
-        let (changed, waiter) = {
+        let changed = {
             let mut state = self.lock();
             let Some(entry) = state.by_id.get_mut(&key(id)) else {
                 return Err(DecideError::NotFound(id.to_owned()));
@@ -655,30 +664,37 @@ impl ApprovalQueue {
             } else {
                 Status::Rejected
             };
-            let changed = close(approval, status, operator, reason);
-            (changed, entry.waiter.take())
+            close(approval, status, operator, reason)
         };
         self.record_decision(&changed);
         self.recorder.flush().await;
-        if let Some(waiter) = waiter {
-            let heard = if approve {
-                Heard::Approved {
-                    by: operator.to_owned(),
-                }
-            } else {
-                Heard::Rejected {
-                    by: operator.to_owned(),
-                    reason: reason.to_owned(),
-                }
-            };
-            if let Err(heard) = waiter.send(heard) {
+        // The waiter stays in the entry until now: while the decision is
+        // committed, an identical call sees the approval still has its
+        // caller and asks for one of its own instead of taking it as a
+        // ticket.
+        let heard = if approve {
+            Heard::Approved {
+                by: operator.to_owned(),
+            }
+        } else {
+            Heard::Rejected {
+                by: operator.to_owned(),
+                reason: reason.to_owned(),
+            }
+        };
+        let mut state = self.lock();
+        if let Some(entry) = state.by_id.get_mut(&key(id))
+            && let Some(waiter) = entry.waiter.take()
+        {
+            match waiter.send(heard) {
+                Ok(()) => entry.promised = true,
                 // The agent hung up meanwhile: the approval is a ticket for
                 // its retry.
-                tracing::debug!(
+                Err(heard) => tracing::debug!(
                     approval_id = id,
                     ?heard,
                     "held call is gone; approval kept as a ticket"
-                );
+                ),
             }
         }
         Ok(changed)
@@ -903,4 +919,90 @@ pub fn restore(conn: &duckdb::Connection, ticket_ttl: Duration) -> duckdb::Resul
         })
     })?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn request<'a>(call_id: &'a str, body: &'a [u8]) -> ApprovalRequest<'a> {
+        ApprovalRequest {
+            call_id,
+            agent: "researcher",
+            model: "gpt-4o",
+            endpoint: "/v1/chat/completions",
+            body,
+            estimated_input_tokens: 10,
+            estimated_cost: None,
+            requested_by: "policy:cost_gate".into(),
+            rule: "max_call_usd".into(),
+            reason: "costly".into(),
+            run_id: None,
+            step_id: None,
+        }
+    }
+
+    #[test]
+    fn an_approval_handed_to_its_held_call_is_no_ticket_for_an_identical_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("w.duckdb")).unwrap();
+        let (recorder, writer, _reader) = store
+            .start(Duration::from_millis(50), 1_024, Arc::default())
+            .unwrap();
+        let events = EventBus::default();
+        let (alerts, _) = crate::alerts::AlertSink::new(recorder.clone(), None, events.clone());
+        let queue = ApprovalQueue::new(
+            Mode::Hold,
+            Duration::from_secs(60),
+            Duration::from_secs(3_600),
+            Vec::new(),
+            recorder.clone(),
+            events,
+            alerts,
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let body = br#"{"model":"gpt-4o","messages":[]}"#;
+        let Gate::Wait { approval_id, heard } = queue.gate(request("call-a", body)) else {
+            panic!("the first call is held");
+        };
+        runtime
+            .block_on(queue.decide(&approval_id, true, "alice", "fine"))
+            .unwrap();
+        // The held call has been told but has not run yet: the approval is
+        // its, not a ticket for the identical call that arrives now.
+        match queue.gate(request("call-b", body)) {
+            Gate::Wait {
+                approval_id: second,
+                ..
+            } => assert_ne!(second, approval_id),
+            Gate::Admitted { .. } => panic!("one approval admitted two calls"),
+            Gate::Refused(refusal) => panic!("refused: {}", refusal.message),
+        }
+        assert!(matches!(
+            runtime.block_on(heard),
+            Ok(Heard::Approved { .. })
+        ));
+
+        // A held call that hung up before the decision leaves a ticket.
+        let other = br#"{"model":"gpt-4o","messages":[{"role":"user"}]}"#;
+        let Gate::Wait { approval_id, heard } = queue.gate(request("call-c", other)) else {
+            panic!("held");
+        };
+        drop(heard);
+        runtime
+            .block_on(queue.decide(&approval_id, true, "alice", "fine"))
+            .unwrap();
+        assert!(matches!(
+            queue.gate(request("call-d", other)),
+            Gate::Admitted { approval_id: admitted } if admitted == approval_id
+        ));
+        drop(queue);
+        runtime.block_on(recorder.shutdown());
+        drop(recorder);
+        writer.join();
+    }
 }
