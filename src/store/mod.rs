@@ -336,4 +336,47 @@ mod tests {
             1
         );
     }
+
+    #[test]
+    fn part_filled_batches_are_committed_within_the_flush_interval_unasked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("trickle.duckdb")).unwrap();
+        let (recorder, writer, reader) = store
+            .start(Duration::from_millis(50), 65_536, Arc::default())
+            .unwrap();
+        let committed = || -> i64 {
+            reader
+                .with_connection(|conn| {
+                    conn.query_row("SELECT count(*) FROM calls", [], |row| row.get(0))
+                        .map_err(|e| StoreError::Sql(e.to_string()))
+                })
+                .unwrap()
+        };
+        let wait_for = |rows: i64| {
+            // No flush is asked for: the writer must commit a batch short of
+            // a row group on its own once the interval has passed.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while committed() < rows && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(committed(), rows);
+        };
+        for n in 0..10 {
+            recorder.record(record(n));
+        }
+        wait_for(10);
+        // A whole row group and a few more: the rest must not wait for a
+        // second group that never comes.
+        for n in 10..10 + ROW_GROUP_ROWS + 7 {
+            recorder.record(record(n));
+        }
+        wait_for(10 + ROW_GROUP_ROWS as i64 + 7);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(recorder.shutdown());
+        drop(recorder);
+        writer.join();
+    }
 }

@@ -290,8 +290,10 @@ impl Writer {
         // so the calls table's row groups are still compressed once.
         let mut written_since_checkpoint = false;
         let mut quiet_since = Instant::now();
+        let mut last_commit = Instant::now();
+        let mut wait = interval;
         loop {
-            std::thread::park_timeout(interval);
+            std::thread::park_timeout(wait);
             let mut received = false;
             loop {
                 match rx.try_recv() {
@@ -300,6 +302,7 @@ impl Writer {
                         self.take(command);
                         if self.calls.len() >= MAX_BATCH {
                             self.flush();
+                            last_commit = Instant::now();
                         }
                     }
                     Err(flume::TryRecvError::Empty) => break,
@@ -309,7 +312,25 @@ impl Writer {
                     }
                 }
             }
-            self.flush();
+            // Under load a part-filled batch waits for the rest of its row
+            // group, at most until a flush interval has passed since the
+            // last commit: a commit of fewer rows than a row group goes
+            // through the WAL, whose checkpoints then compress those rows a
+            // second time and merge their small row groups, in bursts that
+            // left the writer seconds behind (and its queue at 60,000
+            // records) on a saturated box.
+            let since_commit = last_commit.elapsed();
+            let hold = !self.stopping
+                && self.acks.is_empty()
+                && !self.calls.is_empty()
+                && since_commit < interval;
+            if hold {
+                wait = interval.saturating_sub(since_commit);
+            } else {
+                self.flush();
+                last_commit = Instant::now();
+                wait = interval;
+            }
             if self.stopping {
                 let _ = self.conn.execute_batch("CHECKPOINT");
                 return;
@@ -317,7 +338,8 @@ impl Writer {
             if received {
                 written_since_checkpoint = true;
                 quiet_since = Instant::now();
-            } else if written_since_checkpoint && quiet_since.elapsed() >= QUIET_CHECKPOINT {
+            } else if !hold && written_since_checkpoint && quiet_since.elapsed() >= QUIET_CHECKPOINT
+            {
                 written_since_checkpoint = false;
                 // An operator's open transaction makes DuckDB refuse; the
                 // next quiet second tries again only after new rows.
