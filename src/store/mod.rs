@@ -117,7 +117,7 @@ impl Store {
         store.migrate()?;
         // Operators' queries share this database: nothing may reach files,
         // other databases or extensions from it. One DuckDB thread: the
-        // writer's (niced) thread does the store's work, instead of a pool
+        // writer's thread does the store's work, instead of a pool
         // competing with the proxy workers for cores. The buffer pool is
         // `memory_mb` (32 MB by default: the writer's CPU per row is the same
         // as with 64 MB in `cargo bench --bench store`; with 16 MB a

@@ -225,10 +225,11 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("warden-store-writer".into())
         .spawn(move || {
-            // Commits are batch work: let the proxy workers have the CPU
-            // first, so a flush never shows up in the agents' tail latency.
-            // SAFETY: setpriority on the calling thread (who = 0) touches no memory.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+            // Not niced: at nice 10 on a saturated box the writer got a few
+            // percent of a core, fell 20-60k records behind and caught up in
+            // bursts, the queue's records making Warden's peak RSS; at the
+            // default priority it stays within a few thousand, with the
+            // same throughput and p99 (benches/RESULTS.md, session 14).
             Writer::new(conn, writer_metrics).run(rx, flush_interval);
         })?;
     let recorder = Recorder {
