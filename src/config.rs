@@ -917,10 +917,10 @@ mod tests {
             parse("").unwrap().server.store_memory_mb,
             crate::store::DEFAULT_MEMORY_MB
         );
-        let err = parse("[server]\nstore_memory_mb = 16\n")
+        let err = parse("[server]\nstore_memory_mb = 8\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("store_memory_mb must be at least 32"), "{err}");
+        assert!(err.contains("store_memory_mb must be at least 16"), "{err}");
     }
 
     #[test]

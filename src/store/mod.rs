@@ -64,17 +64,20 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// DuckDB's buffer pool when `[server] store_memory_mb` is not set: about
+/// that much of Warden's RSS under load is blocks DuckDB has just written
+/// and keeps cached.
+pub const DEFAULT_MEMORY_MB: u32 = 24;
+
+/// The least buffer pool Warden accepts. While commits under load went
+/// through the WAL, a checkpoint at 16 MB and 40,000 rows/s ran out of
+/// memory and DuckDB invalidated the database; now that busy commits write
+/// whole row groups, 16 MB holds from 5,000 to 80,000 rows/s (`MEMORY_MB=16
+/// RATE=80000 ROWS=1600000 cargo bench --bench store`). Less is untested.
+pub const MIN_MEMORY_MB: u32 = 16;
+
 /// Another connection to the store file (every connection starts in the
 /// in-memory catalog the file is attached to).
-/// DuckDB's buffer pool when `[server] store_memory_mb` is not set.
-pub const DEFAULT_MEMORY_MB: u32 = 32;
-
-/// The least buffer pool Warden accepts. At 16 MB a checkpoint under 40,000
-/// rows/s ran out of memory and DuckDB invalidated the database (`RATE=40000
-/// ROWS=1200000 MEMORY_MB=16 cargo bench --bench store`); 24 MB held at that
-/// rate and 32 MB at 60,000 rows/s.
-pub const MIN_MEMORY_MB: u32 = 32;
-
 fn connect(conn: &Connection) -> duckdb::Result<Connection> {
     let other = conn.try_clone()?;
     other.execute_batch(&format!("USE {CATALOG}"))?;
@@ -119,9 +122,9 @@ impl Store {
         // other databases or extensions from it. One DuckDB thread: the
         // writer's thread does the store's work, instead of a pool
         // competing with the proxy workers for cores. The buffer pool is
-        // `memory_mb` (32 MB by default: the writer's CPU per row is the same
-        // as with 64 MB in `cargo bench --bench store`; with 16 MB a
-        // checkpoint under load failed, see MIN_MEMORY_MB); a query that needs more spills to
+        // `memory_mb` (24 MB by default: the writer's CPU per row is the same
+        // as with 64 MB in `cargo bench --bench store`; see MIN_MEMORY_MB
+        // for the least); a query that needs more spills to
         // `<store>.tmp` (an in-memory main database has no spill directory of
         // its own, so without this such a query failed out of memory).
         let spill_dir = format!("{}.tmp", path.display()).replace('\'', "''");
