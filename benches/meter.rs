@@ -101,6 +101,10 @@ fn cost_benches(c: &mut Criterion) {
     c.bench_function("usage_from_body (707-byte chat completion)", |b| {
         b.iter(|| usage_from_body(Endpoint::ChatCompletions, black_box(&completion)).unwrap())
     });
+    // A cancelled call's input estimate (on the store writer's thread).
+    c.bench_function("estimate_input (o200k_base, 2 messages)", |b| {
+        b.iter(|| warden::metering::estimate::estimate_input("gpt-4o", black_box(body)))
+    });
 }
 
 criterion_group!(benches, meter_benches, cost_benches);

@@ -9,7 +9,7 @@
 //! OpenAI documents for its chat models. These run on the store writer's
 //! thread, never on the request path.
 
-use tiktoken_rs::CoreBPE;
+use super::bpe::{self, Vocabulary};
 
 /// Escaped JSON string fragments are unescaped cheaply before counting.
 fn unescape_lossy(raw: &[u8]) -> String {
@@ -21,7 +21,7 @@ fn unescape_lossy(raw: &[u8]) -> String {
         .unwrap_or_else(|_| text.replace("\\n", "\n"))
 }
 
-fn tokenizer(model: &str) -> &'static CoreBPE {
+fn tokenizer(model: &str) -> &'static Vocabulary {
     let bare = model.rsplit_once('/').map_or(model, |(_, m)| m);
     let o200k = [
         "gpt-4o",
@@ -35,9 +35,9 @@ fn tokenizer(model: &str) -> &'static CoreBPE {
         "gpt-oss",
     ];
     if o200k.iter().any(|prefix| bare.starts_with(prefix)) {
-        tiktoken_rs::o200k_base_singleton()
+        bpe::o200k_base()
     } else {
-        tiktoken_rs::cl100k_base_singleton()
+        bpe::cl100k_base()
     }
 }
 
@@ -45,7 +45,7 @@ pub fn count_tokens(model: &str, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    tokenizer(model).encode_ordinary(text).len() as u64
+    tokenizer(model).count(text)
 }
 
 /// Output tokens from the text the stream meter kept (raw JSON string
