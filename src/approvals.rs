@@ -687,7 +687,7 @@ impl ApprovalQueue {
             && let Some(waiter) = entry.waiter.take()
         {
             match waiter.send(heard) {
-                Ok(()) => entry.promised = true,
+                Ok(()) => entry.promised = approve,
                 // The agent hung up meanwhile: the approval is a ticket for
                 // its retry.
                 Err(heard) => tracing::debug!(

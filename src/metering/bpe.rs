@@ -14,9 +14,16 @@ type Rank = u32;
 /// One vocabulary: its table (see build.rs) and its pattern.
 pub struct Vocabulary {
     table: &'static [u8],
-    tokens: usize,
+    /// Where the slots and the token bytes begin, in u32 words and bytes.
+    slots_at: usize,
+    arena_at: usize,
     mask: usize,
     pattern: fancy_regex::Regex,
+}
+
+/// The table's `index`th little-endian u32.
+fn word(table: &[u8], index: usize) -> usize {
+    u32::from_le_bytes(table[index * 4..index * 4 + 4].try_into().unwrap()) as usize
 }
 
 static O200K_TABLE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.bin"));
@@ -54,32 +61,26 @@ pub fn cl100k_base() -> &'static Vocabulary {
 
 impl Vocabulary {
     fn new(table: &'static [u8], pattern: &str) -> Vocabulary {
-        let word = |at: usize| u32::from_le_bytes(table[at * 4..at * 4 + 4].try_into().unwrap());
-        let tokens = word(0) as usize;
-        let slots = word(1) as usize;
+        let (tokens, slots) = (word(table, 0), word(table, 1));
+        let slots_at = 2 + tokens + 1;
         Vocabulary {
             table,
-            tokens,
+            slots_at,
+            arena_at: (slots_at + slots) * 4,
             mask: slots - 1,
             pattern: fancy_regex::Regex::new(pattern).expect("tiktoken's pattern compiles"),
         }
     }
 
-    fn word(&self, at: usize) -> usize {
-        u32::from_le_bytes(self.table[at * 4..at * 4 + 4].try_into().unwrap()) as usize
-    }
-
     fn token(&self, rank: usize) -> &[u8] {
-        let arena = (2 + self.tokens + 1 + self.mask + 1) * 4;
-        let (start, end) = (self.word(2 + rank), self.word(2 + rank + 1));
-        &self.table[arena + start..arena + end]
+        let (start, end) = (word(self.table, 2 + rank), word(self.table, 3 + rank));
+        &self.table[self.arena_at + start..self.arena_at + end]
     }
 
     fn rank(&self, bytes: &[u8]) -> Option<Rank> {
-        let slots = 2 + self.tokens + 1;
         let mut at = token_hash(bytes) as usize & self.mask;
         loop {
-            let slot = self.word(slots + at);
+            let slot = word(self.table, self.slots_at + at);
             if slot == 0 {
                 return None;
             }
@@ -223,7 +224,7 @@ mod tests {
     #[test]
     fn every_token_is_found_under_its_own_rank() {
         for vocabulary in [o200k_base(), cl100k_base()] {
-            for rank in (0..vocabulary.tokens).step_by(97) {
+            for rank in (0..word(vocabulary.table, 0)).step_by(97) {
                 assert_eq!(vocabulary.rank(vocabulary.token(rank)), Some(rank as Rank));
             }
         }

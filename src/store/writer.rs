@@ -260,6 +260,9 @@ struct Writer {
     acks: Vec<tokio::sync::oneshot::Sender<()>>,
     chain: Option<(i64, String)>,
     stopping: bool,
+    /// When `flush` last ran: a part-filled batch waits at most a flush
+    /// interval from then.
+    committed_at: Instant,
 }
 
 impl Writer {
@@ -276,6 +279,7 @@ impl Writer {
             acks: Vec::new(),
             chain: None,
             stopping: false,
+            committed_at: Instant::now(),
         }
     }
 
@@ -291,7 +295,6 @@ impl Writer {
         // so the calls table's row groups are still compressed once.
         let mut written_since_checkpoint = false;
         let mut quiet_since = Instant::now();
-        let mut last_commit = Instant::now();
         let mut wait = interval;
         loop {
             std::thread::park_timeout(wait);
@@ -303,7 +306,6 @@ impl Writer {
                         self.take(command);
                         if self.calls.len() >= MAX_BATCH {
                             self.flush();
-                            last_commit = Instant::now();
                         }
                     }
                     Err(flume::TryRecvError::Empty) => break,
@@ -320,7 +322,7 @@ impl Writer {
             // second time and merge their small row groups, in bursts that
             // left the writer seconds behind (and its queue at 60,000
             // records) on a saturated box.
-            let since_commit = last_commit.elapsed();
+            let since_commit = self.committed_at.elapsed();
             let hold = !self.stopping
                 && self.acks.is_empty()
                 && !self.calls.is_empty()
@@ -329,7 +331,6 @@ impl Writer {
                 wait = interval.saturating_sub(since_commit);
             } else {
                 self.flush();
-                last_commit = Instant::now();
                 wait = interval;
             }
             if self.stopping {
@@ -371,6 +372,7 @@ impl Writer {
     }
 
     fn flush(&mut self) {
+        self.committed_at = Instant::now();
         if !self.calls.is_empty() {
             let mut calls = std::mem::take(&mut self.calls);
             for record in &mut calls {
