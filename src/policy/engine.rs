@@ -19,8 +19,10 @@ use wasmtime::{
 use super::PolicyError;
 
 /// How often the engine's epoch advances: the resolution of the wall-clock
-/// backstop.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// backstop (a module is stopped between its wall-clock limit and two ticks
+/// later). Each tick wakes a thread that preempts a busy one: at 1 ms the
+/// ticker cost 0.27 µs of CPU per call under load, at 5 ms 0.04 µs.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Fuel (one unit per wasm instruction, about a nanosecond here) per ms of
 /// `timeout_ms`: the CPU deadline counts the module's own work, so a module
 /// preempted on a busy host is not cut short; the epoch is only a backstop
