@@ -292,6 +292,11 @@ async fn admin_api(
                 Ok(Err(QueryError::Sql(message))) => {
                     error(StatusCode::BAD_REQUEST, "sql_error", message)
                 }
+                Ok(Err(e @ QueryError::OutOfMemory(_))) => error(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "query_out_of_memory",
+                    e.to_string(),
+                ),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
             }
         }

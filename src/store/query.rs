@@ -16,6 +16,22 @@ pub enum QueryError {
     NotARead(String),
     #[error("{0}")]
     Sql(String),
+    /// DuckDB's own advice (`SET memory_limit`, `SET threads`) does not apply:
+    /// the configuration is locked, and the limit is Warden's setting.
+    #[error(
+        "the query needs more memory than the store's buffer pool allows ({0}); raise `store_memory_mb` under [server] in warden.toml and restart Warden, or narrow the query (a time range, approx_quantile instead of quantile_cont, fewer DISTINCT columns)"
+    )]
+    OutOfMemory(String),
+}
+
+impl QueryError {
+    fn from_duckdb(error: duckdb::Error) -> QueryError {
+        let message = error.to_string();
+        match message.strip_prefix("Out of Memory Error: ") {
+            Some(rest) => QueryError::OutOfMemory(rest.lines().next().unwrap_or(rest).to_owned()),
+            None => QueryError::Sql(message),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -159,7 +175,7 @@ fn kind_of(data_type: &duckdb::arrow::datatypes::DataType) -> &'static str {
 /// Runs `sql` read-only, returning at most `max_rows` rows.
 pub fn run(conn: &Connection, sql: &str, max_rows: usize) -> Result<QueryResult, QueryError> {
     let sql = check_read_only(sql)?;
-    let err = |e: duckdb::Error| QueryError::Sql(e.to_string());
+    let err = QueryError::from_duckdb;
     conn.execute_batch("BEGIN TRANSACTION").map_err(err)?;
     let result = run_in_transaction(conn, &sql, max_rows);
     let _ = conn.execute_batch("ROLLBACK");
@@ -171,7 +187,7 @@ fn run_in_transaction(
     sql: &str,
     max_rows: usize,
 ) -> Result<QueryResult, QueryError> {
-    let err = |e: duckdb::Error| QueryError::Sql(e.to_string());
+    let err = QueryError::from_duckdb;
     let columns = {
         let mut stmt = conn
             .prepare(&format!(
@@ -301,5 +317,34 @@ mod tests {
             run(&conn, "select count(*) from t", 10).unwrap().rows[0][0].as_deref(),
             Some("2")
         );
+    }
+
+    #[test]
+    fn a_query_over_the_buffer_pool_names_warden_s_setting_not_duckdb_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::Store::open_with_memory(&dir.path().join("w.duckdb"), 16).unwrap();
+        // An exact quantile holds every value and cannot spill: 4 M doubles
+        // are 32 MB, twice the pool.
+        let error = store
+            .query(
+                "SELECT quantile_cont(x::DOUBLE, 0.99) FROM range(4000000) t(x)",
+                10,
+            )
+            .unwrap_err();
+        let QueryError::OutOfMemory(_) = &error else {
+            panic!("not an out-of-memory error: {error}");
+        };
+        let message = error.to_string();
+        assert!(message.contains("store_memory_mb"), "{message}");
+        assert!(!message.contains("SET memory_limit"), "{message}");
+        // The approximate quantile fits, as the message suggests.
+        let fine = store
+            .query(
+                "SELECT approx_quantile(x::DOUBLE, 0.99) FROM range(4000000) t(x)",
+                10,
+            )
+            .unwrap();
+        assert_eq!(fine.rows.len(), 1);
     }
 }
