@@ -25,6 +25,8 @@ pub enum QueryError {
 }
 
 impl QueryError {
+    /// Told apart by DuckDB's message: the C API gives a failed statement no
+    /// error type, only the text, which starts with the exception's type.
     fn from_duckdb(error: duckdb::Error) -> QueryError {
         let message = error.to_string();
         match message.strip_prefix("Out of Memory Error: ") {
