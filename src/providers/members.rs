@@ -74,6 +74,17 @@ fn string_end(json: &[u8], start: usize) -> Option<usize> {
     closing_quote(json, start + 1).map(|quote| quote + 1)
 }
 
+/// The bytes that open or close a nested value or a string.
+static NESTING: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 5 {
+        table[b"\"{}[]"[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 /// Just past the value starting at `start`.
 fn value_end(json: &[u8], start: usize) -> Option<usize> {
     match *json.get(start)? {
@@ -82,19 +93,24 @@ fn value_end(json: &[u8], start: usize) -> Option<usize> {
             let mut depth = 0usize;
             let mut at = start;
             loop {
-                match *json.get(at)? {
+                // Between strings a provider's JSON is mostly indentation
+                // and numbers: skipped by a table lookup a byte.
+                at += json
+                    .get(at..)?
+                    .iter()
+                    .position(|&b| NESTING[usize::from(b)])?;
+                match json[at] {
                     b'"' => {
                         at = string_end(json, at)?;
                         continue;
                     }
                     b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
+                    _ => {
                         depth -= 1;
                         if depth == 0 {
                             return Some(at + 1);
                         }
                     }
-                    _ => {}
                 }
                 at += 1;
             }

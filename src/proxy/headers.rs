@@ -19,15 +19,23 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// The names a `Connection` header lists (none, and no allocation, when
-/// there is no such header).
+/// The names a `Connection` header lists beyond the hop-by-hop ones, which
+/// go anyway: nothing, and no allocation, for the usual `keep-alive` or
+/// `close`.
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|name| {
+            !(name.eq_ignore_ascii_case("close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|hop| name.eq_ignore_ascii_case(hop.as_str())))
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect()
 }
 
@@ -102,6 +110,23 @@ pub fn agent_response_headers(upstream_headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_loses_the_headers_its_connection_header_names() {
+        let mut answer = HeaderMap::new();
+        answer.insert(
+            "connection",
+            "Keep-Alive, X-Upstream-Hop,close".parse().unwrap(),
+        );
+        answer.insert("keep-alive", "timeout=5".parse().unwrap());
+        answer.insert("x-upstream-hop", "1".parse().unwrap());
+        answer.insert("content-length", "12".parse().unwrap());
+        answer.insert("x-request-id", "req_1".parse().unwrap());
+        assert_eq!(connection_listed(&answer), ["x-upstream-hop"]);
+        agent_response_headers(&mut answer);
+        let left: Vec<&str> = answer.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-request-id"]);
+    }
 
     #[test]
     fn credentials_hop_headers_and_warden_headers_stay_behind() {
