@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Instructions per call on the whole path, counted rather than timed:
+# Warden runs under valgrind's callgrind (which counts every instruction a
+# thread executes, whatever else the machine is doing) in front of the same
+# static nginx upstream as `load.sh`, wrk sends a fixed-duration load, and
+# the per-thread counts are divided by the calls the store recorded. On a
+# shared box whose speed drifts by a fifth between runs, this is the figure
+# that tells whether a change to the request path made it cheaper.
+#
+#     benches/instructions.sh              # 8 connections, 20 s
+#     DURATION=40 benches/instructions.sh
+#     KEEP=1 benches/instructions.sh       # keep the callgrind files (callgrind_annotate)
+#
+# Counted in user space only (system calls are not instructions here). The
+# SHA-256 of the agent key runs in software under valgrind (it hides the
+# SHA extensions), a few thousand instructions more than on the real CPU.
+# Policies cannot be counted this way: valgrind cannot reserve the wasm
+# engine's memory pool.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNECTIONS="${CONNECTIONS:-8}"
+DURATION="${DURATION:-20}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/warden-target}"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need wrk || ! need valgrind; then
+    apt-get install -y -qq nginx-light wrk valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx-light wrk valgrind >/dev/null; }
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+cargo build --release --quiet
+WARDEN="$CARGO_TARGET_DIR/release/warden"
+
+WORK="$(mktemp -d)"
+trap '"$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
+
+BODY="$(tr -d '\n' < tests/fixtures/openai/chat_completion.json | sed "s/'/\\\\'/g")"
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:18091;
+        location / { default_type application/json; return 200 '$BODY'; }
+    }
+}
+NGINX
+"$NGINX" -p "$WORK" -c "$WORK/nginx.conf"
+
+KEY="wk_load_harness_key_0123456789"
+TOKEN="wt_load_harness_token_0123456789"
+cat > "$WORK/warden.toml" <<TOML
+[server]
+listen = "127.0.0.1:18092"
+admin_listen = "127.0.0.1:18093"
+store = "$WORK/warden.duckdb"
+
+[[upstreams]]
+name = "static"
+kind = "openai"
+base_url = "http://127.0.0.1:18091/v1"
+models = ["gpt-*"]
+
+[[agents]]
+name = "load"
+key_sha256 = "$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)"
+
+[[operators]]
+name = "bench"
+token_sha256 = "$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)"
+TOML
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $KEY"
+LUA
+
+valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$WORK/callgrind.%p" \
+    "$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
+VALGRIND=$!
+for _ in $(seq 600); do curl -fs http://127.0.0.1:18093/healthz >/dev/null 2>&1 && break; sleep 0.2; done
+wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/post.lua" http://127.0.0.1:18092/v1/chat/completions | grep "requests in"
+CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls WHERE outcome = 'ok'" --format csv --admin-url http://127.0.0.1:18093 | tail -1)"
+kill -INT "$VALGRIND"
+while kill -0 "$VALGRIND" 2>/dev/null; do sleep 0.5; done
+
+# One file per thread; its first lines name the thread's part.
+python3 - "$WORK" "$CALLS" <<'PY'
+import glob, re, sys
+work, calls = sys.argv[1], int(sys.argv[2])
+by_role = {}
+for path in glob.glob(f"{work}/callgrind.*-*"):
+    text = open(path, errors="replace").read()
+    total = int(re.search(r"^summary: (\d+)", text, re.M).group(1))
+    if "warden::proxy::pipeline" in text:
+        role = "proxy workers"
+    elif "warden::store::writer::Writer::run" in text:
+        role = "store writer"
+    else:
+        role = "other threads (start, admin, timers)"
+    by_role[role] = by_role.get(role, 0) + total
+print(f"{calls} calls recorded")
+for role in ("proxy workers", "store writer", "other threads (start, admin, timers)"):
+    if role in by_role:
+        print(f"  {role:40s} {by_role[role] / calls:10,.0f} instructions per call")
+PY
