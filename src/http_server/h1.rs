@@ -493,6 +493,9 @@ impl Connection {
             keep_alive,
             version,
         );
+        // A stream may go on for minutes: its head's map (and the upstream
+        // answer's buffers its values may share) is not kept meanwhile.
+        drop(parts);
         if bodiless {
             self.stream.write_all(&out).await?;
             return Ok(keep_alive);
