@@ -1,10 +1,12 @@
 //! Supervision under load, against a real `warden serve` process:
 //!
-//! - halt latency: 1,000 streams in flight through Warden, one halt; for each
-//!   stream, the time from the halt call returning to its error event;
+//! - streams: Warden's extra RSS for 1,000 streams in flight mid-body;
+//! - halt latency: the same 1,000 streams, one halt; for each stream, the
+//!   time from the halt call returning to its error event;
 //! - held calls: 10,000 calls held for approval at once; Warden's extra RSS.
 //!
 //!     cargo bench --bench supervision
+//!     WARDEN_BIN=/path/to/other/warden cargo bench --bench supervision   # another build
 //!
 //! The simulated provider runs in this process and paces its streams, so
 //! they are all still running when the halt comes.
@@ -107,7 +109,8 @@ timeout_secs = 600
     );
     let path = dir.join("warden.toml");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_warden"))
+    let binary = std::env::var("WARDEN_BIN").unwrap_or(env!("CARGO_BIN_EXE_warden").to_owned());
+    let child = Command::new(binary)
         .args(["serve", "--config"])
         .arg(&path)
         .env("RUST_LOG", "error")
@@ -224,7 +227,10 @@ async fn run() {
         .pool_max_idle_per_host(0)
         .build_http();
 
-    // --- halt latency -------------------------------------------------
+    // --- streams in flight, then halt latency -----------------------------
+    let pid = warden.child.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_streams = rss_kib(pid);
     let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(STREAMS);
     let mut streams = Vec::with_capacity(STREAMS);
     for n in 0..STREAMS {
@@ -259,6 +265,15 @@ async fn run() {
     for _ in 0..STREAMS {
         started_rx.recv().await.unwrap();
     }
+    // Each stream sends a chunk every 250 ms for several seconds more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let streaming = rss_kib(pid);
+    println!(
+        "streams: {STREAMS} streams mid-body; Warden RSS {:.1} MB before, {:.1} MB with them: {:.0} bytes per stream",
+        before_streams as f64 / 1024.0,
+        streaming as f64 / 1024.0,
+        streaming.saturating_sub(before_streams) as f64 * 1024.0 / STREAMS as f64,
+    );
     let before_halt = Instant::now();
     let (status, _) = admin(
         &client,
@@ -302,7 +317,6 @@ async fn run() {
 
     // --- held calls -----------------------------------------------------
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = warden.child.id();
     // What the connections alone cost: 10,000 open, idle, no request yet.
     let idle_before = rss_kib(pid);
     let address = warden.proxy.trim_start_matches("http://").to_owned();
