@@ -6,7 +6,8 @@
 //! - held calls: 10,000 calls held for approval at once; Warden's extra RSS.
 //!
 //!     cargo bench --bench supervision
-//!     WARDEN_BIN=/path/to/other/warden cargo bench --bench supervision   # another build
+//!
+//! `WARDEN_BIN=/path/to/warden` runs another build instead of this one.
 //!
 //! The simulated provider runs in this process and paces its streams, so
 //! they are all still running when the halt comes.

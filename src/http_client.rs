@@ -571,6 +571,15 @@ impl PlainBody {
             let Some(stream) = self.stream.as_mut() else {
                 return Poll::Ready(None);
             };
+            if self.buf.is_empty() {
+                // A stream spends most of its life waiting for the next
+                // event: it waits without a buffer, and the one its last
+                // event was cut from goes once that event is written.
+                self.buf = BytesMut::new();
+                if let Err(e) = ready!(stream.poll_read_ready(cx)) {
+                    return self.abandon(Some(ClientError::Io(e)));
+                }
+            }
             self.buf.reserve(match self.framing {
                 Framing::Length(left) => (left as usize).clamp(1, 64 * 1024),
                 _ => READ_CHUNK,
