@@ -10,6 +10,7 @@
 #     benches/instructions.sh              # 8 connections, 20 s
 #     DURATION=40 benches/instructions.sh
 #     KEEP=1 benches/instructions.sh       # keep the callgrind files (callgrind_annotate)
+#     WARDEN_BIN=/path/to/warden benches/instructions.sh   # another build
 #
 # Counted in user space only (system calls are not instructions here). The
 # SHA-256 of the agent key runs in software under valgrind (it hides the
@@ -28,7 +29,7 @@ if ! need nginx || ! need wrk || ! need valgrind; then
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 cargo build --release --quiet
-WARDEN="$CARGO_TARGET_DIR/release/warden"
+WARDEN="${WARDEN_BIN:-$CARGO_TARGET_DIR/release/warden}"
 
 WORK="$(mktemp -d)"
 trap '"$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
