@@ -110,7 +110,8 @@ timeout_secs = 600
     );
     let path = dir.join("warden.toml");
     std::fs::write(&path, config).unwrap();
-    let binary = std::env::var("WARDEN_BIN").unwrap_or(env!("CARGO_BIN_EXE_warden").to_owned());
+    let binary =
+        std::env::var("WARDEN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_warden").to_owned());
     let child = Command::new(binary)
         .args(["serve", "--config"])
         .arg(&path)
