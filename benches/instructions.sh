@@ -21,69 +21,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNECTIONS="${CONNECTIONS:-8}"
 DURATION="${DURATION:-20}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/warden-target}"
-
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk || ! need valgrind; then
-    apt-get install -y -qq nginx-light wrk valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx-light wrk valgrind >/dev/null; }
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-cargo build --release --quiet
-WARDEN="${WARDEN_BIN:-$CARGO_TARGET_DIR/release/warden}"
+. benches/common.sh
+bench_setup nginx wrk valgrind
 
 WORK="$(mktemp -d)"
-trap '"$NGINX" -p "$WORK" -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
+trap 'stop_nginx "$WORK"; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
 
-BODY="$(tr -d '\n' < tests/fixtures/openai/chat_completion.json | sed "s/'/\\\\'/g")"
-cat > "$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:18091;
-        location / { default_type application/json; return 200 '$BODY'; }
-    }
-}
-NGINX
-"$NGINX" -p "$WORK" -c "$WORK/nginx.conf"
+start_static_upstream "$WORK" 18091
 
-KEY="wk_load_harness_key_0123456789"
-TOKEN="wt_load_harness_token_0123456789"
-cat > "$WORK/warden.toml" <<TOML
-[server]
-listen = "127.0.0.1:18092"
-admin_listen = "127.0.0.1:18093"
-store = "$WORK/warden.duckdb"
-
-[[upstreams]]
-name = "static"
-kind = "openai"
-base_url = "http://127.0.0.1:18091/v1"
-models = ["gpt-*"]
-
-[[agents]]
-name = "load"
-key_sha256 = "$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)"
-
-[[operators]]
-name = "bench"
-token_sha256 = "$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)"
-TOML
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $KEY"
-LUA
+write_warden_config "$WORK/warden.toml" 18092 18093 "$WORK/warden.duckdb" 18091
+write_post_lua "$WORK/post.lua"
 
 valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$WORK/callgrind.%p" \
     "$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
 VALGRIND=$!
-for _ in $(seq 600); do curl -fs http://127.0.0.1:18093/healthz >/dev/null 2>&1 && break; sleep 0.2; done
+wait_healthy 18093 1200
 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/post.lua" http://127.0.0.1:18092/v1/chat/completions | grep "requests in"
 CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls WHERE outcome = 'ok'" --format csv --admin-url http://127.0.0.1:18093 | tail -1)"
 kill -INT "$VALGRIND"

@@ -21,40 +21,17 @@ CONNECTIONS="${CONNECTIONS:-32}"
 DURATION="${DURATION:-15}"
 THREADS="${THREADS:-2}"
 ROUNDS="${ROUNDS:-3}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/warden-target}"
-
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-    apt-get install -y -qq nginx-light wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-
-cargo build --release --quiet
-WARDEN="$CARGO_TARGET_DIR/release/warden"
+. benches/common.sh
+bench_setup nginx wrk
 
 WORK="$(mktemp -d)"
-trap 'kill $(cat "$WORK"/*.pid 2>/dev/null) 2>/dev/null || true; for prefix in "$WORK" "$WORK/upstream"; do "$NGINX" -p "$prefix" -c "$prefix/nginx.conf" -s stop 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+trap 'kill $(cat "$WORK"/*.pid 2>/dev/null) 2>/dev/null || true; stop_nginx "$WORK"; stop_nginx "$WORK/upstream"; rm -rf "$WORK"' EXIT
 
-BODY="$(tr -d '\n' < tests/fixtures/openai/chat_completion.json | sed "s/'/\\\\'/g")"
 # The upstream and nginx proxy_pass are two nginx instances, as Warden and
 # its upstream are two processes: one nginx worker serving both would answer
 # its own upstream requests in the same event loop, without the two wake-ups
 # per call that any proxy in front of a separate upstream pays.
-mkdir -p "$WORK/upstream"
-cat > "$WORK/upstream/nginx.conf" <<NGINX
-worker_processes 1;
-pid $WORK/upstream/nginx.pid;
-error_log $WORK/upstream/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:18081;
-        location / { default_type application/json; return 200 '$BODY'; }
-    }
-}
-NGINX
+start_static_upstream "$WORK/upstream" 18081
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 pid $WORK/nginx.pid;
@@ -74,33 +51,9 @@ http {
     }
 }
 NGINX
-"$NGINX" -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf"
 "$NGINX" -p "$WORK" -c "$WORK/nginx.conf"
 
-KEY="wk_load_harness_key_0123456789"
-KEY_SHA="$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)"
-TOKEN="wt_load_harness_token_0123456789"
-TOKEN_SHA="$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)"
-cat > "$WORK/warden.toml" <<TOML
-[server]
-listen = "127.0.0.1:18083"
-admin_listen = "127.0.0.1:18084"
-store = "$WORK/warden.duckdb"
-
-[[upstreams]]
-name = "static"
-kind = "openai"
-base_url = "http://127.0.0.1:18081/v1"
-models = ["gpt-*"]
-
-[[agents]]
-name = "load"
-key_sha256 = "$KEY_SHA"
-
-[[operators]]
-name = "bench"
-token_sha256 = "$TOKEN_SHA"
-TOML
+write_warden_config "$WORK/warden.toml" 18083 18084 "$WORK/warden.duckdb" 18081
 # The same Warden with limits: an agent and a global rate limit, an agent
 # and a global budget, all far above what the run spends.
 sed -e 's/18083/18085/; s/18084/18086/; s#warden.duckdb#warden-limits.duckdb#' "$WORK/warden.toml" \
@@ -151,15 +104,9 @@ FLOW
 "$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
 echo $! > "$WORK/warden.pid"
 WARDEN_PID="$(cat "$WORK/warden.pid")"
-wait_healthy() { for _ in $(seq 100); do curl -fs "http://127.0.0.1:$1/healthz" >/dev/null 2>&1 && return; sleep 0.1; done; }
 wait_healthy 18084
 
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $KEY"
-LUA
+write_post_lua "$WORK/post.lua"
 
 run() { # name url
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$2" > "$WORK/$1.out"
