@@ -29,7 +29,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::http_server::h1::{BodyPiece, ChunkState, read_fields, write_fields};
+use crate::http_server::h1::{BodyPiece, ChunkState, HeadCopy, read_fields, write_fields};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -426,8 +426,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let fields =
-        read_fields(version, parsed.headers).map_err(|e| ClientError::Malformed(e.to_string()))?;
+    let fields = read_fields(version, parsed.headers, &HeadCopy::new(buf, len))
+        .map_err(|e| ClientError::Malformed(e.to_string()))?;
     let mut keep_alive = fields.keep_alive;
     let no_body = status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED

@@ -137,6 +137,53 @@ fn round_half_even(kept: i128, dropped: &str) -> i128 {
     }
 }
 
+/// An amount's decimal text (what `Display` writes) without a heap
+/// allocation: every answer carries its cost in a header.
+pub struct UsdText {
+    bytes: [u8; Self::CAPACITY],
+    len: usize,
+}
+
+impl UsdText {
+    /// A sign, the 21 whole digits of i128::MIN / 10^18, a point and 18
+    /// decimals.
+    const CAPACITY: usize = 41;
+}
+
+impl fmt::Write for UsdText {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let end = self.len + text.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for UsdText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Only whole `&str`s are ever copied in.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+impl Usd {
+    /// The amount as `Display` writes it, on the stack.
+    pub fn decimal(&self) -> UsdText {
+        let mut text = UsdText {
+            bytes: [0; UsdText::CAPACITY],
+            len: 0,
+        };
+        // Cannot fail: CAPACITY holds the longest amount (tested).
+        let _ = fmt::Write::write_fmt(&mut text, format_args!("{self}"));
+        text
+    }
+}
+
 impl fmt::Display for Usd {
     /// Plain decimal dollars with trailing zeros trimmed (`0.00042`, `12`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -273,6 +320,22 @@ mod tests {
             Usd::from_atto(i128::MAX).to_string(),
             "170141183460469231731.687303715884105727"
         );
+    }
+
+    #[test]
+    fn decimal_text_is_what_display_writes_up_to_the_longest_amount() {
+        for atto in [
+            0,
+            1,
+            -7,
+            42_000_000_000_000,
+            i128::MIN,
+            i128::MIN + 1,
+            i128::MAX,
+        ] {
+            let amount = Usd::from_atto(atto);
+            assert_eq!(&*amount.decimal(), amount.to_string());
+        }
     }
 
     #[test]

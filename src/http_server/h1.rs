@@ -733,16 +733,15 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
     };
     let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
         .map_err(|_| HttpError::bad("the request method is not valid"))?;
-    let uri: Uri = parsed
-        .path
-        .unwrap_or_default()
-        .parse()
+    let head = HeadCopy::new(buf, len);
+    let uri = Uri::from_maybe_shared(head.share(parsed.path.unwrap_or_default().as_bytes()))
         .map_err(|e| HttpError::bad(format!("the request target is not a valid URI: {e}")))?;
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let fields = read_fields(version, parsed.headers).map_err(|e| HttpError::bad(e.to_string()))?;
+    let fields =
+        read_fields(version, parsed.headers, &head).map_err(|e| HttpError::bad(e.to_string()))?;
     let framing = match (fields.chunked, fields.content_length) {
         (Some(false), _) => {
             return Err(HttpError::bad(
@@ -794,11 +793,42 @@ pub(crate) enum FieldError {
     LengthsConflict,
 }
 
+/// A message head copied once out of the connection's read buffer, so that
+/// the header values can share it (one allocation for all of them) without
+/// keeping the read buffer alive as long as a held call keeps its headers.
+pub(crate) struct HeadCopy<'a> {
+    buf: &'a [u8],
+    head: Bytes,
+}
+
+impl<'a> HeadCopy<'a> {
+    /// `buf` starts with the head, which is `len` bytes long.
+    pub(crate) fn new(buf: &'a [u8], len: usize) -> HeadCopy<'a> {
+        HeadCopy {
+            buf,
+            head: Bytes::copy_from_slice(&buf[..len]),
+        }
+    }
+
+    /// The copy of `part`, a slice httparse returned from the head in `buf`.
+    pub(crate) fn share(&self, part: &[u8]) -> Bytes {
+        let start = (part.as_ptr() as usize)
+            .checked_sub(self.buf.as_ptr() as usize)
+            .filter(|start| start + part.len() <= self.head.len());
+        match start {
+            Some(start) => self.head.slice(start..start + part.len()),
+            // Not from the head: httparse only hands out slices of it.
+            None => Bytes::copy_from_slice(part),
+        }
+    }
+}
+
 /// Reads parsed header fields, for requests and answers alike. Shared with
 /// the upstream client.
 pub(crate) fn read_fields(
     version: Version,
     fields: &[httparse::Header<'_>],
+    head: &HeadCopy<'_>,
 ) -> Result<MessageFields, FieldError> {
     let mut out = MessageFields {
         headers: HeaderMap::with_capacity(fields.len()),
@@ -811,8 +841,8 @@ pub(crate) fn read_fields(
     for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| FieldError::Name(field.name.to_owned()))?;
-        let value =
-            HeaderValue::from_bytes(field.value).map_err(|_| FieldError::Value(name.clone()))?;
+        let value = HeaderValue::from_maybe_shared(head.share(field.value))
+            .map_err(|_| FieldError::Value(name.clone()))?;
         if name == header::CONTENT_LENGTH {
             out.content_length = Some(merge_content_length(out.content_length, field.value)?);
         } else if name == header::TRANSFER_ENCODING {
@@ -1162,6 +1192,34 @@ mod tests {
 
     fn head(text: &str) -> Result<Option<(Head, usize)>, HttpError> {
         parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn header_values_share_one_copy_of_the_head_and_not_the_read_buffer() {
+        let mut read =
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: w\r\nx-a: first\r\nx-b: second\r\n\r\n{}"
+                .to_vec();
+        let (parsed, len) = parse_head(&read).unwrap().unwrap();
+        let range = read.as_ptr_range();
+        let (a, b) = (&parsed.headers["x-a"], &parsed.headers["x-b"]);
+        for value in [a.as_bytes(), b.as_bytes(), parsed.uri.path().as_bytes()] {
+            assert!(
+                !range.contains(&value.as_ptr()),
+                "a value points into the read buffer"
+            );
+        }
+        // Both values sit in one allocation the size of the head.
+        let distance = (b.as_bytes().as_ptr() as usize).abs_diff(a.as_bytes().as_ptr() as usize);
+        assert!(
+            distance < len,
+            "{distance} bytes apart in a {len}-byte head"
+        );
+        read.fill(b'?');
+        assert_eq!(
+            (a.as_bytes(), b.as_bytes()),
+            (&b"first"[..], &b"second"[..])
+        );
+        assert_eq!(parsed.uri.path(), "/v1/chat/completions");
     }
 
     #[test]

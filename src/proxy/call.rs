@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use super::ProxyState;
 use super::body::ProxyBody;
@@ -18,10 +18,13 @@ use crate::money::Usd;
 use crate::providers::{self, Endpoint, ErrorKind, ProviderKind, Usage};
 use crate::store::record::{CallRecord, Outcome, PendingEstimate, UsageSource, now_micros};
 
-pub const CALL_ID_HEADER: &str = "x-warden-call-id";
-pub const COST_HEADER: &str = "x-warden-cost-usd";
+// Names, not strings: inserting by `&str` parses and hashes the name again
+// on every call.
+pub static CALL_ID_HEADER: HeaderName = HeaderName::from_static("x-warden-call-id");
+pub static COST_HEADER: HeaderName = HeaderName::from_static("x-warden-cost-usd");
 
-pub const BUDGET_REMAINING_HEADER: &str = "x-warden-budget-remaining";
+pub static BUDGET_REMAINING_HEADER: HeaderName =
+    HeaderName::from_static("x-warden-budget-remaining");
 
 /// A refusal or failure, answered in the caller's format and recorded.
 #[derive(Debug)]
@@ -309,7 +312,7 @@ impl Call {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        headers.insert(CALL_ID_HEADER, self.id_header());
+        headers.insert(CALL_ID_HEADER.clone(), self.id_header());
         if let Some(extra) = refusal.headers {
             headers.extend(*extra);
         }

@@ -75,8 +75,8 @@ pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
 pub fn keep_upstream_headers(agent_headers: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(going_upstream(agent_headers).count());
     for (name, value) in going_upstream(agent_headers) {
-        // Copied, not shared: a shared value keeps the request's buffer
-        // and adds a reference count.
+        // Copied, not shared: a shared value keeps the copy of the whole
+        // request head alive, the agent's key included.
         let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
         headers.append(name.clone(), value);
     }

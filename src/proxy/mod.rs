@@ -198,7 +198,7 @@ impl ProxyState {
         );
         response
             .headers_mut()
-            .insert(call::CALL_ID_HEADER, call.id_header());
+            .insert(call::CALL_ID_HEADER.clone(), call.id_header());
         call.settle_local(http::StatusCode::OK);
         response
     }

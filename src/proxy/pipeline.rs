@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::http_client::ResponseBody;
 use bytes::Bytes;
 use futures_util::future::Either;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use tracing::Instrument;
 
@@ -148,8 +148,8 @@ async fn admit(
         )
     })?;
     call.agent = Some(agent.name.clone());
-    call.run_id = header_text(&parts.headers, "x-warden-run");
-    call.step_id = header_text(&parts.headers, "x-warden-step");
+    call.run_id = header_text(&parts.headers, &RUN_HEADER);
+    call.step_id = header_text(&parts.headers, &STEP_HEADER);
     if endpoint == Endpoint::Models {
         return Ok(Stage::Done(state.models_response(call)));
     }
@@ -482,7 +482,11 @@ fn insert_header(headers: &mut HeaderMap, name: &str, value: String) {
     }
 }
 
-fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+// Names, not strings: a lookup by `&str` parses the name on every call.
+static RUN_HEADER: HeaderName = HeaderName::from_static("x-warden-run");
+static STEP_HEADER: HeaderName = HeaderName::from_static("x-warden-step");
+
+fn header_text(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -562,7 +566,7 @@ async fn respond(
     headers::agent_response_headers(&mut parts.headers);
     parts
         .headers
-        .insert(super::call::CALL_ID_HEADER, call.id_header());
+        .insert(super::call::CALL_ID_HEADER.clone(), call.id_header());
     let is_stream = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -619,11 +623,11 @@ async fn respond(
     };
     let settled = call.settle(settlement);
     for (name, amount) in [
-        (COST_HEADER, settled.cost),
-        (BUDGET_REMAINING_HEADER, settled.budget_remaining),
+        (&COST_HEADER, settled.cost),
+        (&BUDGET_REMAINING_HEADER, settled.budget_remaining),
     ] {
-        if let Some(value) = amount.and_then(|a| HeaderValue::from_str(&a.to_string()).ok()) {
-            parts.headers.insert(name, value);
+        if let Some(value) = amount.and_then(|a| HeaderValue::from_str(&a.decimal()).ok()) {
+            parts.headers.insert(name.clone(), value);
         }
     }
     Response::from_parts(parts, ProxyBody::full(bytes))
