@@ -5,19 +5,25 @@
 use http::HeaderValue;
 use http::header::{self, HeaderMap, HeaderName};
 
-// Names, not strings: removing by `&str` parses and hashes the name again
-// for every header map.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// The hop-by-hop headers (RFC 9110 §7.6.1, and the legacy ones), in the
+/// lower case `HeaderName`s are kept in.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
+
+/// Compared as text, lengths first: nine `HeaderName` comparisons per
+/// header cost more.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
 
 /// The names a `Connection` header lists beyond the hop-by-hop ones, which
 /// go anyway: nothing, and no allocation, for the usual `keep-alive` or
@@ -31,9 +37,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .map(str::trim)
         .filter(|name| {
             !(name.eq_ignore_ascii_case("close")
-                || HOP_BY_HOP
-                    .iter()
-                    .any(|hop| name.eq_ignore_ascii_case(hop.as_str())))
+                || HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop)))
         })
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect()
@@ -43,12 +47,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// none or one of the nine, and a removal hashes its name.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut doomed = connection_listed(headers);
-    doomed.extend(
-        headers
-            .keys()
-            .filter(|name| HOP_BY_HOP.contains(name))
-            .cloned(),
-    );
+    doomed.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
     for name in doomed {
         headers.remove(name);
     }
@@ -88,7 +87,7 @@ pub fn keep_upstream_headers(agent_headers: &HeaderMap) -> HeaderMap {
 fn going_upstream(agent_headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
     let listed = connection_listed(agent_headers);
     agent_headers.iter().filter(move |(name, _)| {
-        !(HOP_BY_HOP.contains(name)
+        !(is_hop_by_hop(name)
             || listed.contains(name)
             || **name == header::HOST
             || **name == header::AUTHORIZATION
