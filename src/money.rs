@@ -179,14 +179,15 @@ impl Usd {
             len: 0,
         };
         // Cannot fail: CAPACITY holds the longest amount (tested).
-        let _ = fmt::Write::write_fmt(&mut text, format_args!("{self}"));
+        let _ = self.write_decimal(|piece| fmt::Write::write_str(&mut text, piece));
         text
     }
 }
 
-impl fmt::Display for Usd {
-    /// Plain decimal dollars with trailing zeros trimmed (`0.00042`, `12`).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Usd {
+    /// Writes plain decimal dollars with trailing zeros trimmed (`0.00042`,
+    /// `12`) piece by piece: shared by `Display` and `decimal`.
+    fn write_decimal<E>(&self, mut put: impl FnMut(&str) -> Result<(), E>) -> Result<(), E> {
         let sign = if self.0 < 0 { "-" } else { "" };
         let magnitude = self.0.unsigned_abs();
         // Every call's cost is formatted: u64 arithmetic when it fits (any
@@ -200,17 +201,23 @@ impl fmt::Display for Usd {
         };
         // Digits by `itoa`: `write!` with a padded width was a tenth of a
         // microsecond per call's cost header.
-        f.write_str(sign)?;
-        f.write_str(itoa::Buffer::new().format(whole))?;
+        put(sign)?;
+        put(itoa::Buffer::new().format(whole))?;
         if frac != 0 {
             // After the leading 1 of 10^18 + frac: the fraction's 18 digits,
             // its leading zeros kept, its trailing ones trimmed.
             let mut digits = itoa::Buffer::new();
             let padded = digits.format(ONE_USD as u64 + frac);
-            f.write_str(".")?;
-            f.write_str(padded[1..].trim_end_matches('0'))?;
+            put(".")?;
+            put(padded[1..].trim_end_matches('0'))?;
         }
         Ok(())
+    }
+}
+
+impl fmt::Display for Usd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_decimal(|piece| f.write_str(piece))
     }
 }
 
