@@ -182,9 +182,7 @@ impl Usd {
         let _ = self.write_decimal(|piece| fmt::Write::write_str(&mut text, piece));
         text
     }
-}
 
-impl Usd {
     /// Writes plain decimal dollars with trailing zeros trimmed (`0.00042`,
     /// `12`) piece by piece: shared by `Display` and `decimal`.
     fn write_decimal<E>(&self, mut put: impl FnMut(&str) -> Result<(), E>) -> Result<(), E> {

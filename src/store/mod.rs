@@ -136,7 +136,7 @@ impl Store {
         // for the least); a query that needs more spills to
         // `<store>.tmp` (an in-memory main database has no spill directory of
         // its own, so without this such a query failed out of memory).
-        let spill_dir = format!("{}.tmp", path.display()).replace('\'', "''");
+        let spill_dir = format!("{}.tmp", sql_text(path));
         // The store file and its WAL stay reachable (only to ATTACH, which
         // operators' read-only queries cannot run): the writer attaches the
         // file afresh now and then to let go of its metadata (see
