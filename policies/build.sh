@@ -2,15 +2,27 @@
 # Rebuilds the shipped policies and plugins from their C sources with
 # Debian's clang and lld:
 #
-#     policies/build.sh            # writes policies/*.wasm and plugins/*.wasm
-#     policies/build.sh OUT_DIR    # writes them under OUT_DIR instead (CI compares)
+#     policies/build.sh                     # writes policies/*.wasm and plugins/*.wasm
+#     policies/build.sh OUT_DIR             # writes them under OUT_DIR instead (CI compares)
+#     policies/build.sh OUT_DIR FILE.c...   # builds other modules the same way, as OUT_DIR/FILE.wasm
 set -euo pipefail
+OUT="$(realpath -m "${1:-$(dirname "$0")/..}")"
+shift $(( $# > 0 ? 1 : 0 ))
+EXTRA=()
+for src in "$@"; do EXTRA+=("$(realpath "$src")"); done
 cd "$(dirname "$0")/.."
-OUT="${1:-.}"
 CLANG="${CLANG:-clang}"
-FLAGS=(--target=wasm32 -O2 -nostdlib -mbulk-memory -mmutable-globals -Wall -Werror
-       -Wl,--no-entry -Wl,--strip-all -Wl,-z,stack-size=8192
+FLAGS=(--target=wasm32 -O2 -nostdlib -msimd128 -mbulk-memory -mmutable-globals -Wall -Werror
+       -Wl,--no-entry -Wl,--strip-all -Wl,--stack-first -Wl,-z,stack-size=4096
        -Wl,--export=__stack_pointer -Wl,--export=__heap_base -Wl,--export=wd_heap_next)
+if [ "${#EXTRA[@]}" -gt 0 ]; then
+    for src in "${EXTRA[@]}"; do
+        out="$OUT/$(basename "${src%.c}").wasm"
+        "$CLANG" "${FLAGS[@]}" -o "$out" "$src"
+        echo "built $out"
+    done
+    exit 0
+fi
 for src in policies/*.c plugins/*.c; do
     out="$OUT/${src%.c}.wasm"
     mkdir -p "$(dirname "$out")"

@@ -12,6 +12,7 @@ mod limits;
 mod operator;
 mod policies;
 mod runs;
+mod sdk_reader;
 mod store;
 mod streaming;
 mod supervision;

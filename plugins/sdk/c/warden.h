@@ -3,12 +3,15 @@
  *
  * Header-only. Include it in exactly one .c file per module and build with
  *
- *   clang --target=wasm32 -O2 -nostdlib -mbulk-memory -mmutable-globals \
- *         -Wl,--no-entry -Wl,--strip-all -Wl,--export=__stack_pointer \
+ *   clang --target=wasm32 -O2 -nostdlib -msimd128 -mbulk-memory -mmutable-globals \
+ *         -Wl,--no-entry -Wl,--strip-all -Wl,--stack-first -Wl,-z,stack-size=4096 \
+ *         -Wl,--export=__stack_pointer -Wl,--export=__heap_base -Wl,--export=wd_heap_next \
  *         -o NAME.wasm NAME.c
  *
  * (exporting the stack pointer lets Warden keep one instance per thread and
- * restore it after each evaluation instead of instantiating anew: ABI.md)
+ * restore it after each evaluation instead of instantiating anew; the heap
+ * exports and a small stack put first let it restore only a few KiB, and a
+ * stack overflow then traps instead of overwriting the statics: ABI.md)
  *
  * It gives the module its ABI exports (warden_alloc, warden_abi_version),
  * the `warden.log` import, a bump allocator (every evaluation runs in a
@@ -207,28 +210,146 @@ WD_FN wd_u32 wd_skip_ws(wd_slice s, wd_u32 i) {
     return i;
 }
 
+/* The input is looked at 16 bytes at a time with 128-bit SIMD: walking it
+ * byte by byte was most of a policy's time. wd_marks says which of 16 bytes
+ * are quotes, backslashes, and opening or closing brackets, one bit per
+ * byte, the first byte's the lowest. */
+#ifndef __wasm_simd128__
+#error "warden.h reads JSON with 128-bit SIMD: build with -msimd128 (see policies/build.sh)"
+#endif
+#include <wasm_simd128.h>
+#define WD_WIDE 16u
+#define WD_ALL 0xFFFFu
+
+typedef struct {
+    wd_u32 quote, backslash, open, close;
+} wd_marks;
+
+/* The bytes equal to `c`. */
+WD_FN wd_u32 wd_hits(const char *at, char c) {
+    return (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(wasm_v128_load(at), wasm_i8x16_splat(c)));
+}
+
+WD_FN wd_u32 wd_quotes_or_backslashes(const char *at) {
+    v128_t w = wasm_v128_load(at);
+    return (wd_u32)wasm_i8x16_bitmask(
+        wasm_v128_or(wasm_i8x16_eq(w, wasm_i8x16_splat('"')), wasm_i8x16_eq(w, wasm_i8x16_splat('\\'))));
+}
+
+/* `{` and `[` differ in one bit (0x20), as do `}` and `]`. */
+WD_FN wd_marks wd_mark(const char *at) {
+    v128_t w = wasm_v128_load(at), folded = wasm_v128_or(w, wasm_i8x16_splat(0x20));
+    wd_marks m;
+    m.quote = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(w, wasm_i8x16_splat('"')));
+    m.backslash = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(w, wasm_i8x16_splat('\\')));
+    m.open = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(folded, wasm_i8x16_splat('{')));
+    m.close = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(folded, wasm_i8x16_splat('}')));
+    return m;
+}
+
+/* Bit k set when an odd number of bits 0..k of `x` are: which bytes are
+ * inside a string, from where its quotes are. */
+WD_FN wd_u32 wd_prefix_xor(wd_u32 x) {
+    x ^= x << 1;
+    x ^= x << 2;
+    x ^= x << 4;
+    x ^= x << 8;
+    return x & WD_ALL;
+}
+
 /* End (exclusive) of the string whose opening quote is at `i`, or 0 when it
- * does not close. Looks at 8 bytes at a time for a quote or a backslash:
- * walking the input's strings byte by byte was most of a policy's time. */
+ * does not close. */
 WD_FN wd_u32 wd_string_end(wd_slice s, wd_u32 i) {
-    const wd_u64 ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
     for (i++; i < s.len;) {
-        if (s.len - i >= 8) {
-            wd_u64 w, quote, backslash, hit;
-            __builtin_memcpy(&w, s.ptr + i, 8);
-            quote = w ^ (ones * '"');
-            backslash = w ^ (ones * '\\');
-            /* A byte equal to the quote or the backslash: the lowest such
-             * byte's high bit is set, the first one in the text. */
-            hit = (((quote - ones) & ~quote) | ((backslash - ones) & ~backslash)) & highs;
-            if (!hit) {
-                i += 8;
+        if (s.len - i >= WD_WIDE) {
+            wd_u32 hits = wd_quotes_or_backslashes(s.ptr + i);
+            if (!hits) {
+                i += WD_WIDE;
                 continue;
             }
-            i += (wd_u32)__builtin_ctzll(hit) >> 3;
+            i += (wd_u32)__builtin_ctz(hits);
         }
         if (s.ptr[i] == '"') return i + 1;
         i += s.ptr[i] == '\\' ? 2 : 1;
+    }
+    return 0;
+}
+
+/* Whether the string whose opening quote is at `p` is the member name `key`
+ * (as written, unescaped): where the member's value starts if so, else 0. */
+WD_FN wd_u32 wd_key_at(wd_slice s, wd_u32 p, const char *key, wd_u32 key_len) {
+    wd_u32 close = p + 1 + key_len;
+    if (close >= s.len || s.ptr[close] != '"' || !wd_mem_eq(s.ptr + p + 1, key, key_len)) return 0;
+    /* The quote after the key's text may be an escaped one inside a longer name. */
+    if (wd_string_end(s, p) != close + 1) return 0;
+    wd_u32 i = wd_skip_ws(s, close + 1);
+    if (i >= s.len || s.ptr[i] != ':') return 0;
+    return wd_skip_ws(s, i + 1);
+}
+
+/* Walks the object or array whose opening bracket is at `i`, WD_WIDE bytes
+ * at a time: the brackets outside strings move the depth; strings are told
+ * apart by the parity of the quotes before each byte (a block with a
+ * backslash, which may escape a quote, goes byte by byte). Without `key`
+ * it returns the end (exclusive) of the value; with one, where the value of
+ * that member of the object starts. 0 when absent or malformed. */
+WD_FN wd_u32 wd_walk(wd_slice s, wd_u32 i, const char *key, wd_u32 key_len) {
+    wd_u32 depth = 0, in_string = 0, bytewise_until = 0;
+    /* A name's first character: only quotes before it may open the key. */
+    char first = key_len ? key[0] : '"';
+    while (i < s.len) {
+        if (i >= bytewise_until && s.len - i >= WD_WIDE) {
+            wd_marks m = wd_mark(s.ptr + i);
+            if (!m.backslash) {
+                /* Inside a string: its opening quote set, its closing one not. */
+                wd_u32 strings = wd_prefix_xor(m.quote) ^ in_string;
+                wd_u32 open = m.open & ~strings, close = m.close & ~strings;
+                wd_u32 names = 0;
+                if (key) {
+                    /* Opening quotes followed by the key's first character
+                     * (the block's last byte is followed by the next block). */
+                    names = m.quote & strings & ((wd_hits(s.ptr + i, first) >> 1) | (1u << (WD_WIDE - 1)));
+                }
+                wd_u32 closes = (wd_u32)__builtin_popcount(close);
+                if (!names && depth > closes) {
+                    /* The walk cannot end in this block. */
+                    depth += (wd_u32)__builtin_popcount(open) - closes;
+                } else {
+                    for (wd_u32 events = open | close | names; events; events &= events - 1) {
+                        wd_u32 at = (wd_u32)__builtin_ctz(events), bit = 1u << at;
+                        if (open & bit) {
+                            depth++;
+                        } else if (close & bit) {
+                            if (--depth == 0) return key ? 0 : i + at + 1;
+                        } else if (depth == 1) {
+                            wd_u32 value = wd_key_at(s, i + at, key, key_len);
+                            if (value) return value;
+                        }
+                    }
+                }
+                in_string = (strings >> (WD_WIDE - 1)) & 1 ? WD_ALL : 0;
+                i += WD_WIDE;
+                continue;
+            }
+            bytewise_until = i + WD_WIDE;
+        }
+        char c = s.ptr[i];
+        if (in_string) {
+            if (c == '\\') i++;
+            else if (c == '"') in_string = 0;
+        } else if (c == '"') {
+            if (key && depth == 1) {
+                wd_u32 value = wd_key_at(s, i, key, key_len);
+                if (value) return value;
+            }
+            in_string = WD_ALL;
+        } else if (c == '{' || c == '[') {
+            depth++;
+        } else if (c == '}' || c == ']') {
+            if (depth == 0) return 0;
+            if (--depth == 0) return key ? 0 : i + 1;
+        }
+        i++;
     }
     return 0;
 }
@@ -238,22 +359,7 @@ WD_FN wd_u32 wd_value_end(wd_slice s, wd_u32 i) {
     if (i >= s.len) return 0;
     char c = s.ptr[i];
     if (c == '"') return wd_string_end(s, i);
-    if (c == '{' || c == '[') {
-        int depth = 0;
-        for (; i < s.len; i++) {
-            char d = s.ptr[i];
-            if (d == '"') {
-                wd_u32 end = wd_string_end(s, i);
-                if (!end) return 0;
-                i = end - 1;
-            } else if (d == '{' || d == '[') {
-                depth++;
-            } else if (d == '}' || d == ']') {
-                if (--depth == 0) return i + 1;
-            }
-        }
-        return 0;
-    }
+    if (c == '{' || c == '[') return wd_walk(s, i, WD_NULL, 0);
     while (i < s.len && s.ptr[i] != ',' && s.ptr[i] != '}' && s.ptr[i] != ']' && s.ptr[i] != ' ' &&
            s.ptr[i] != '\n' && s.ptr[i] != '\r' && s.ptr[i] != '\t')
         i++;
@@ -302,21 +408,7 @@ WD_FN int wd_array_next(wd_slice arr, wd_u32 *pos, wd_slice *item) {
 WD_FN wd_u32 wd_member_start(wd_slice obj, const char *key, wd_u32 key_len) {
     wd_u32 i = wd_skip_ws(obj, 0);
     if (i >= obj.len || obj.ptr[i] != '{') return 0;
-    i++;
-    for (;;) {
-        i = wd_skip_ws(obj, i);
-        if (i < obj.len && obj.ptr[i] == ',') i = wd_skip_ws(obj, i + 1);
-        if (i >= obj.len || obj.ptr[i] != '"') return 0;
-        wd_u32 kend = wd_value_end(obj, i);
-        if (!kend) return 0;
-        int match = kend - i - 2 == key_len && wd_mem_eq(obj.ptr + i + 1, key, key_len);
-        i = wd_skip_ws(obj, kend);
-        if (i >= obj.len || obj.ptr[i] != ':') return 0;
-        i = wd_skip_ws(obj, i + 1);
-        if (match) return i;
-        i = wd_value_end(obj, i);
-        if (!i) return 0;
-    }
+    return wd_walk(obj, i, key, key_len);
 }
 
 /* The member `key` of an object (keys compared as written, unescaped). */
