@@ -144,6 +144,9 @@ impl Decision {
     }
 }
 
+/// The decision `wd_allow()` answers with.
+const PLAIN_ALLOW: &[u8] = br#"{"action":"allow"}"#;
+
 #[derive(Debug, Deserialize)]
 struct RawDecision {
     action: Action,
@@ -200,6 +203,15 @@ impl Verdict {
 fn decide(module: &LoadedModule, output: Result<Vec<u8>, RunError>, took: Duration) -> Decision {
     let eval_us = took.as_micros() as u64;
     let parsed = output.map_err(|e| e.to_string()).and_then(|bytes| {
+        // Most evaluations end in the SDK's constant allow: no parse for it.
+        if bytes == PLAIN_ALLOW {
+            return Ok(RawDecision {
+                action: Action::Allow,
+                rule: String::new(),
+                reason: String::new(),
+                annotations: None,
+            });
+        }
         serde_json::from_slice::<RawDecision>(&bytes).map_err(|e| {
             let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]).into_owned();
             format!("returned a malformed decision ({e}): {shown:?}")

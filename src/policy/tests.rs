@@ -604,3 +604,28 @@ fn compiled_modules_are_cached_by_hash_across_restarts() {
     let third = WasmRuntime::new(Some(cache.path().to_owned())).unwrap();
     assert!(third.compile(&bytes).is_ok());
 }
+
+#[test]
+fn the_sdk_constant_allow_reads_as_a_parsed_plain_allow() {
+    // cost_gate under its limits answers with wd_allow()'s constant bytes,
+    // read without a parse; heap_bounded's allow goes through serde.
+    let constant = decide_one(
+        &policy("policies/cost_gate.wasm", r#"{"max_call_usd":1.0}"#),
+        INPUT,
+        None,
+    );
+    let parsed = decide_one(&policy("tests/wat/heap_bounded.wat", "{}"), INPUT, None);
+    for decision in [&constant, &parsed] {
+        assert!(decision.is_plain_allow(), "{decision:?}");
+    }
+    let fields = |d: &Decision| {
+        (
+            d.action,
+            d.rule.clone(),
+            d.reason.clone(),
+            d.annotations.clone(),
+            d.error.clone(),
+        )
+    };
+    assert_eq!(fields(&constant), fields(&parsed));
+}
