@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::activity::ActivityCounts;
+use crate::providers::members::array_len;
+use crate::providers::{BodyParts, Span};
 
 #[derive(Debug, Serialize)]
 pub struct PolicyInput<'a> {
@@ -86,19 +88,15 @@ pub fn decimal_number(text: String) -> Box<RawValue> {
         .unwrap_or_else(|_| RawValue::from_string("0".into()).expect("0 is JSON"))
 }
 
-/// What a policy may need of the request body, read without copying it.
-#[derive(Debug, Default, Deserialize)]
+/// What a policy may need of the request body: the members the parse of
+/// its facts found, read where they lie (not parsed again).
+#[derive(Debug, Default)]
 pub struct BodyShape<'a> {
-    #[serde(borrow, default)]
-    messages: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    input: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    system: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    tools: Option<Vec<ToolShape<'a>>>,
+    messages: Option<&'a str>,
+    input: Option<&'a str>,
+    system: Option<&'a str>,
+    prompt: Option<&'a str>,
+    tools: Option<&'a str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,38 +116,40 @@ struct FunctionShape<'a> {
 }
 
 impl<'a> BodyShape<'a> {
-    /// The shape of a body that already parsed as JSON; a body of another
-    /// shape reads as empty.
-    pub fn read(body: &'a [u8]) -> BodyShape<'a> {
-        serde_json::from_slice(body).unwrap_or_default()
+    /// The parts of `body` that `RequestFacts::parse(body)` found.
+    pub fn of(body: &'a [u8], parts: &BodyParts) -> BodyShape<'a> {
+        let text = |span: Option<Span>| span.map(|span| span.text(body));
+        BodyShape {
+            messages: text(parts.messages),
+            input: text(parts.input),
+            system: text(parts.system),
+            prompt: text(parts.prompt),
+            tools: text(parts.tools),
+        }
     }
 
     /// Messages (chat, messages), input items (responses) or prompts
-    /// (completions), counted.
+    /// (completions), counted; a single string counts one.
     pub fn message_count(&self) -> u64 {
-        let count = |raw: &RawValue| -> u64 {
-            match serde_json::from_str::<Vec<serde::de::IgnoredAny>>(raw.get()) {
-                Ok(items) => items.len() as u64,
-                Err(_) => 1,
-            }
-        };
         self.messages
             .or(self.input)
             .or(self.prompt)
-            .map_or(0, count)
+            .map_or(0, |raw| array_len(raw.as_bytes()).unwrap_or(1))
     }
 
     /// Names of the tools offered to the model (function tools by their
     /// function's name, built-in tools by their type).
     pub fn tool_names(&self) -> Vec<Cow<'a, str>> {
-        self.tools
-            .iter()
-            .flatten()
+        let tools: Vec<ToolShape<'a>> = self
+            .tools
+            .and_then(|raw| serde_json::from_str(raw).ok())
+            .unwrap_or_default();
+        tools
+            .into_iter()
             .filter_map(|tool| {
                 tool.name
-                    .clone()
-                    .or_else(|| tool.function.as_ref().and_then(|f| f.name.clone()))
-                    .or_else(|| tool.kind.clone())
+                    .or_else(|| tool.function.and_then(|f| f.name))
+                    .or(tool.kind)
             })
             .collect()
     }
@@ -165,7 +165,7 @@ impl<'a> BodyShape<'a> {
             ("prompt", self.prompt),
         ] {
             if let Some(raw) = value {
-                out.push_str(&format!(",\"{key}\":{}", raw.get()));
+                out.push_str(&format!(",\"{key}\":{raw}"));
             }
         }
         out
@@ -199,24 +199,35 @@ pub fn for_policy<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::RequestFacts;
+
+    fn shape_of(body: &[u8]) -> BodyShape<'_> {
+        BodyShape::of(body, &RequestFacts::parse(body).unwrap().parts)
+    }
 
     #[test]
     fn reads_counts_and_tool_names_of_each_format() {
         let chat = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}],
             "tools":[{"type":"function","function":{"name":"get_weather"}}]}"#;
-        let shape = BodyShape::read(chat);
+        let shape = shape_of(chat);
         assert_eq!(shape.message_count(), 2);
         assert_eq!(shape.tool_names(), ["get_weather"]);
         let messages = br#"{"model":"claude","system":"be brief","messages":[{"role":"user","content":"hi"}],
             "tools":[{"name":"search","input_schema":{}},{"type":"web_search_20250305","name":"web_search"}]}"#;
-        let shape = BodyShape::read(messages);
+        let shape = shape_of(messages);
         assert_eq!(shape.tool_names(), ["search", "web_search"]);
         assert!(shape.message_members().contains(r#""system":"be brief""#));
         let responses =
             br#"{"model":"gpt-4o","input":"tell me","tools":[{"type":"web_search_preview"}]}"#;
-        let shape = BodyShape::read(responses);
+        let shape = shape_of(responses);
         assert_eq!(shape.message_count(), 1);
         assert_eq!(shape.tool_names(), ["web_search_preview"]);
+        let prompts = br#"{"model":"davinci","prompt":["a", "b, c", "[d]"],"messages":null}"#;
+        assert_eq!(shape_of(prompts).message_count(), 3);
+        // Tools of an unknown shape are no tools; the rest still reads.
+        let odd = br#"{"model":"m","messages":[{"role":"user"}],"tools":"none"}"#;
+        assert_eq!(shape_of(odd).tool_names(), Vec::<Cow<str>>::new());
+        assert_eq!(shape_of(odd).message_count(), 1);
     }
 
     #[test]

@@ -45,6 +45,29 @@ pub fn top_level_members<'a, const N: usize>(
     }
 }
 
+/// How many items the JSON array `json` holds, walked as
+/// `top_level_members` walks an object; `None` when it is not an array.
+pub fn array_len(json: &[u8]) -> Option<u64> {
+    let mut at = skip_whitespace(json, 0);
+    if json.get(at) != Some(&b'[') {
+        return None;
+    }
+    at = skip_whitespace(json, at + 1);
+    if json.get(at) == Some(&b']') {
+        return Some(0);
+    }
+    let mut items = 0;
+    loop {
+        at = skip_whitespace(json, value_end(json, at)?);
+        items += 1;
+        match json.get(at)? {
+            b',' => at = skip_whitespace(json, at + 1),
+            b']' => return Some(items),
+            _ => return None,
+        }
+    }
+}
+
 fn skip_whitespace(json: &[u8], mut at: usize) -> usize {
     while json
         .get(at)
@@ -197,6 +220,25 @@ mod tests {
     fn members<'a, const N: usize>(json: &'a str, keys: [&str; N]) -> Option<[Option<&'a str>; N]> {
         let found = top_level_members(json.as_bytes(), keys.map(str::as_bytes))?;
         Some(found.map(|value| value.map(|v| std::str::from_utf8(v).unwrap())))
+    }
+
+    #[test]
+    fn counts_an_arrays_items_as_serde_json_does() {
+        for json in [
+            "[]",
+            " [ ] ",
+            "[1]",
+            r#"[{"role":"user","content":"a, b ] [\"x\"]"}, [1, [2, 3]], "s", null, 4.5e1]"#,
+            "[\n  {\"a\": [1,2]} ,\n  \"]\"\n]",
+        ] {
+            let expected = serde_json::from_str::<Vec<serde_json::Value>>(json)
+                .unwrap()
+                .len() as u64;
+            assert_eq!(array_len(json.as_bytes()), Some(expected), "{json}");
+        }
+        assert_eq!(array_len(br#"{"a":1}"#), None);
+        assert_eq!(array_len(br#""[1,2]""#), None);
+        assert_eq!(array_len(b"[1, 2"), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// The wire format of an upstream or of a caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -146,6 +147,51 @@ pub struct RequestFacts {
     /// Whether the body has a `stream_options` key at all.
     pub has_stream_options: bool,
     pub max_tokens: Option<u64>,
+    /// Where the members policies read lie in the body.
+    pub parts: BodyParts,
+}
+
+/// Where the members a policy may read (the conversation and the tools)
+/// lie in the body, found by the parse that read its facts: the policy
+/// stage reads them there instead of parsing the body again (on a long
+/// conversation each parse is a scan of every message).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyParts {
+    pub messages: Option<Span>,
+    pub input: Option<Span>,
+    pub system: Option<Span>,
+    pub prompt: Option<Span>,
+    pub tools: Option<Span>,
+}
+
+/// A member's raw JSON value as a byte range of the body it was read from
+/// (bodies are far below 4 GiB: `max_body_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn of(body: &[u8], raw: Option<&RawValue>) -> Option<Span> {
+        let raw = raw?.get().as_bytes();
+        let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+        let end = start
+            .checked_add(raw.len())
+            .filter(|end| *end <= body.len())?;
+        Some(Span {
+            start: u32::try_from(start).ok()?,
+            end: u32::try_from(end).ok()?,
+        })
+    }
+
+    /// The value's text in `body`, the body the span was read from (it was
+    /// valid JSON, hence UTF-8); empty for another body.
+    pub fn text(self, body: &[u8]) -> &str {
+        body.get(self.start as usize..self.end as usize)
+            .and_then(|raw| std::str::from_utf8(raw).ok())
+            .unwrap_or("")
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -165,6 +211,16 @@ struct RequestHead<'a> {
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    system: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +245,13 @@ impl RequestFacts {
                 .max_tokens
                 .or(head.max_completion_tokens)
                 .or(head.max_output_tokens),
+            parts: BodyParts {
+                messages: Span::of(body, head.messages),
+                input: Span::of(body, head.input),
+                system: Span::of(body, head.system),
+                prompt: Span::of(body, head.prompt),
+                tools: Span::of(body, head.tools),
+            },
         })
     }
 }

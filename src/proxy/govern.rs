@@ -48,7 +48,7 @@ pub async fn apply_policies(
     } = context;
     agent.activity.call_started();
     call.counted_agent = Some(agent.clone());
-    let shape = BodyShape::read(body);
+    let shape = BodyShape::of(body, &facts.parts);
     let bound = call.upper_bound(endpoint, body, facts.max_tokens);
     let subject = CallSubject {
         agent: &agent.name,

@@ -101,7 +101,7 @@ impl Probe {
         let packed = func
             .call(&mut self.store, (ptr, input.len() as i32))
             .unwrap_or_else(|e| panic!("probe_{which} trapped on {path:?} in {json:?}: {e}"));
-        (packed >= 0).then(|| ((packed as u64 >> 32) as usize, packed as u32 as usize))
+        (packed >= 0).then_some(((packed as u64 >> 32) as usize, packed as u32 as usize))
     }
 
     fn get(&mut self, path: &str, json: &[u8]) -> Option<(usize, usize)> {
@@ -231,7 +231,7 @@ fn the_c_sdk_reads_json_as_serde_json_does() {
     let engine = Engine::default();
     let module = Module::from_file(&engine, out_dir.path().join("json_probe.wasm")).unwrap();
 
-    let mut rng = StdRng::seed_from_u64(0x5eed_0f_ca11);
+    let mut rng = StdRng::seed_from_u64(0x005e_ed0f_ca11);
     let (mut found, mut absent, mut walked) = (0, 0, 0);
     for round in 0..1500 {
         let mut text = String::new();
