@@ -451,7 +451,10 @@ mod tests {
                 .unwrap();
             assert_eq!(seen, 1_000);
             drop(held);
-            for n in 1_000..1_100 {
+            // The attach put off while the reader was busy happens at the
+            // next commit (a timed one may come first): once, since fewer
+            // rows than the threshold follow.
+            for n in 1_000..1_050 {
                 recorder.record(record(n));
             }
             recorder.flush().await;
@@ -461,7 +464,7 @@ mod tests {
         });
         drop(recorder);
         writer.join();
-        assert_eq!(count(&reader), 1_100);
+        assert_eq!(count(&reader), 1_050);
     }
 
     #[test]
