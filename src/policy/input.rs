@@ -4,6 +4,8 @@
 //! config (and, if it opted in, the messages) spliced in front.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -63,22 +65,41 @@ pub struct RunInput<'a> {
 #[derive(Debug, Serialize)]
 pub struct TimeInput {
     pub unix_ms: i64,
-    pub utc: String,
+    pub utc: Arc<str>,
 }
 
 impl TimeInput {
     pub fn now() -> TimeInput {
-        let now_us = crate::store::record::now_micros();
+        TimeInput::at(crate::store::record::now_micros())
+    }
+
+    /// The UTC text changes once a second: each thread formats it once per
+    /// second, not once per call (the formatting was a tenth of building
+    /// the input).
+    fn at(now_us: i64) -> TimeInput {
+        thread_local! {
+            static UTC: RefCell<(i64, Arc<str>)> = RefCell::new((i64::MIN, Arc::from("")));
+        }
+        let second = now_us.div_euclid(1_000_000);
+        let utc = UTC.with_borrow_mut(|(at, text)| {
+            if *at != second {
+                *text = crate::limits::period::format_utc(now_us)
+                    .unwrap_or_default()
+                    .into();
+                *at = second;
+            }
+            text.clone()
+        });
         TimeInput {
-            unix_ms: now_us / 1_000,
-            utc: crate::limits::period::format_utc(now_us).unwrap_or_default(),
+            unix_ms: now_us.div_euclid(1_000),
+            utc,
         }
     }
 }
 
 /// An exact amount as a JSON number.
 pub fn usd_number(amount: crate::money::Usd) -> Box<RawValue> {
-    decimal_number(amount.to_string())
+    decimal_number(amount.decimal().to_owned())
 }
 
 /// Decimal text (as `Usd` displays it) as a JSON number, without parsing it
@@ -228,6 +249,22 @@ mod tests {
         let odd = br#"{"model":"m","messages":[{"role":"user"}],"tools":"none"}"#;
         assert_eq!(shape_of(odd).tool_names(), Vec::<Cow<str>>::new());
         assert_eq!(shape_of(odd).message_count(), 1);
+    }
+
+    #[test]
+    fn the_time_text_is_the_seconds_of_the_moment_asked() {
+        let second = 1_764_000_000_000_000; // 2025-11-24T16:00:00Z
+        for (now_us, utc) in [
+            (second, "2025-11-24T16:00:00Z"),
+            (second + 999_999, "2025-11-24T16:00:00Z"),
+            (second + 1_000_000, "2025-11-24T16:00:01Z"),
+            (second - 1, "2025-11-24T15:59:59Z"),
+            (second, "2025-11-24T16:00:00Z"),
+        ] {
+            let time = TimeInput::at(now_us);
+            assert_eq!(&*time.utc, utc, "{now_us}");
+            assert_eq!(time.unix_ms, now_us / 1_000);
+        }
     }
 
     #[test]
