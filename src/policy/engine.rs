@@ -1,6 +1,6 @@
 //! The wasm runtime every policy and plugin runs in: one wasmtime engine
-//! with fuel (a CPU deadline per evaluation) and epoch interruption (a
-//! wall-clock backstop), a pooling
+//! with epoch interruption (each tick during an evaluation checks its CPU
+//! deadline and wall-clock backstop: `sandbox::on_epoch_tick`), a pooling
 //! allocator (instances and memories reused, not mmapped per call), and a
 //! cache of precompiled modules keyed by the module's sha256 and the engine's
 //! compatibility hash, so a restart does not compile again.
@@ -18,16 +18,13 @@ use wasmtime::{
 
 use super::PolicyError;
 
-/// How often the engine's epoch advances: the resolution of the wall-clock
-/// backstop (a module is stopped between its wall-clock limit and two ticks
-/// later). Each tick wakes a thread that preempts a busy one: at 1 ms the
+/// How often the engine's epoch advances: the resolution of the CPU
+/// deadline and of the wall-clock backstop (a module is stopped at most a
+/// tick or two past either). Each tick wakes a thread that preempts a busy one: at 1 ms the
 /// ticker cost 0.27 µs of CPU per call under load, at 5 ms 0.04 µs.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
-/// Fuel (one unit per wasm instruction, about a nanosecond here) per ms of
-/// `timeout_ms`: the CPU deadline counts the module's own work, so a module
-/// preempted on a busy host is not cut short; the epoch is only a backstop
-/// at `WALL_CLOCK_FACTOR` times the deadline.
-pub const FUEL_PER_MS: u64 = 1_000_000;
+/// The wall-clock backstop, in deadlines: a module whose thread is starved
+/// of CPU is still stopped after this many times its `timeout_ms`.
 pub const WALL_CLOCK_FACTOR: u32 = 4;
 /// The largest `max_memory_mb` a module may be given.
 pub const MAX_MEMORY_CAP_MB: u64 = 256;
@@ -63,7 +60,6 @@ impl WasmRuntime {
     pub fn new(cache_dir: Option<PathBuf>) -> Result<WasmRuntime, PolicyError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
-        config.consume_fuel(true);
         config.cranelift_opt_level(OptLevel::Speed);
         config.max_wasm_stack(512 * 1024);
         let mut pool = PoolingAllocationConfig::default();

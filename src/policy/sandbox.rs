@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{
     Extern, ExternType, Global, InstancePre, Linker, Memory, Module, ModuleExport, Store,
-    StoreLimits, StoreLimitsBuilder, Trap, TypedFunc, Val, ValType,
+    StoreLimits, StoreLimitsBuilder, Trap, TypedFunc, UpdateDeadline, Val, ValType,
 };
 
 use super::PolicyError;
-use super::engine::{Compiled, EPOCH_TICK, FUEL_PER_MS, WALL_CLOCK_FACTOR, WasmRuntime};
+use super::engine::{Compiled, WALL_CLOCK_FACTOR, WasmRuntime};
 
 pub const ABI_VERSION: i32 = 1;
 /// The only import a module may have.
@@ -63,11 +63,58 @@ pub enum RunError {
     Instantiate(String),
 }
 
-/// Per-run host state: the memory cap and the log line budget.
+/// Per-run host state: the memory cap, the log line budget and the
+/// deadlines.
 pub struct Host {
     limits: StoreLimits,
     module: std::sync::Arc<str>,
     log_lines: u32,
+    timeout: Duration,
+    started: Instant,
+    /// The thread's CPU time at the first epoch tick of this run.
+    cpu_at_first_tick: Option<Duration>,
+}
+
+/// Why the epoch callback stopped a module.
+#[derive(Debug, thiserror::Error)]
+enum Overrun {
+    #[error("the module used up its CPU deadline")]
+    Cpu,
+    #[error("the module ran past its wall-clock backstop")]
+    WallClock,
+}
+
+/// The CPU deadline without fuel: fuel's per-block counting cost about a
+/// third of a module's time. The engine's epoch ticks every `EPOCH_TICK`;
+/// a tick that lands while a module runs (rare: an evaluation takes
+/// microseconds) reads the thread's CPU clock, and a later tick stops the
+/// module once it has used `timeout` of CPU since the first (so a looping
+/// module gets its deadline plus at most one tick), or once the wall clock
+/// passes `WALL_CLOCK_FACTOR` times the deadline. A module preempted on a
+/// busy host is not cut short: its thread's CPU clock stands still.
+fn on_epoch_tick(host: &mut Host) -> wasmtime::Result<UpdateDeadline> {
+    if host.started.elapsed() >= host.timeout * WALL_CLOCK_FACTOR {
+        return Err(Overrun::WallClock.into());
+    }
+    let cpu = thread_cpu_time();
+    match host.cpu_at_first_tick {
+        None => host.cpu_at_first_tick = Some(cpu),
+        Some(first) if cpu.saturating_sub(first) >= host.timeout => {
+            return Err(Overrun::Cpu.into());
+        }
+        Some(_) => {}
+    }
+    Ok(UpdateDeadline::Continue(1))
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 struct Entry {
@@ -256,25 +303,25 @@ impl Sandbox {
                 limits,
                 module: self.name.clone(),
                 log_lines: 0,
+                timeout: self.timeout.max(Duration::from_millis(1)),
+                started: Instant::now(),
+                cpu_at_first_tick: None,
             },
         );
         store.limiter(|host| &mut host.limits);
-        store.epoch_deadline_trap();
-        self.arm(&mut store);
+        store.epoch_deadline_callback(|mut context| on_epoch_tick(context.data_mut()));
+        self.arm(&mut store, Instant::now());
         store
     }
 
-    /// Gives the store one evaluation's CPU deadline and log budget.
-    fn arm(&self, store: &mut Store<Host>) {
-        let timeout_ms = (self.timeout.as_millis() as u64).max(1);
-        store
-            .set_fuel(timeout_ms.saturating_mul(FUEL_PER_MS))
-            .expect("fuel is enabled on the engine");
-        // One tick more than the backstop: the current tick may be about to end.
-        let wall = self.timeout * WALL_CLOCK_FACTOR;
-        let ticks = (wall.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store.data_mut().log_lines = 0;
+    /// Gives the store one evaluation's deadlines (from `started`) and log
+    /// budget.
+    fn arm(&self, store: &mut Store<Host>, started: Instant) {
+        store.set_epoch_deadline(1);
+        let host = store.data_mut();
+        host.started = started;
+        host.cpu_at_first_tick = None;
+        host.log_lines = 0;
     }
 
     /// Whether one instance per thread serves this module's evaluations.
@@ -309,7 +356,7 @@ impl Sandbox {
     pub fn run(&self, config: &[u8], input: &[&[u8]]) -> (Result<Vec<u8>, RunError>, Duration) {
         let started = Instant::now();
         let result = match &self.reusable {
-            Some(globals) => self.run_warm(globals, config, input),
+            Some(globals) => self.run_warm(globals, config, input, started),
             None => self.run_fresh(config, input),
         };
         (result, started.elapsed())
@@ -329,6 +376,7 @@ impl Sandbox {
         globals: &[ModuleExport],
         config: &[u8],
         input: &[&[u8]],
+        started: Instant,
     ) -> Result<Vec<u8>, RunError> {
         WARM.with_borrow_mut(|warm| {
             let mine = Arc::as_ptr(&self.alive);
@@ -344,7 +392,7 @@ impl Sandbox {
                 }
             };
             let entry = &mut warm[index];
-            self.arm(&mut entry.store);
+            self.arm(&mut entry.store, started);
             let result = self.evaluate(
                 &mut entry.store,
                 entry.memory,
@@ -488,9 +536,13 @@ impl Sandbox {
     }
 
     fn classify(&self, error: wasmtime::Error) -> RunError {
+        let timeout_ms = self.timeout.as_millis() as u64;
+        match error.downcast_ref::<Overrun>() {
+            Some(Overrun::Cpu) => return RunError::Timeout(timeout_ms),
+            Some(Overrun::WallClock) => return RunError::WallClock(timeout_ms),
+            None => {}
+        }
         match error.downcast_ref::<Trap>() {
-            Some(Trap::OutOfFuel) => RunError::Timeout(self.timeout.as_millis() as u64),
-            Some(Trap::Interrupt) => RunError::WallClock(self.timeout.as_millis() as u64),
             Some(trap) => RunError::Trap(trap.to_string()),
             None => {
                 let text = format!("{error:#}");
@@ -612,5 +664,70 @@ fn log_from_module(caller: &mut wasmtime::Caller<'_, Host>, ptr: i32, len: i32) 
         .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
     if let Some(text) = text {
         tracing::info!(module = %caller.data().module, "{text}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(timeout: Duration, started: Instant) -> Host {
+        Host {
+            limits: StoreLimitsBuilder::new().build(),
+            module: "m".into(),
+            log_lines: 0,
+            timeout,
+            started,
+            cpu_at_first_tick: None,
+        }
+    }
+
+    fn overrun(host: &mut Host) -> Option<Overrun> {
+        match on_epoch_tick(host) {
+            Ok(_) => None,
+            Err(error) => Some(error.downcast::<Overrun>().expect("an Overrun")),
+        }
+    }
+
+    fn spin(cpu: Duration) {
+        let until = thread_cpu_time() + cpu;
+        while thread_cpu_time() < until {
+            std::hint::black_box(0u64);
+        }
+    }
+
+    #[test]
+    fn ticks_stop_a_module_once_it_has_used_its_cpu_since_the_first() {
+        let timeout = Duration::from_millis(20);
+        // Started "later": the wall-clock backstop stays out of it however
+        // slowly a loaded box gives this thread its CPU.
+        let mut running = host(timeout, Instant::now() + Duration::from_secs(3600));
+        // The first tick only notes the CPU clock.
+        assert!(matches!(
+            on_epoch_tick(&mut running),
+            Ok(UpdateDeadline::Continue(1))
+        ));
+        spin(timeout / 2);
+        assert!(matches!(
+            on_epoch_tick(&mut running),
+            Ok(UpdateDeadline::Continue(1))
+        ));
+        spin(timeout / 2);
+        assert!(matches!(overrun(&mut running), Some(Overrun::Cpu)));
+    }
+
+    #[test]
+    fn a_module_starved_of_cpu_is_stopped_by_the_wall_clock_only() {
+        let timeout = Duration::from_millis(20);
+        let mut waiting = host(timeout, Instant::now());
+        assert!(on_epoch_tick(&mut waiting).is_ok());
+        // Asleep, as a preempted thread: its CPU clock stands still.
+        std::thread::sleep(timeout * 2);
+        assert!(
+            on_epoch_tick(&mut waiting).is_ok(),
+            "cut short for time it did not run"
+        );
+        std::thread::sleep(timeout * (WALL_CLOCK_FACTOR - 1));
+        assert!(matches!(overrun(&mut waiting), Some(Overrun::WallClock)));
     }
 }
