@@ -20,8 +20,9 @@ use super::PolicyError;
 
 /// How often the engine's epoch advances: the resolution of the CPU
 /// deadline and of the wall-clock backstop (a module is stopped at most a
-/// tick or two past either). Each tick wakes a thread that preempts a busy one: at 1 ms the
-/// ticker cost 0.27 µs of CPU per call under load, at 5 ms 0.04 µs.
+/// tick or two past either). Each tick wakes a thread that preempts a busy
+/// one: at 1 ms the ticker cost 0.27 µs of CPU per call under load, at 5 ms
+/// 0.04 µs.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// The wall-clock backstop, in deadlines: a module whose thread is starved
 /// of CPU is still stopped after this many times its `timeout_ms`.

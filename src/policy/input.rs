@@ -113,11 +113,11 @@ pub fn decimal_number(text: String) -> Box<RawValue> {
 /// its facts found, read where they lie (not parsed again).
 #[derive(Debug, Default)]
 pub struct BodyShape<'a> {
-    messages: Option<&'a str>,
-    input: Option<&'a str>,
-    system: Option<&'a str>,
-    prompt: Option<&'a str>,
-    tools: Option<&'a str>,
+    messages: Option<&'a [u8]>,
+    input: Option<&'a [u8]>,
+    system: Option<&'a [u8]>,
+    prompt: Option<&'a [u8]>,
+    tools: Option<&'a [u8]>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,7 +139,7 @@ struct FunctionShape<'a> {
 impl<'a> BodyShape<'a> {
     /// The parts of `body` that `RequestFacts::parse(body)` found.
     pub fn of(body: &'a [u8], parts: &BodyParts) -> BodyShape<'a> {
-        let text = |span: Option<Span>| span.map(|span| span.text(body));
+        let text = |span: Option<Span>| span.map(|span| span.bytes(body));
         BodyShape {
             messages: text(parts.messages),
             input: text(parts.input),
@@ -155,7 +155,7 @@ impl<'a> BodyShape<'a> {
         self.messages
             .or(self.input)
             .or(self.prompt)
-            .map_or(0, |raw| array_len(raw.as_bytes()).unwrap_or(1))
+            .map_or(0, |raw| array_len(raw).unwrap_or(1))
     }
 
     /// Names of the tools offered to the model (function tools by their
@@ -163,7 +163,7 @@ impl<'a> BodyShape<'a> {
     pub fn tool_names(&self) -> Vec<Cow<'a, str>> {
         let tools: Vec<ToolShape<'a>> = self
             .tools
-            .and_then(|raw| serde_json::from_str(raw).ok())
+            .and_then(|raw| serde_json::from_slice(raw).ok())
             .unwrap_or_default();
         tools
             .into_iter()
@@ -177,8 +177,8 @@ impl<'a> BodyShape<'a> {
 
     /// `"messages":…,"system":…` as raw JSON members, for policies that
     /// asked for the text.
-    pub fn message_members(&self) -> String {
-        let mut out = String::new();
+    pub fn message_members(&self) -> Vec<u8> {
+        let mut out = Vec::new();
         for (key, value) in [
             ("messages", self.messages),
             ("input", self.input),
@@ -186,7 +186,9 @@ impl<'a> BodyShape<'a> {
             ("prompt", self.prompt),
         ] {
             if let Some(raw) = value {
-                out.push_str(&format!(",\"{key}\":{raw}"));
+                for piece in [&b",\""[..], key.as_bytes(), b"\":", raw] {
+                    out.extend_from_slice(piece);
+                }
             }
         }
         out
@@ -200,7 +202,7 @@ impl<'a> BodyShape<'a> {
 pub fn for_policy<'a>(
     config_json: &'a [u8],
     shared: &'a [u8],
-    messages: Option<&'a str>,
+    messages: Option<&'a [u8]>,
 ) -> [&'a [u8]; 6] {
     // `shared` is a JSON object: its opening brace is dropped, and its
     // closing one when members follow.
@@ -210,7 +212,7 @@ pub fn for_policy<'a>(
             config_json,
             b",",
             &shared[1..shared.len() - 1],
-            members.as_bytes(),
+            members,
             b"}",
         ],
         _ => [b"{\"config\":", config_json, b",", &shared[1..], b"", b""],
@@ -237,7 +239,8 @@ mod tests {
             "tools":[{"name":"search","input_schema":{}},{"type":"web_search_20250305","name":"web_search"}]}"#;
         let shape = shape_of(messages);
         assert_eq!(shape.tool_names(), ["search", "web_search"]);
-        assert!(shape.message_members().contains(r#""system":"be brief""#));
+        let members = String::from_utf8(shape.message_members()).unwrap();
+        assert!(members.contains(r#""system":"be brief""#));
         let responses =
             br#"{"model":"gpt-4o","input":"tell me","tools":[{"type":"web_search_preview"}]}"#;
         let shape = shape_of(responses);
@@ -274,7 +277,7 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&plain).unwrap();
         assert_eq!(value["config"]["max"], 1);
         assert_eq!(value["call"]["model"], "m");
-        let with = for_policy(b"{}", shared, Some(r#","messages":[{"content":"x"}]"#)).concat();
+        let with = for_policy(b"{}", shared, Some(br#","messages":[{"content":"x"}]"#)).concat();
         let value: serde_json::Value = serde_json::from_slice(&with).unwrap();
         assert_eq!(value["messages"][0]["content"], "x");
         assert!(value["run"].is_null());

@@ -383,7 +383,7 @@ impl ModuleSet {
     /// Runs every policy in config order on the shared input (and the
     /// message members for those that asked). Stops early only at
     /// `halt_agent`, which nothing can outrank.
-    pub fn evaluate(&self, shared_input: &[u8], message_members: Option<&str>) -> Verdict {
+    pub fn evaluate(&self, shared_input: &[u8], message_members: Option<&[u8]>) -> Verdict {
         let policies = self.policies.load();
         let mut verdict = Verdict {
             decisions: Vec::with_capacity(policies.len()),

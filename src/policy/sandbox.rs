@@ -310,7 +310,7 @@ impl Sandbox {
         );
         store.limiter(|host| &mut host.limits);
         store.epoch_deadline_callback(|mut context| on_epoch_tick(context.data_mut()));
-        self.arm(&mut store, Instant::now());
+        store.set_epoch_deadline(1);
         store
     }
 

@@ -46,7 +46,7 @@ fn policy(path: &str, config: &str) -> ModuleSet {
 const INPUT: &str = r#"{"call":{"call_id":"c1","agent":"alpha","role":"researcher","model":"gpt-4o","estimated_cost_usd":0.012},"activity":{"calls_last_minute":3,"errors_last_minute":0},"budgets":[],"run":null}"#;
 
 fn decide_one(set: &ModuleSet, input: &str, messages: Option<&str>) -> Decision {
-    let verdict = set.evaluate(input.as_bytes(), messages);
+    let verdict = set.evaluate(input.as_bytes(), messages.map(str::as_bytes));
     assert_eq!(verdict.decisions.len(), 1);
     verdict.decisions.into_iter().next().unwrap()
 }

@@ -185,12 +185,12 @@ impl Span {
         })
     }
 
-    /// The value's text in `body`, the body the span was read from (it was
-    /// valid JSON, hence UTF-8); empty for another body.
-    pub fn text(self, body: &[u8]) -> &str {
+    /// The value's raw JSON in `body`, the body the span was read from
+    /// (not checked as UTF-8 again: on a long conversation that would be
+    /// another scan of every message); empty for another, shorter body.
+    pub fn bytes(self, body: &[u8]) -> &[u8] {
         body.get(self.start as usize..self.end as usize)
-            .and_then(|raw| std::str::from_utf8(raw).ok())
-            .unwrap_or("")
+            .unwrap_or_default()
     }
 }
 
