@@ -230,18 +230,14 @@ WD_FN wd_u32 wd_hits(const char *at, char c) {
     return (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(wasm_v128_load(at), wasm_i8x16_splat(c)));
 }
 
-WD_FN wd_u32 wd_quotes_or_backslashes(const char *at) {
-    v128_t w = wasm_v128_load(at);
-    return (wd_u32)wasm_i8x16_bitmask(
-        wasm_v128_or(wasm_i8x16_eq(w, wasm_i8x16_splat('"')), wasm_i8x16_eq(w, wasm_i8x16_splat('\\'))));
-}
+WD_FN wd_u32 wd_quotes_or_backslashes(const char *at) { return wd_hits(at, '"') | wd_hits(at, '\\'); }
 
 /* `{` and `[` differ in one bit (0x20), as do `}` and `]`. */
 WD_FN wd_marks wd_mark(const char *at) {
-    v128_t w = wasm_v128_load(at), folded = wasm_v128_or(w, wasm_i8x16_splat(0x20));
+    v128_t folded = wasm_v128_or(wasm_v128_load(at), wasm_i8x16_splat(0x20));
     wd_marks m;
-    m.quote = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(w, wasm_i8x16_splat('"')));
-    m.backslash = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(w, wasm_i8x16_splat('\\')));
+    m.quote = wd_hits(at, '"');
+    m.backslash = wd_hits(at, '\\');
     m.open = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(folded, wasm_i8x16_splat('{')));
     m.close = (wd_u32)wasm_i8x16_bitmask(wasm_i8x16_eq(folded, wasm_i8x16_splat('}')));
     return m;
