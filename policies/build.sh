@@ -15,17 +15,13 @@ CLANG="${CLANG:-clang}"
 FLAGS=(--target=wasm32 -O2 -nostdlib -msimd128 -mbulk-memory -mmutable-globals -Wall -Werror
        -Wl,--no-entry -Wl,--strip-all -Wl,--stack-first -Wl,-z,stack-size=4096
        -Wl,--export=__stack_pointer -Wl,--export=__heap_base -Wl,--export=wd_heap_next)
+build() { # source output
+    mkdir -p "$(dirname "$2")"
+    "$CLANG" "${FLAGS[@]}" -o "$2" "$1"
+    echo "built $2"
+}
 if [ "${#EXTRA[@]}" -gt 0 ]; then
-    for src in "${EXTRA[@]}"; do
-        out="$OUT/$(basename "${src%.c}").wasm"
-        "$CLANG" "${FLAGS[@]}" -o "$out" "$src"
-        echo "built $out"
-    done
-    exit 0
+    for src in "${EXTRA[@]}"; do build "$src" "$OUT/$(basename "${src%.c}").wasm"; done
+else
+    for src in policies/*.c plugins/*.c; do build "$src" "$OUT/${src%.c}.wasm"; done
 fi
-for src in policies/*.c plugins/*.c; do
-    out="$OUT/${src%.c}.wasm"
-    mkdir -p "$(dirname "$out")"
-    "$CLANG" "${FLAGS[@]}" -o "$out" "$src"
-    echo "built $out"
-done
