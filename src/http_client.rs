@@ -29,7 +29,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::http_server::h1::{BodyPiece, ChunkState, HeadCopy, read_fields, write_fields};
+use crate::http_server::h1::{
+    BodyPiece, ChunkState, HeadCopy, poll_read_appending, read_fields, write_fields,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -39,7 +41,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_IDLE_PER_HOST: usize = 256;
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-const READ_CHUNK: usize = 8 * 1024;
 /// A request body up to this size is copied behind its head and sent in one
 /// write; a larger one is written after it.
 const COALESCE_BODY: usize = 16 * 1024;
@@ -367,8 +368,7 @@ async fn exchange(
     // upstream has the call.
     let mut answered = false;
     loop {
-        buf.reserve(READ_CHUNK);
-        let read = tokio::io::AsyncReadExt::read_buf(stream, &mut buf).await;
+        let read = std::future::poll_fn(|cx| poll_read_appending(stream, cx, &mut buf, 0)).await;
         answered |= matches!(read, Ok(n) if n > 0);
         let before_answer = !answered;
         let failed = |error| Failure {
@@ -576,19 +576,12 @@ impl PlainBody {
                 // event: it waits without a buffer, and the one its last
                 // event was cut from goes once that event is written.
                 self.buf = BytesMut::new();
-                if let Err(e) = ready!(stream.poll_read_ready(cx)) {
-                    return self.abandon(Some(ClientError::Io(e)));
-                }
             }
-            self.buf.reserve(match self.framing {
-                Framing::Length(left) => (left as usize).clamp(1, 64 * 1024),
-                _ => READ_CHUNK,
-            });
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(stream),
-                cx,
-                &mut self.buf
-            ));
+            let expect = match self.framing {
+                Framing::Length(left) => (left as usize).min(64 * 1024),
+                _ => 0,
+            };
+            let read = ready!(poll_read_appending(stream, cx, &mut self.buf, expect));
             match read {
                 Ok(0) if self.framing == Framing::UntilClose => return self.abandon(None),
                 Ok(0) => return self.abandon(Some(ClientError::ClosedMidAnswer)),
