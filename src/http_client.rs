@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::http_server::h1::{
-    BodyPiece, ChunkState, HeadCopy, poll_read_appending, read_fields, write_fields,
+    BodyPiece, ChunkState, HeadCopy, poll_read_appending, read_fields, read_more, write_fields,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -368,7 +368,7 @@ async fn exchange(
     // upstream has the call.
     let mut answered = false;
     loop {
-        let read = std::future::poll_fn(|cx| poll_read_appending(stream, cx, &mut buf, 0)).await;
+        let read = read_more(stream, &mut buf).await;
         answered |= matches!(read, Ok(n) if n > 0);
         let before_answer = !answered;
         let failed = |error| Failure {

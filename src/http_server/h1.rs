@@ -18,7 +18,7 @@ use std::future::Future;
 use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -670,7 +670,7 @@ async fn watch_hangup(stream: &mut TcpStream, buf: &mut BytesMut) -> bool {
 
 /// Reads what the socket has into `buf`; an idle kept-alive connection
 /// holds no buffer (see `poll_read_appending`).
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+pub async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     std::future::poll_fn(|cx| poll_read_appending(stream, cx, buf, 0)).await
 }
 
@@ -703,14 +703,9 @@ pub fn poll_read_appending(
     }
     SCRATCH.with_borrow_mut(|scratch| {
         let mut read = ReadBuf::uninit(scratch);
-        match Pin::new(stream).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                buf.extend_from_slice(read.filled());
-                Poll::Ready(Ok(read.filled().len()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
     })
 }
 
@@ -1331,7 +1326,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_small_read_takes_a_buffer_of_its_own_size_and_a_large_one_reads_in_place() {
+    async fn a_small_read_takes_a_buffer_of_its_own_size_and_a_large_one_is_appended_whole() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (accepted, client) = tokio::join!(listener.accept(), client);
