@@ -12,6 +12,7 @@
 //! used by the thread whose reactor it is registered with.
 
 use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -21,7 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::HeaderMap;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -166,7 +167,10 @@ impl Pool {
         let message = encode_request(&request, authority);
         let mut conn = match self.checkout(authority) {
             Some(conn) => conn,
-            None => connect(request.uri(), authority.into()).await?,
+            // Boxed, as is the retry's: a new connection is the rare case,
+            // and its future (a name lookup, a timeout) would otherwise make
+            // every call's future half again as large.
+            None => Box::pin(connect(request.uri(), authority.into())).await?,
         };
         loop {
             match exchange(&mut conn.stream, &message).await {
@@ -180,7 +184,7 @@ impl Pool {
                         return Err(failure.error);
                     }
                     tracing::debug!(%authority, error = %failure.error, "pooled upstream connection was stale; retrying on a new one");
-                    conn = connect(request.uri(), conn.authority).await?;
+                    conn = Box::pin(connect(request.uri(), conn.authority)).await?;
                 }
             }
         }
@@ -410,9 +414,14 @@ enum Parsed {
 }
 
 fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, ClientError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Left uninitialised: filling 128 empty headers was most of the parse.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(ClientError::Malformed(e.to_string())),
@@ -502,6 +511,33 @@ fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<BodyPiece, Client
 pub enum ResponseBody {
     Plain(PlainBody),
     Tls(Incoming),
+}
+
+impl ResponseBody {
+    /// The whole body. An answer that arrives in one piece (most do, the
+    /// head having brought its start) is handed on as it is: no list of
+    /// pieces, no copy.
+    pub async fn bytes(self) -> Result<Bytes, ClientError> {
+        let mut body = std::pin::pin!(self);
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            match (&mut joined, first.take()) {
+                (Some(all), _) => all.extend_from_slice(&data),
+                (None, None) => first = Some(data),
+                (None, Some(earlier)) => {
+                    let mut all = BytesMut::with_capacity(earlier.len() + data.len());
+                    all.extend_from_slice(&earlier);
+                    all.extend_from_slice(&data);
+                    joined = Some(all);
+                }
+            }
+        }
+        Ok(joined.map_or_else(|| first.unwrap_or_default(), BytesMut::freeze))
+    }
 }
 
 impl Body for ResponseBody {

@@ -46,20 +46,38 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Removes only what is there: an answer usually carries a few headers and
 /// none or one of the nine, and a removal hashes its name.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut doomed = connection_listed(headers);
-    doomed.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
-    for name in doomed {
-        headers.remove(name);
+    let listed = connection_listed(headers);
+    remove_where(headers, |name| is_hop_by_hop(name) || listed.contains(name));
+}
+
+/// Removes the headers whose names are `doomed`, noting them in a fixed
+/// array first (a map's keys are unique): no allocation for the usual few.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    const AT_ONCE: usize = 16;
+    loop {
+        let mut names = [const { None::<HeaderName> }; AT_ONCE];
+        let mut noted = 0;
+        for (slot, name) in names
+            .iter_mut()
+            .zip(headers.keys().filter(|name| doomed(name)))
+        {
+            *slot = Some(name.clone());
+            noted += 1;
+        }
+        for name in names.into_iter().flatten() {
+            headers.remove(name);
+        }
+        if noted < AT_ONCE {
+            return;
+        }
     }
 }
 
-/// The agent's headers as they should reach the upstream, built in one pass
-/// (copying the map and removing from it costs a hash per removal).
-pub fn upstream_request_headers(agent_headers: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(agent_headers.len() + 2);
-    for (name, value) in going_upstream(agent_headers) {
-        headers.append(name.clone(), value.clone());
-    }
+/// The agent's headers made into those that should reach the upstream, in
+/// place: the map the request was read into is reused, not copied.
+pub fn upstream_request_headers(mut headers: HeaderMap) -> HeaderMap {
+    let listed = connection_listed(&headers);
+    remove_where(&mut headers, |name| stays_behind(name, &listed));
     // The meter reads the bytes, so ask for them uncompressed.
     headers.insert(
         header::ACCEPT_ENCODING,
@@ -82,20 +100,26 @@ pub fn keep_upstream_headers(agent_headers: &HeaderMap) -> HeaderMap {
     headers
 }
 
-/// The agent's headers that go upstream: not hop-by-hop ones or those named
-/// in `Connection`, not its credentials, Warden's own or the framing.
+/// The agent's headers that go upstream.
 fn going_upstream(agent_headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
     let listed = connection_listed(agent_headers);
-    agent_headers.iter().filter(move |(name, _)| {
-        !(is_hop_by_hop(name)
-            || listed.contains(name)
-            || **name == header::HOST
-            || **name == header::AUTHORIZATION
-            || **name == header::CONTENT_LENGTH
-            || **name == header::ACCEPT_ENCODING
-            || name.as_str() == "x-api-key"
-            || name.as_str().starts_with("x-warden-"))
-    })
+    agent_headers
+        .iter()
+        .filter(move |(name, _)| !stays_behind(name, &listed))
+}
+
+/// What does not go upstream: hop-by-hop headers and those named in the
+/// agent's `Connection` (`listed`), its credentials, Warden's own headers
+/// and the framing.
+fn stays_behind(name: &HeaderName, listed: &[HeaderName]) -> bool {
+    is_hop_by_hop(name)
+        || listed.contains(name)
+        || *name == header::HOST
+        || *name == header::AUTHORIZATION
+        || *name == header::CONTENT_LENGTH
+        || *name == header::ACCEPT_ENCODING
+        || name.as_str() == "x-api-key"
+        || name.as_str().starts_with("x-warden-")
 }
 
 /// The upstream's response headers as they should reach the agent. The
@@ -139,7 +163,7 @@ mod tests {
         agent.insert("accept-encoding", "gzip".parse().unwrap());
         agent.insert("anthropic-version", "2023-06-01".parse().unwrap());
         agent.insert("openai-beta", "assistants=v2".parse().unwrap());
-        let out = upstream_request_headers(&agent);
+        let out = upstream_request_headers(agent);
         for gone in [
             "authorization",
             "x-api-key",
@@ -153,6 +177,24 @@ mod tests {
         assert_eq!(out["accept-encoding"], "identity");
         assert_eq!(out["anthropic-version"], "2023-06-01");
         assert_eq!(out["openai-beta"], "assistants=v2");
+    }
+
+    #[test]
+    fn more_doomed_headers_than_one_pass_notes_all_go() {
+        let mut agent = HeaderMap::new();
+        for n in 0..40 {
+            agent.insert(
+                HeaderName::from_bytes(format!("x-warden-tag-{n}").as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
+        }
+        agent.insert("authorization", "Bearer wk_secret".parse().unwrap());
+        agent.insert("content-type", "application/json".parse().unwrap());
+        agent.insert("user-agent", "sdk/1".parse().unwrap());
+        let out = upstream_request_headers(agent);
+        let mut left: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept-encoding", "content-type", "user-agent"]);
     }
 
     #[test]

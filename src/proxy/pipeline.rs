@@ -12,7 +12,6 @@ use crate::http_client::ResponseBody;
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use tracing::Instrument;
 
 use super::ProxyState;
@@ -289,12 +288,13 @@ async fn forward(
         body.clone()
     };
     call.request_body = body;
-    let request = upstream_request(&upstream, endpoint, &agent_headers, upstream_body)?;
+    let request = upstream_request(&upstream, endpoint, agent_headers, upstream_body)?;
     call.watch_halts();
-    let exchange = tokio::time::timeout(state.upstream_timeout, state.client.request(request));
+    // Built inside the select: a future bound to a local first is laid out
+    // twice in this one, once as the local and once in the select.
     let exchanged = tokio::select! {
         halt = call.halted() => return Err(Refusal::halted(&halt).after_upstream()),
-        exchanged = exchange => exchanged,
+        exchanged = tokio::time::timeout(state.upstream_timeout, state.client.request(request)) => exchanged,
     };
     let response = exchanged
         .map_err(|_| {
@@ -515,7 +515,7 @@ async fn read_body(body: RequestBody, limit: u64) -> Result<Bytes, Refusal> {
 fn upstream_request(
     upstream: &Upstream,
     endpoint: Endpoint,
-    agent_headers: &HeaderMap,
+    agent_headers: HeaderMap,
     body: Bytes,
 ) -> Result<Request<Bytes>, Refusal> {
     let mut headers = headers::upstream_request_headers(agent_headers);
@@ -584,10 +584,10 @@ async fn respond(
 
     let collected = tokio::select! {
         halt = call.halted() => return call.refuse(Refusal::halted(&halt).after_upstream()),
-        collected = body.collect() => collected,
+        collected = body.bytes() => collected,
     };
     let bytes = match collected {
-        Ok(collected) => collected.to_bytes(),
+        Ok(bytes) => bytes,
         Err(e) => {
             let upstream_name = call.upstream_name();
             return call.refuse(Refusal::new(
