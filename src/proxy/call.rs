@@ -87,6 +87,35 @@ pub struct Settled {
     pub budget_remaining: Option<Usd>,
 }
 
+thread_local! {
+    static CALL_ID_CLOCK: uuid::timestamp::context::ContextV7 =
+        const { uuid::timestamp::context::ContextV7::new() };
+}
+
+/// Each worker orders its own call ids: `Uuid::now_v7` shares one
+/// mutex-guarded counter between threads, whose cache line then moved
+/// between the cores with every call.
+static CALL_ID_CONTEXT: uuid::timestamp::context::ThreadLocalContext<
+    uuid::timestamp::context::ContextV7,
+> = uuid::timestamp::context::ThreadLocalContext::new(&CALL_ID_CLOCK);
+
+/// A new call id (UUIDv7) and the call's start in Unix microseconds, from
+/// one reading of the clock.
+fn new_call_id() -> (String, i64) {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let timestamp = uuid::Timestamp::from_unix(
+        &CALL_ID_CONTEXT,
+        since_epoch.as_secs(),
+        since_epoch.subsec_nanos(),
+    );
+    (
+        uuid::Uuid::new_v7(timestamp).to_string(),
+        since_epoch.as_micros() as i64,
+    )
+}
+
 /// How a call that reached the upstream ended.
 pub struct Settlement {
     pub status: StatusCode,
@@ -156,7 +185,7 @@ pub struct Call {
 
 impl Call {
     pub fn begin(state: Arc<ProxyState>, protocol: ProviderKind) -> Call {
-        let id = uuid::Uuid::now_v7().to_string();
+        let (id, ts_start_us) = new_call_id();
         state
             .metrics
             .calls_in_flight
@@ -165,7 +194,7 @@ impl Call {
             state,
             id,
             started: Instant::now(),
-            ts_start_us: now_micros(),
+            ts_start_us,
             protocol,
             endpoint: None,
             raw_path: None,
@@ -485,5 +514,25 @@ impl Drop for Call {
             error: Some("the agent closed the connection before the response".into()),
             pending: Some(pending),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_call_id;
+
+    #[test]
+    fn call_ids_are_v7_in_order_and_carry_the_start_time() {
+        let ids: Vec<(String, i64)> = (0..1000).map(|_| new_call_id()).collect();
+        for pair in ids.windows(2) {
+            assert!(pair[0].0 < pair[1].0, "{} then {}", pair[0].0, pair[1].0);
+        }
+        for (id, start_us) in &ids {
+            let uuid = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(uuid.get_version_num(), 7);
+            let (secs, nanos) = uuid.get_timestamp().unwrap().to_unix();
+            let uuid_ms = secs as i64 * 1000 + i64::from(nanos) / 1_000_000;
+            assert!((uuid_ms - start_us / 1000).abs() <= 1, "{id} vs {start_us}");
+        }
     }
 }
