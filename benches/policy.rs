@@ -1,7 +1,9 @@
 //! One policy evaluation as a call meets it: a fresh instance of the shipped
 //! `cost_gate` module, its input written in, `warden_evaluate`, and the
 //! decision parsed; also `model_allowlist`, the two together, the per-call
-//! input serialisation, and `redact_pii` on a chat body.
+//! input serialisation, `redact_pii` on a chat body, and the floor: a module
+//! that answers allow without reading its input (what the host's side of an
+//! evaluation costs).
 //!
 //!     cargo bench --bench policy
 //!
@@ -62,6 +64,24 @@ fn shared_input() -> Vec<u8> {
     serde_json::to_vec(&input).unwrap()
 }
 
+/// The cheapest module ABI v1 allows: its answer is a constant and only the
+/// first KiB of its memory is put back after each evaluation.
+fn floor_module() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("warden-bench-floor-{}.wat", std::process::id()));
+    std::fs::write(
+        &path,
+        r#"(module
+            (memory (export "memory") 1)
+            (global (export "__heap_base") i32 (i32.const 1024))
+            (global (export "wd_heap_next") i32 (i32.const 1020))
+            (data (i32.const 0) "{\"action\":\"allow\"}")
+            (func (export "warden_alloc") (param i32) (result i32) (i32.const 1024))
+            (func (export "warden_evaluate") (param i32 i32) (result i64) (i64.const 18)))"#,
+    )
+    .unwrap();
+    path
+}
+
 fn percentiles(mut run: impl FnMut()) -> (Duration, Duration) {
     for _ in 0..10_000 {
         run();
@@ -101,6 +121,12 @@ fn bench_policies(c: &mut Criterion) {
         allowlist_spec,
     ]);
     let input = shared_input();
+    let floor = modules(&[spec(
+        "allow_at_once",
+        ModuleKind::Policy,
+        floor_module().to_str().unwrap(),
+        "{}",
+    )]);
 
     c.bench_function("cost_gate: instantiate + evaluate + parse", |b| {
         b.iter(|| black_box(gate.evaluate(black_box(&input), None)))
@@ -110,6 +136,9 @@ fn bench_policies(c: &mut Criterion) {
     });
     c.bench_function("cost_gate + model_allowlist", |b| {
         b.iter(|| black_box(both.evaluate(black_box(&input), None)))
+    });
+    c.bench_function("floor: a module that answers allow at once", |b| {
+        b.iter(|| black_box(floor.evaluate(black_box(&input), None)))
     });
     c.bench_function("policy input serialisation", |b| {
         b.iter(|| black_box(shared_input()))

@@ -20,10 +20,17 @@ static int allowed(wd_slice globs, wd_slice model) {
     return 0;
 }
 
+/* The role table, kept from warden_init (an instance is put back to its
+ * state after it before every evaluation): evaluations do not look for it
+ * in their input again. */
+static wd_slice config;
+
+WARDEN_EXPORT("warden_init") void warden_init(const char *ptr, int len) { config = wd_slice_of(ptr, len); }
+
 WARDEN_EXPORT("warden_evaluate") wd_i64 warden_evaluate(const char *ptr, int len) {
-    wd_slice in = wd_slice_of(ptr, len), config, role_v, model_v, globs;
-    if (!wd_get(in, "config", &config) || !wd_get(in, "call.role", &role_v) || !wd_get(in, "call.model", &model_v))
-        return wd_decide("deny", "policy_error", "the input lacks config, call.role or call.model");
+    wd_slice in = wd_slice_of(ptr, len), role_v, model_v, globs;
+    if (!wd_get(in, "call.role", &role_v) || !wd_get(in, "call.model", &model_v))
+        return wd_decide("deny", "policy_error", "the input lacks call.role or call.model");
     wd_slice role = wd_string_raw(role_v), model = wd_string_raw(model_v);
     int listed = wd_member(config, role.ptr, role.len, &globs) || wd_member(config, "*", 1, &globs);
     wd_buf reason = {0, 0, 0};

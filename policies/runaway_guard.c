@@ -10,14 +10,22 @@
  */
 #include "../plugins/sdk/c/warden.h"
 
+/* The limit, read from the config once (an instance is put back to its
+ * state after warden_init before every evaluation). */
+static wd_slice max_v;
+static double max;
+static int ok_max;
+
+WARDEN_EXPORT("warden_init") void warden_init(const char *ptr, int len) {
+    if (wd_get(wd_slice_of(ptr, len), "max_calls_per_minute", &max_v)) max = wd_num(max_v, &ok_max);
+}
+
 WARDEN_EXPORT("warden_evaluate") wd_i64 warden_evaluate(const char *ptr, int len) {
-    wd_slice in = wd_slice_of(ptr, len), max_v, calls_v, agent_v;
-    int ok_max = 0, ok_calls = 0;
-    if (!wd_get(in, "config.max_calls_per_minute", &max_v)) return wd_allow();
-    double max = wd_num(max_v, &ok_max);
-    if (!wd_get(in, "activity.calls_last_minute", &calls_v)) return wd_allow();
+    wd_slice in = wd_slice_of(ptr, len), calls_v, agent_v;
+    int ok_calls = 0;
+    if (!ok_max || !wd_get(in, "activity.calls_last_minute", &calls_v)) return wd_allow();
     double calls = wd_num(calls_v, &ok_calls);
-    if (!ok_max || !ok_calls || calls <= max) return wd_allow();
+    if (!ok_calls || calls <= max) return wd_allow();
     wd_buf reason = {0, 0, 0};
     wd_buf_puts(&reason, "agent `");
     if (wd_get(in, "call.agent", &agent_v)) {

@@ -23,27 +23,31 @@ pub struct PolicyInput<'a> {
     pub time: TimeInput,
 }
 
-/// The call, with the names the `calls` table uses.
+/// The call, with the names the `calls` table uses. Serialised in this
+/// order, the members policies read most first: a module's JSON reader
+/// (the C SDK's `wd_get`) walks the object from its start, and finding
+/// `estimated_cost_usd` behind the call id, the capabilities and the token
+/// counts took `cost_gate` about half of its evaluation.
 #[derive(Debug, Serialize)]
 pub struct CallInput<'a> {
-    pub call_id: &'a str,
-    pub agent: &'a str,
+    pub model: &'a str,
     pub role: &'a str,
-    pub capabilities: &'a [String],
+    pub agent: &'a str,
+    /// Exact decimal; `null` when the model has no price.
+    pub estimated_cost_usd: Option<Box<RawValue>>,
     pub provider: &'a str,
     pub upstream: &'a str,
-    pub model: &'a str,
     pub endpoint: &'a str,
     pub stream: bool,
     pub max_tokens: Option<u64>,
     pub estimated_input_tokens: u64,
     pub estimated_output_tokens: u64,
-    /// Exact decimal; `null` when the model has no price.
-    pub estimated_cost_usd: Option<Box<RawValue>>,
     pub message_count: u64,
+    pub capabilities: &'a [String],
     pub tool_names: Vec<Cow<'a, str>>,
     /// The request's `x-warden-*` headers, names in lower case.
     pub headers: Vec<(&'a str, &'a str)>,
+    pub call_id: &'a str,
 }
 
 #[derive(Debug, Clone, Serialize)]
