@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
-use warden::policy::input::{CallInput, PolicyInput, TimeInput, usd_number};
+use warden::policy::input::{CallInput, PolicyInput, TimeInput};
 use warden::policy::{FailMode, ModuleKind, ModuleSet, ModuleSpec};
 
 fn spec(name: &str, kind: ModuleKind, path: &str, config: &str) -> ModuleSpec {
@@ -51,7 +51,7 @@ fn shared_input() -> Vec<u8> {
             max_tokens: Some(256),
             estimated_input_tokens: 96,
             estimated_output_tokens: 256,
-            estimated_cost_usd: Some(usd_number(warden::money::Usd::parse("0.0001680").unwrap())),
+            estimated_cost_usd: Some(warden::money::Usd::parse("0.0001680").unwrap()),
             message_count: 2,
             tool_names: vec!["get_weather".into()],
             headers: vec![],
@@ -61,7 +61,9 @@ fn shared_input() -> Vec<u8> {
         run: None,
         time: TimeInput::now(),
     };
-    serde_json::to_vec(&input).unwrap()
+    let mut shared = Vec::with_capacity(1024);
+    input.write_json(&mut shared);
+    shared
 }
 
 /// The cheapest module ABI v1 allows: its answer is a constant and only the

@@ -14,9 +14,7 @@ use super::upstream::Upstream;
 use super::{Agent, ProxyState};
 use crate::halts::HaltScope;
 use crate::limits::CallSubject;
-use crate::policy::input::{
-    BodyShape, BudgetInput, CallInput, RunInput, TimeInput, decimal_number, usd_number,
-};
+use crate::policy::input::{BodyShape, BudgetInput, CallInput, RunInput, TimeInput};
 use crate::policy::{Action, Decision, PolicyInput, Verdict};
 use crate::providers::{Endpoint, ErrorKind, RequestFacts};
 use crate::store::record::{DecisionRow, Outcome, now_micros};
@@ -64,9 +62,9 @@ pub async fn apply_policies(
         .map(|s| BudgetInput {
             scope: s.run.map_or(s.scope, |run| format!("run:{run}")),
             period: s.period.as_str(),
-            limit_usd: decimal_number(s.limit_usd),
-            spent_usd: decimal_number(s.spent_usd),
-            reserved_usd: decimal_number(s.reserved_usd),
+            limit_usd: s.limit_usd,
+            spent_usd: s.spent_usd,
+            reserved_usd: s.reserved_usd,
             on_exceed: s.on_exceed.as_str(),
         })
         .collect();
@@ -89,7 +87,7 @@ pub async fn apply_policies(
             max_tokens: facts.max_tokens,
             estimated_input_tokens: bound.input_tokens,
             estimated_output_tokens: bound.output_tokens,
-            estimated_cost_usd: bound.cost.map(usd_number),
+            estimated_cost_usd: bound.cost,
             message_count: shape.message_count(),
             tool_names: shape.tool_names(),
             headers: warden_headers,
@@ -102,10 +100,10 @@ pub async fn apply_policies(
         }),
         time: TimeInput::now(),
     };
-    // Sized for a typical input: growing from serde's 128 bytes took three
+    // Sized for a typical input: growing from 128 bytes took three
     // reallocations.
     let mut shared = Vec::with_capacity(1024);
-    serde_json::to_writer(&mut shared, &input).expect("the policy input serialises");
+    input.write_json(&mut shared);
     let messages = state
         .modules
         .wants_messages()
