@@ -2,16 +2,19 @@
 # The whole-path load harness: in one run on this box, the same wrk load
 # against (1) a static nginx upstream that returns a real chat completion,
 # (2) nginx proxy_pass in front of it (a second nginx), (3) Warden in front of it (metering
-# and recording on), then alone: (4) Warden with rate limits and budgets,
-# (5) Warden with the cost_gate and model_allowlist policies, (6) Warden with
-# every call bound to a workflow run's step (x-warden-run / x-warden-step:
-# the step's spend is kept and its budget checked per call). Prints req/s,
-# p50 and p99 for each, the Warden/nginx ratios, whether every Warden call
-# reached the store, and Warden's peak RSS.
+# and recording on), (4) Warden with rate limits and budgets, (5) Warden
+# with the cost_gate and model_allowlist policies, (6) Warden with every
+# call bound to a workflow run's step (x-warden-run / x-warden-step: the
+# step's spend is kept and its budget checked per call). Prints req/s, p50
+# and p99 for each, the ratios to nginx proxy_pass, whether every Warden
+# call reached the store, and Warden's peak RSS.
 #
-# nginx proxy_pass and Warden take turns ROUNDS times (this box's speed
-# drifts by a fifth between runs a minute apart); their figures are the
-# medians of the rounds, and each round's ratio is printed too.
+# nginx proxy_pass and the four Wardens (all started up front, each on its
+# own ports and store) take turns ROUNDS times: this box's speed drifts by
+# a fifth between runs a minute apart, so a target measured once, minutes
+# away from nginx, was as much a measure of the drift as of the target.
+# Figures are the medians of the rounds, and each round's ratios to that
+# round's nginx are printed too.
 #
 #     benches/load.sh                # 32 connections, 15 s per target, 3 rounds
 #     CONNECTIONS=64 DURATION=30 ROUNDS=5 benches/load.sh
@@ -101,15 +104,21 @@ agent = "load"
 complete_on = "explicit"
 budget_usd = "1000000"
 FLOW
-"$WARDEN" serve --config "$WORK/warden.toml" 2>"$WORK/warden.log" &
-echo $! > "$WORK/warden.pid"
+start_warden() { # name admin_port
+    "$WARDEN" serve --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
+    echo $! > "$WORK/$1.pid"
+}
+start_warden warden 18084
+start_warden warden-limits 18086
+start_warden warden-policies 18088
+start_warden warden-runs 18090
+for admin in 18084 18086 18088 18090; do wait_healthy "$admin"; done
 WARDEN_PID="$(cat "$WORK/warden.pid")"
-wait_healthy 18084
 
 write_post_lua "$WORK/post.lua"
 
-run() { # name url
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/post.lua" "$2" > "$WORK/$1.out"
+run() { # name url [lua]
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "${3:-$WORK/post.lua}" "$2" > "$WORK/$1.out"
     local rps p50 p99 total
     rps="$(awk '/Requests\/sec/ {print $2}' "$WORK/$1.out")"
     p50="$(awk '$1 == "50%" {print $2}' "$WORK/$1.out")"
@@ -120,22 +129,41 @@ run() { # name url
     # Warden records each such call as cancelled by its agent.
     grep -E "Socket errors|Non-2xx" "$WORK/$1.out" | sed "s/^/    $1: /" || true
     echo "$rps $p50 $p99 $total" > "$WORK/$1.res"
+    # One flush interval and more: a Warden's writer is done before the
+    # next target's turn.
+    sleep 1
 }
 to_ms() { case "$1" in *us) echo "${1%us} / 1000" | bc -l;; *ms) echo "${1%ms}";; *s) echo "${1%s} * 1000" | bc -l;; esac; }
 
-# Warm up connections and code paths.
-wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18083/v1/chat/completions >/dev/null
-wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18082/v1/chat/completions >/dev/null
+# Each round binds its calls to a new run of a one-step workflow whose step
+# stays running: wrk stops with calls in flight, and an agent hanging up
+# mid-call fails the step it serves, so a run serves one round only.
+run_lua() { # round -> a post.lua bound to a new run's step
+    local run
+    run="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs start load --admin-url http://127.0.0.1:18090 | tail -1)"
+    echo "$run" > "$WORK/run.$1"
+    sed -e '$a wrk.headers["x-warden-run"] = "'"$run"'"' -e '$a wrk.headers["x-warden-step"] = "work"' "$WORK/post.lua" > "$WORK/post-run.$1.lua"
+}
+
+# Warm up connections and code paths (the run-bound Warden unbound, see above).
+for port in 18083 18085 18087 18089 18082; do
+    wrk -t1 -c8 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+done
 BEFORE="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
 
 echo "wrk: $THREADS threads, $CONNECTIONS connections, ${DURATION}s per target, POST /v1/chat/completions"
 printf '%-22s %12s %10s %10s %10s\n' target "req/s" p50 p99 requests
 run nginx_static http://127.0.0.1:18081/v1/chat/completions
 SENT=0
+TARGETS="nginx_proxy_pass warden warden_limits warden_policies warden_run_bound"
 for round in $(seq "$ROUNDS"); do
     run "nginx_proxy_pass.$round" http://127.0.0.1:18082/v1/chat/completions
     run "warden.$round" http://127.0.0.1:18083/v1/chat/completions
     SENT=$((SENT + $(cut -d' ' -f4 "$WORK/warden.$round.res")))
+    run "warden_limits.$round" http://127.0.0.1:18085/v1/chat/completions
+    run "warden_policies.$round" http://127.0.0.1:18087/v1/chat/completions
+    run_lua "$round"
+    run "warden_run_bound.$round" http://127.0.0.1:18089/v1/chat/completions "$WORK/post-run.$round.lua"
 done
 # Medians over the rounds (p99 in ms), kept where the single-run figures were.
 median() { # name -> "req/s p50 p99 requests" of the median round by req/s, p99 its median
@@ -153,56 +181,26 @@ p99 = statistics.median(ms(r[2]) for r in rows)
 print(f"{rps:.2f} {p50:.3f}ms {p99:.3f}ms {sum(int(r[3]) for r in rows)}")
 PY
 }
-median nginx_proxy_pass > "$WORK/nginx_proxy_pass.res"
-median warden > "$WORK/warden.res"
+for target in $TARGETS; do median "$target" > "$WORK/$target.res"; done
 for round in $(seq "$ROUNDS"); do
     read -r n _ np99 _ < "$WORK/nginx_proxy_pass.$round.res"
-    read -r w _ wp99 _ < "$WORK/warden.$round.res"
-    printf 'round %s: warden / nginx proxy_pass throughput %.2f, p99 %.2f\n' "$round" \
-        "$(echo "$w / $n" | bc -l)" "$(echo "$(to_ms "$wp99") / $(to_ms "$np99")" | bc -l)"
+    line="round $round, throughput (p99) / nginx proxy_pass:"
+    for target in warden warden_limits warden_policies warden_run_bound; do
+        read -r w _ wp99 _ < "$WORK/$target.$round.res"
+        line="$line $target $(printf '%.2f (%.2f)' "$(echo "$w / $n" | bc -l)" "$(echo "$(to_ms "$wp99") / $(to_ms "$np99")" | bc -l)")"
+    done
+    echo "$line"
 done
 
-sleep 1 # one flush interval and more
 AFTER="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
 RECORDED=$((AFTER - BEFORE))
 RSS_KB="$(awk '/VmHWM/ {print $2}' /proc/"$WARDEN_PID"/status)"
 DROPPED="$(curl -fs http://127.0.0.1:18084/metrics | awk '/^warden_store_records_dropped_total/ {print $2}')"
-
-# The second Warden runs alone: the first one stops (and stops writing).
-kill "$WARDEN_PID"; wait "$WARDEN_PID" 2>/dev/null || true
-"$WARDEN" serve --config "$WORK/warden-limits.toml" 2>"$WORK/warden-limits.log" &
-echo $! > "$WORK/warden-limits.pid"
-wait_healthy 18086
-wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18085/v1/chat/completions >/dev/null
-run warden_limits http://127.0.0.1:18085/v1/chat/completions
-sleep 1
-
 LIMITED_ADMITTED="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome IN ('rate_limited', 'budget_exceeded')) || ' refused by limits' FROM calls" --format csv --admin-url http://127.0.0.1:18086 | tail -1)"
-
-kill "$(cat "$WORK/warden-limits.pid")"; wait "$(cat "$WORK/warden-limits.pid")" 2>/dev/null || true
-"$WARDEN" serve --config "$WORK/warden-policies.toml" 2>"$WORK/warden-policies.log" &
-echo $! > "$WORK/warden-policies.pid"
-wait_healthy 18088
-wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18087/v1/chat/completions >/dev/null
-run warden_policies http://127.0.0.1:18087/v1/chat/completions
-sleep 1
 POLICY_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE outcome = 'ok') || ' ok, ' || count(*) FILTER (WHERE outcome = 'denied') || ' denied' FROM calls" --format csv --admin-url http://127.0.0.1:18088 | tail -1)"
 POLICY_STATS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" policy list --format csv --admin-url http://127.0.0.1:18088 | awk -F, 'NR > 1 {printf "%s %s evals p50 %s us p99 %s us; ", $1, $5, $8, $9}')"
-kill "$(cat "$WORK/warden-policies.pid")"; wait "$(cat "$WORK/warden-policies.pid")" 2>/dev/null || true
-"$WARDEN" serve --config "$WORK/warden-runs.toml" 2>"$WORK/warden-runs.log" &
-echo $! > "$WORK/warden-runs.pid"
-wait_healthy 18090
-RUN="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs start load --admin-url http://127.0.0.1:18090 | tail -1)"
-sed -e '$a wrk.headers["x-warden-run"] = "'"$RUN"'"' -e '$a wrk.headers["x-warden-step"] = "work"' "$WORK/post.lua" > "$WORK/post-run.lua"
-# Warmed up unbound: wrk stops with calls in flight, and an agent hanging up
-# mid-call fails the step it serves (a warm-up bound to the step failed it
-# after ~74k calls, so the measured run was not bound at all).
-wrk -t1 -c8 -d2s -s "$WORK/post.lua" http://127.0.0.1:18089/v1/chat/completions >/dev/null
-cp "$WORK/post.lua" "$WORK/post-plain.lua"; cp "$WORK/post-run.lua" "$WORK/post.lua"
-run warden_run_bound http://127.0.0.1:18089/v1/chat/completions
-cp "$WORK/post-plain.lua" "$WORK/post.lua"
-sleep 1
-RUN_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE run_id = '$RUN' AND step_id = 'work') || ' of ' || count(*) || ' calls bound to the run step' FROM calls" --format csv --admin-url http://127.0.0.1:18090 | tail -1)"
+RUN="$(cat "$WORK/run.$ROUNDS")"
+RUN_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE run_id IS NOT NULL AND step_id = 'work') || ' of ' || count(*) || ' calls bound to a run step' FROM calls" --format csv --admin-url http://127.0.0.1:18090 | tail -1)"
 RUN_STEP="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs show "$RUN" --format json --admin-url http://127.0.0.1:18090 | python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]; print(s["status"], s["calls"], "calls, $" + s["cost_usd"], "" if s["error"] is None else "(" + s["error"] + ")")')"
 # Calls that did not end well (a failed call fails the step it serves).
 RUN_NOT_OK="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT outcome || ' ' || status_code || ': ' || count(*) || ' (' || coalesce(any_value(error), '') || ')' FROM calls WHERE outcome <> 'ok' GROUP BY outcome, status_code" --format csv --admin-url http://127.0.0.1:18090 | tail -n +2 | tr '\n' ';')"
@@ -218,7 +216,7 @@ printf 'warden / nginx proxy_pass throughput: %.2f\n' "$(echo "$W_RPS / $N_RPS" 
 printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99") / $(to_ms "$N_P99")" | bc -l)"
 printf 'warden with limits / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$L_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$L_P99") / $(to_ms "$N_P99")" | bc -l)" "$LIMITED_ADMITTED"
 printf 'warden with policies / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$P_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$P_P99") / $(to_ms "$N_P99")" | bc -l)" "$POLICY_CALLS"
-printf 'warden with a run bound to every call / nginx throughput: %.2f (p99 %.2f; %s; step: %s)\n' "$(echo "$R_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$R_P99") / $(to_ms "$N_P99")" | bc -l)" "$RUN_CALLS" "$RUN_STEP"
+printf 'warden with a run bound to every call / nginx throughput: %.2f (p99 %.2f; %s; last round'"'"'s step: %s)\n' "$(echo "$R_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$R_P99") / $(to_ms "$N_P99")" | bc -l)" "$RUN_CALLS" "$RUN_STEP"
 [ -n "$RUN_NOT_OK" ] && echo "run-bound calls that did not end ok: $RUN_NOT_OK"
 echo "policies: $POLICY_STATS"
 echo "calls recorded by warden: $RECORDED of $SENT answered by wrk (dropped records: $DROPPED)"
