@@ -129,9 +129,20 @@ run() { # name url [lua]
     # Warden records each such call as cancelled by its agent.
     grep -E "Socket errors|Non-2xx" "$WORK/$1.out" | sed "s/^/    $1: /" || true
     echo "$rps $p50 $p99 $total" > "$WORK/$1.res"
-    # One flush interval and more: a Warden's writer is done before the
-    # next target's turn.
-    sleep 1
+    settle
+}
+# Waits until no Warden uses the CPU: a store writer still committing and
+# checkpointing the last target's calls (seconds of work after 15 s at
+# full load) would otherwise slow down the next target's turn.
+settle() {
+    local before after
+    for _ in $(seq 60); do
+        before="$(cpu_ticks)"; sleep 0.5; after="$(cpu_ticks)"
+        [ $((after - before)) -le 2 ] && return
+    done
+}
+cpu_ticks() { # the Wardens' user + system clock ticks so far
+    cat "$WORK"/warden*.pid | while read -r pid; do awk '{print $14 + $15}' "/proc/$pid/stat"; done | awk '{s += $1} END {print s}'
 }
 to_ms() { case "$1" in *us) echo "${1%us} / 1000" | bc -l;; *ms) echo "${1%ms}";; *s) echo "${1%s} * 1000" | bc -l;; esac; }
 
