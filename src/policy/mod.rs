@@ -112,7 +112,18 @@ impl LoadedModule {
     /// Runs the module on `input` (its pieces joined), counting the
     /// evaluation.
     fn run(&self, input: &[&[u8]]) -> (Result<Vec<u8>, RunError>, Duration) {
-        let (output, took) = self.sandbox.run(self.spec.config_json.as_bytes(), input);
+        self.run_with(input, <[u8]>::to_vec)
+    }
+
+    /// `run`, the output read where it lies (see `Sandbox::run_with`).
+    fn run_with<T>(
+        &self,
+        input: &[&[u8]],
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> (Result<T, RunError>, Duration) {
+        let (output, took) = self
+            .sandbox
+            .run_with(self.spec.config_json.as_bytes(), input, read);
         if matches!(output, Err(RunError::Timeout(_))) {
             self.quarantined.store(true, Ordering::Relaxed);
         }
@@ -200,23 +211,36 @@ impl Verdict {
     }
 }
 
-fn decide(module: &LoadedModule, output: Result<Vec<u8>, RunError>, took: Duration) -> Decision {
+/// A decision as the module wrote it, read in its memory.
+fn parse_decision(bytes: &[u8]) -> Result<RawDecision, String> {
+    // Most evaluations end in the SDK's constant allow: no parse for it.
+    if bytes == PLAIN_ALLOW {
+        return Ok(RawDecision {
+            action: Action::Allow,
+            rule: String::new(),
+            reason: String::new(),
+            annotations: None,
+        });
+    }
+    serde_json::from_slice::<RawDecision>(bytes).map_err(|e| {
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]).into_owned();
+        format!("returned a malformed decision ({e}): {shown:?}")
+    })
+}
+
+/// Runs a policy on `input` and makes its decision.
+fn evaluate_policy(module: &LoadedModule, input: &[&[u8]]) -> Decision {
+    let (output, took) = module.run_with(input, parse_decision);
+    decide(module, output, took)
+}
+
+fn decide(
+    module: &LoadedModule,
+    output: Result<Result<RawDecision, String>, RunError>,
+    took: Duration,
+) -> Decision {
     let eval_us = took.as_micros() as u64;
-    let parsed = output.map_err(|e| e.to_string()).and_then(|bytes| {
-        // Most evaluations end in the SDK's constant allow: no parse for it.
-        if bytes == PLAIN_ALLOW {
-            return Ok(RawDecision {
-                action: Action::Allow,
-                rule: String::new(),
-                reason: String::new(),
-                annotations: None,
-            });
-        }
-        serde_json::from_slice::<RawDecision>(&bytes).map_err(|e| {
-            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]).into_owned();
-            format!("returned a malformed decision ({e}): {shown:?}")
-        })
-    });
+    let parsed = output.map_err(|e| e.to_string()).and_then(|parsed| parsed);
     match parsed {
         Ok(raw) => Decision {
             policy: module.name.clone(),
@@ -392,8 +416,7 @@ impl ModuleSet {
             let messages = message_members.filter(|_| policy.spec.include_messages);
             let input =
                 input::for_policy(policy.spec.config_json.as_bytes(), shared_input, messages);
-            let (output, took) = policy.run(&input);
-            let decision = decide(policy, output, took);
+            let decision = evaluate_policy(policy, &input);
             let stop = decision.action == Action::HaltAgent;
             verdict.decisions.push(decision);
             if stop {
@@ -637,10 +660,9 @@ pub enum RunOutcome {
 
 /// Runs a module once, offline (for `warden policy test`).
 pub fn run_once(module: &LoadedModule, input: &[u8]) -> RunOutcome {
-    let (output, took) = module.run(&[input]);
     match module.spec.kind {
-        ModuleKind::Policy => RunOutcome::Decision(decide(module, output, took)),
-        ModuleKind::Plugin => RunOutcome::Body(output),
+        ModuleKind::Policy => RunOutcome::Decision(evaluate_policy(module, &[input])),
+        ModuleKind::Plugin => RunOutcome::Body(module.run(&[input]).0),
     }
 }
 

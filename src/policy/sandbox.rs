@@ -354,30 +354,54 @@ impl Sandbox {
     /// handed to `warden_init` first), and returns its output bytes and the
     /// time taken.
     pub fn run(&self, config: &[u8], input: &[&[u8]]) -> (Result<Vec<u8>, RunError>, Duration) {
+        self.run_with(config, input, <[u8]>::to_vec)
+    }
+
+    /// `run`, the output handed to `read` where it lies in the module's
+    /// memory (a decision is parsed there, not copied out first).
+    pub fn run_with<T>(
+        &self,
+        config: &[u8],
+        input: &[&[u8]],
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> (Result<T, RunError>, Duration) {
         let started = Instant::now();
         let result = match &self.reusable {
-            Some(globals) => self.run_warm(globals, config, input, started),
-            None => self.run_fresh(config, input),
+            Some(globals) => self.run_warm(globals, config, input, started, read),
+            None => self.run_fresh(config, input, read),
         };
         (result, started.elapsed())
     }
 
-    fn run_fresh(&self, config: &[u8], input: &[&[u8]]) -> Result<Vec<u8>, RunError> {
+    fn run_fresh<T>(
+        &self,
+        config: &[u8],
+        input: &[&[u8]],
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, RunError> {
         let mut store = self.store();
         let ready = self.instantiate(&mut store, config)?;
-        self.evaluate(&mut store, ready.memory, &ready.alloc, &ready.main, input)
+        self.evaluate(
+            &mut store,
+            ready.memory,
+            &ready.alloc,
+            &ready.main,
+            input,
+            read,
+        )
     }
 
     /// Runs on this thread's instance of the module, set up on first use,
     /// and puts it back as it was after `warden_init` afterwards. A run that
     /// fails drops the instance: the next one starts from a fresh one.
-    fn run_warm(
+    fn run_warm<T>(
         &self,
         globals: &[ModuleExport],
         config: &[u8],
         input: &[&[u8]],
         started: Instant,
-    ) -> Result<Vec<u8>, RunError> {
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, RunError> {
         WARM.with_borrow_mut(|warm| {
             let mine = Arc::as_ptr(&self.alive);
             let index = match warm.iter().position(|w| w.owner.as_ptr() == mine) {
@@ -385,7 +409,7 @@ impl Sandbox {
                 None => {
                     warm.retain(|w| w.owner.strong_count() > 0);
                     if WARM_COUNT.load(Ordering::Relaxed) >= MAX_WARM {
-                        return self.run_fresh(config, input);
+                        return self.run_fresh(config, input, read);
                     }
                     warm.push(self.warm_up(globals, config)?);
                     warm.len() - 1
@@ -399,6 +423,7 @@ impl Sandbox {
                 &entry.alloc,
                 &entry.main,
                 input,
+                read,
             );
             if result.is_err() || !entry.reset() {
                 warm.swap_remove(index);
@@ -512,14 +537,15 @@ impl Sandbox {
         Ok((ptr, len))
     }
 
-    fn evaluate(
+    fn evaluate<T>(
         &self,
         store: &mut Store<Host>,
         memory: Memory,
         alloc: &TypedFunc<i32, i32>,
         main: &TypedFunc<(i32, i32), i64>,
         input: &[&[u8]],
-    ) -> Result<Vec<u8>, RunError> {
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, RunError> {
         let (ptr, len) = self.write(store, memory, alloc, input)?;
         let packed = main
             .call(&mut *store, (ptr, len))
@@ -528,7 +554,7 @@ impl Sandbox {
         memory
             .data(&*store)
             .get(out_ptr as usize..out_ptr as usize + out_len as usize)
-            .map(<[u8]>::to_vec)
+            .map(read)
             .ok_or(RunError::OutOfBounds {
                 ptr: out_ptr,
                 len: out_len,
