@@ -55,9 +55,19 @@ fn decide_one(set: &ModuleSet, input: &str, messages: Option<&str>) -> Decision 
 fn an_endless_loop_is_stopped_at_its_deadline_and_denied() {
     let set = policy("tests/wat/endless_loop.wat", "{}");
     assert!(!set.needs_blocking());
-    let started = std::time::Instant::now();
-    let decision = decide_one(&set, INPUT, None);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // The test threads share two cores: a loop starved of CPU (5 ms of it
+    // not had within 20 ms) is stopped by the wall-clock backstop instead,
+    // a correct answer but not the one under test here; try again then.
+    let mut attempts = 0_u64;
+    let decision = loop {
+        attempts += 1;
+        let started = std::time::Instant::now();
+        let decision = decide_one(&set, INPUT, None);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        if !(decision.reason.contains("wall-clock") && attempts < 5) {
+            break decision;
+        }
+    };
     assert_eq!(
         (decision.action, decision.rule.as_str()),
         (Action::Deny, POLICY_ERROR_RULE)
@@ -74,7 +84,7 @@ fn an_endless_loop_is_stopped_at_its_deadline_and_denied() {
     let listing = &set.list()[0];
     assert_eq!(
         (listing.evaluations, listing.errors, listing.timeouts),
-        (1, 1, 1)
+        (attempts, attempts, attempts)
     );
 }
 

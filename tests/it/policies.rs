@@ -310,7 +310,7 @@ async fn misbehaving_modules_are_decisions_not_crashes() {
             })
             .collect::<Vec<_>>()
     };
-    // A looping module runs out of fuel (its CPU deadline), or, with eight
+    // A looping module uses up its CPU deadline, or, with eight
     // of them on two cores, may hit the wall-clock backstop first.
     for (policy, what) in [
         ("loop", &["CPU deadline", "wall-clock"][..]),
