@@ -69,7 +69,8 @@ fn shared_input() -> Vec<u8> {
 /// The cheapest module ABI v1 allows: its answer is a constant and only the
 /// first KiB of its memory is put back after each evaluation.
 fn floor_module() -> PathBuf {
-    let path = std::env::temp_dir().join(format!("warden-bench-floor-{}.wat", std::process::id()));
+    // One file, rewritten by every run: nothing left behind per run.
+    let path = std::env::temp_dir().join("warden-bench-floor.wat");
     std::fs::write(
         &path,
         r#"(module

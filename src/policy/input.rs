@@ -88,10 +88,9 @@ impl PolicyInput<'_> {
         json.raw(br#","agent":"#);
         json.string(call.agent);
         json.raw(br#","estimated_cost_usd":"#);
-        match call.estimated_cost_usd {
-            Some(cost) => json.raw(cost.decimal().as_bytes()),
-            None => json.raw(b"null"),
-        }
+        json.optional(call.estimated_cost_usd, |json, cost| {
+            json.raw(cost.decimal().as_bytes())
+        });
         json.raw(br#","provider":"#);
         json.string(call.provider);
         json.raw(br#","upstream":"#);
@@ -101,16 +100,13 @@ impl PolicyInput<'_> {
         json.raw(br#","stream":"#);
         json.raw(if call.stream { b"true" } else { b"false" });
         json.raw(br#","max_tokens":"#);
-        match call.max_tokens {
-            Some(max) => json.unsigned(max),
-            None => json.raw(b"null"),
-        }
+        json.optional(call.max_tokens, JsonWriter::integer);
         json.raw(br#","estimated_input_tokens":"#);
-        json.unsigned(call.estimated_input_tokens);
+        json.integer(call.estimated_input_tokens);
         json.raw(br#","estimated_output_tokens":"#);
-        json.unsigned(call.estimated_output_tokens);
+        json.integer(call.estimated_output_tokens);
         json.raw(br#","message_count":"#);
-        json.unsigned(call.message_count);
+        json.integer(call.message_count);
         json.raw(br#","capabilities":"#);
         json.strings(call.capabilities.iter().map(String::as_str));
         json.raw(br#","tool_names":"#);
@@ -126,9 +122,9 @@ impl PolicyInput<'_> {
         json.raw(br#"],"call_id":"#);
         json.string(call.call_id);
         json.raw(br#"},"activity":{"calls_last_minute":"#);
-        json.unsigned(self.activity.calls_last_minute);
+        json.integer(self.activity.calls_last_minute);
         json.raw(br#","errors_last_minute":"#);
-        json.unsigned(self.activity.errors_last_minute);
+        json.integer(self.activity.errors_last_minute);
         json.raw(br#"},"budgets":["#);
         for (i, budget) in self.budgets.iter().enumerate() {
             json.raw(if i == 0 {
@@ -150,21 +146,15 @@ impl PolicyInput<'_> {
             json.raw(b"}");
         }
         json.raw(br#"],"run":"#);
-        match &self.run {
-            Some(run) => {
-                json.raw(br#"{"run_id":"#);
-                json.string(run.run_id);
-                json.raw(br#","step_id":"#);
-                match run.step_id {
-                    Some(step) => json.string(step),
-                    None => json.raw(b"null"),
-                }
-                json.raw(b"}");
-            }
-            None => json.raw(b"null"),
-        }
+        json.optional(self.run.as_ref(), |json, run| {
+            json.raw(br#"{"run_id":"#);
+            json.string(run.run_id);
+            json.raw(br#","step_id":"#);
+            json.optional(run.step_id, JsonWriter::string);
+            json.raw(b"}");
+        });
         json.raw(br#","time":{"unix_ms":"#);
-        json.raw(itoa::Buffer::new().format(self.time.unix_ms).as_bytes());
+        json.integer(self.time.unix_ms);
         json.raw(br#","utc":"#);
         json.string(&self.time.utc);
         json.raw(b"}}");
@@ -178,34 +168,39 @@ impl JsonWriter<'_> {
         self.0.extend_from_slice(bytes);
     }
 
-    fn unsigned(&mut self, value: u64) {
+    fn integer(&mut self, value: impl itoa::Integer) {
         self.raw(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    /// `value` as `write` writes it, or `null`.
+    fn optional<T>(&mut self, value: Option<T>, write: impl FnOnce(&mut Self, T)) {
+        match value {
+            Some(value) => write(self, value),
+            None => self.raw(b"null"),
+        }
     }
 
     /// Decimal text that should be a JSON number; `null` if it is not, so
     /// the input stays JSON whatever the text.
     fn number_text(&mut self, text: &str) {
-        let numeric = !text.is_empty()
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'e' | b'E' | b'+'));
-        if numeric && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+        if serde_json::from_str::<serde_json::Number>(text).is_ok() {
             self.raw(text.as_bytes());
         } else {
             self.raw(b"null");
         }
     }
 
-    /// A JSON string; almost every one needs no escape and is copied whole.
+    /// A JSON string; almost every one needs no escape and is copied whole,
+    /// the others are escaped by serde_json.
     fn string(&mut self, text: &str) {
-        let out = &mut *self.0;
-        out.push(b'"');
         if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            let out = &mut *self.0;
+            out.push(b'"');
             out.extend_from_slice(text.as_bytes());
+            out.push(b'"');
         } else {
-            escape_into(out, text);
+            serde_json::to_writer(&mut *self.0, text).expect("a string serialises into a Vec");
         }
-        out.push(b'"');
     }
 
     fn strings<'s>(&mut self, items: impl Iterator<Item = &'s str>) {
@@ -217,31 +212,6 @@ impl JsonWriter<'_> {
             self.string(item);
         }
         self.raw(b"]");
-    }
-}
-
-/// The inside of a JSON string, escaped as serde_json escapes it.
-fn escape_into(out: &mut Vec<u8>, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for &b in text.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            0..0x20 => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 15)],
-            ]),
-            _ => out.push(b),
-        }
     }
 }
 

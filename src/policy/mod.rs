@@ -231,17 +231,8 @@ fn parse_decision(bytes: &[u8]) -> Result<RawDecision, String> {
 /// Runs a policy on `input` and makes its decision.
 fn evaluate_policy(module: &LoadedModule, input: &[&[u8]]) -> Decision {
     let (output, took) = module.run_with(input, parse_decision);
-    decide(module, output, took)
-}
-
-fn decide(
-    module: &LoadedModule,
-    output: Result<Result<RawDecision, String>, RunError>,
-    took: Duration,
-) -> Decision {
     let eval_us = took.as_micros() as u64;
-    let parsed = output.map_err(|e| e.to_string()).and_then(|parsed| parsed);
-    match parsed {
+    match output.map_err(|e| e.to_string()).and_then(|parsed| parsed) {
         Ok(raw) => Decision {
             policy: module.name.clone(),
             policy_hash: module.sha256.clone(),
