@@ -13,7 +13,7 @@ for src in "$@"; do EXTRA+=("$(realpath "$src")"); done
 cd "$(dirname "$0")/.."
 CLANG="${CLANG:-clang}"
 FLAGS=(--target=wasm32 -O2 -nostdlib -msimd128 -mbulk-memory -mmutable-globals -Wall -Werror
-       -Wl,--no-entry -Wl,--strip-all -Wl,--stack-first -Wl,-z,stack-size=4096
+       -Wl,--no-entry -Wl,--strip-all -Wl,--stack-first -Wl,-z,stack-size=1024
        -Wl,--export=__stack_pointer -Wl,--export=__heap_base -Wl,--export=wd_heap_next)
 build() { # source output
     mkdir -p "$(dirname "$2")"

@@ -1,6 +1,6 @@
 //! One module, checked against ABI v1 and ready to run: every run gets a
 //! fresh instance, or one put back to its state right after `warden_init`
-//! (nothing survives from one evaluation to the next either way), a CPU
+//! and its input buffer's allocation (nothing survives from one evaluation to the next either way), a CPU
 //! deadline and a memory cap.
 
 use std::cell::RefCell;
@@ -135,8 +135,9 @@ thread_local! {
 }
 
 /// An instance that serves evaluations on one thread, with what it takes to
-/// put it back as it was after `warden_init`: the memory's bytes and the
-/// mutable globals' values (all exported, or the module is not reusable).
+/// put it back as it was after `warden_init` and its input buffer's
+/// allocation: the memory's bytes and the mutable globals' values (all
+/// exported, or the module is not reusable).
 struct Warm {
     /// The sandbox's `alive` token: names the sandbox (its allocation stays
     /// put while this points at it) and is gone once the sandbox is (a
@@ -151,6 +152,26 @@ struct Warm {
     globals: Vec<(Global, Val)>,
     /// Where the module says its writes end, when it says so.
     heap: Option<HeapBounds>,
+    /// A buffer the module allocated for inputs once, before the snapshot:
+    /// every evaluation starts with it allocated, and an input that fits is
+    /// written there without a `warden_alloc` call of its own.
+    inputs: InputBuffer,
+}
+
+/// Where `warden_alloc` put the warm instance's input buffer, and its size.
+#[derive(Clone, Copy)]
+struct InputBuffer {
+    ptr: i32,
+    capacity: usize,
+}
+
+impl InputBuffer {
+    /// Room for the first input and a little more: inputs of one module
+    /// differ by a few names and numbers, and all of the buffer is put back
+    /// after each evaluation.
+    fn capacity_for(first_len: usize) -> usize {
+        (first_len + 256).next_multiple_of(256)
+    }
 }
 
 /// A module that exports `__heap_base` and `wd_heap_next` (the address of
@@ -187,7 +208,23 @@ impl Drop for Warm {
 }
 
 impl Warm {
-    /// Puts the instance back as it was after `warden_init`; false when it
+    /// Writes `pieces` into the input buffer when they fit; None when they
+    /// do not (the module allocates room for them as usual).
+    fn write_input(&mut self, pieces: &[&[u8]]) -> Option<(i32, i32)> {
+        let total: usize = pieces.iter().map(|piece| piece.len()).sum();
+        if total > self.inputs.capacity {
+            return None;
+        }
+        let start = self.inputs.ptr as u32 as usize;
+        let buffer = self
+            .memory
+            .data_mut(&mut self.store)
+            .get_mut(start..start + total)?;
+        join_into(buffer, pieces);
+        Some((self.inputs.ptr, total as i32))
+    }
+
+    /// Puts the instance back as it was when warmed up; false when it
     /// cannot be (its memory grew), and it must be dropped.
     fn reset(&mut self) -> bool {
         let data = self.memory.data_mut(&mut self.store);
@@ -381,18 +418,12 @@ impl Sandbox {
     ) -> Result<T, RunError> {
         let mut store = self.store();
         let ready = self.instantiate(&mut store, config)?;
-        self.evaluate(
-            &mut store,
-            ready.memory,
-            &ready.alloc,
-            &ready.main,
-            input,
-            read,
-        )
+        let written = self.write(&mut store, ready.memory, &ready.alloc, input)?;
+        self.evaluate(&mut store, ready.memory, &ready.main, written, read)
     }
 
     /// Runs on this thread's instance of the module, set up on first use,
-    /// and puts it back as it was after `warden_init` afterwards. A run that
+    /// and puts it back as it was when warmed up afterwards. A run that
     /// fails drops the instance: the next one starts from a fresh one.
     fn run_warm<T>(
         &self,
@@ -411,20 +442,22 @@ impl Sandbox {
                     if WARM_COUNT.load(Ordering::Relaxed) >= MAX_WARM {
                         return self.run_fresh(config, input, read);
                     }
-                    warm.push(self.warm_up(globals, config)?);
+                    let input_len = input.iter().map(|piece| piece.len()).sum();
+                    warm.push(self.warm_up(globals, config, input_len)?);
                     warm.len() - 1
                 }
             };
             let entry = &mut warm[index];
             self.arm(&mut entry.store, started);
-            let result = self.evaluate(
-                &mut entry.store,
-                entry.memory,
-                &entry.alloc,
-                &entry.main,
-                input,
-                read,
-            );
+            let result = entry
+                .write_input(input)
+                .map_or_else(
+                    || self.write(&mut entry.store, entry.memory, &entry.alloc, input),
+                    Ok,
+                )
+                .and_then(|written| {
+                    self.evaluate(&mut entry.store, entry.memory, &entry.main, written, read)
+                });
             if result.is_err() || !entry.reset() {
                 warm.swap_remove(index);
             }
@@ -432,9 +465,26 @@ impl Sandbox {
         })
     }
 
-    fn warm_up(&self, globals: &[ModuleExport], config: &[u8]) -> Result<Warm, RunError> {
+    fn warm_up(
+        &self,
+        globals: &[ModuleExport],
+        config: &[u8],
+        input_len: usize,
+    ) -> Result<Warm, RunError> {
         let mut store = self.store();
         let ready = self.instantiate(&mut store, config)?;
+        let capacity = InputBuffer::capacity_for(input_len);
+        let len = i32::try_from(capacity).map_err(|_| RunError::Memory(self.max_memory_mb))?;
+        let ptr = ready
+            .alloc
+            .call(&mut store, len)
+            .map_err(|e| self.classify(e))?;
+        if (ptr as u32 as usize).saturating_add(capacity) > ready.memory.data_size(&store) {
+            return Err(RunError::OutOfBounds {
+                ptr: ptr as u32,
+                len: len as u32,
+            });
+        }
         let globals = globals
             .iter()
             .map(|export| {
@@ -472,6 +522,7 @@ impl Sandbox {
             image,
             globals,
             heap,
+            inputs: InputBuffer { ptr, capacity },
         })
     }
 
@@ -529,24 +580,19 @@ impl Sandbox {
             .data_mut(&mut *store)
             .get_mut(start..start + total)
             .ok_or(out_of_bounds)?;
-        let mut at = 0;
-        for piece in pieces {
-            buffer[at..at + piece.len()].copy_from_slice(piece);
-            at += piece.len();
-        }
+        join_into(buffer, pieces);
         Ok((ptr, len))
     }
 
+    /// Calls the module's entry on the input written at `(ptr, len)`.
     fn evaluate<T>(
         &self,
         store: &mut Store<Host>,
         memory: Memory,
-        alloc: &TypedFunc<i32, i32>,
         main: &TypedFunc<(i32, i32), i64>,
-        input: &[&[u8]],
+        (ptr, len): (i32, i32),
         read: impl FnOnce(&[u8]) -> T,
     ) -> Result<T, RunError> {
-        let (ptr, len) = self.write(store, memory, alloc, input)?;
         let packed = main
             .call(&mut *store, (ptr, len))
             .map_err(|e| self.classify(e))?;
@@ -579,6 +625,15 @@ impl Sandbox {
                 }
             }
         }
+    }
+}
+
+/// Copies `pieces` one after another into `buffer`, exactly as long.
+fn join_into(buffer: &mut [u8], pieces: &[&[u8]]) {
+    let mut at = 0;
+    for piece in pieces {
+        buffer[at..at + piece.len()].copy_from_slice(piece);
+        at += piece.len();
     }
 }
 

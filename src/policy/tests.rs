@@ -219,6 +219,37 @@ fn a_module_that_says_where_its_heap_ends_gets_only_the_memory_below_put_back() 
 }
 
 #[test]
+fn inputs_of_any_length_leave_nothing_behind_in_a_kept_instance() {
+    let set = policy("tests/wat/input_tail.wat", "{}");
+    let module = set.policies.load()[0].clone();
+    assert!(module.sandbox.reuses_instances());
+    let tail = |input: &[u8]| {
+        let mut expected = input.to_vec();
+        expected.extend_from_slice(b"\0\0\0\0\0\0\0X");
+        expected
+    };
+    // A thread of its own: its kept instance is set up by the first input
+    // here, whose length sizes the input buffer (a few hundred bytes more).
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let long = vec![b'A'; 40];
+            let longer_than_the_buffer = vec![b'C'; 4000];
+            let inputs: [&[&[u8]]; 5] = [
+                &[&long],
+                &[b"B", b"B"],
+                &[&longer_than_the_buffer],
+                &[b"DD"],
+                &[&long[..20], &long[20..]],
+            ];
+            for pieces in inputs {
+                let (output, _) = module.sandbox.run(b"{}", pieces);
+                assert_eq!(output.unwrap(), tail(&pieces.concat()), "{pieces:?}");
+            }
+        });
+    });
+}
+
+#[test]
 fn only_modules_whose_whole_state_the_host_can_restore_keep_an_instance() {
     let wat = |text: &str| engine::reusable(&wat::parse_str(text).unwrap());
     for shipped in [

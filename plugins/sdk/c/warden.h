@@ -4,7 +4,7 @@
  * Header-only. Include it in exactly one .c file per module and build with
  *
  *   clang --target=wasm32 -O2 -nostdlib -msimd128 -mbulk-memory -mmutable-globals \
- *         -Wl,--no-entry -Wl,--strip-all -Wl,--stack-first -Wl,-z,stack-size=4096 \
+ *         -Wl,--no-entry -Wl,--strip-all -Wl,--stack-first -Wl,-z,stack-size=1024 \
  *         -Wl,--export=__stack_pointer -Wl,--export=__heap_base -Wl,--export=wd_heap_next \
  *         -o NAME.wasm NAME.c
  *
