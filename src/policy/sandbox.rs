@@ -1,7 +1,7 @@
 //! One module, checked against ABI v1 and ready to run: every run gets a
 //! fresh instance, or one put back to its state right after `warden_init`
-//! and its input buffer's allocation (nothing survives from one evaluation to the next either way), a CPU
-//! deadline and a memory cap.
+//! and its input buffer's allocation (nothing survives from one evaluation
+//! to the next either way), a CPU deadline and a memory cap.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
