@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::store::record::now_micros;
+
 const SECONDS: usize = 60;
 
 /// Each bucket packs the second it counts (high 32 bits) and its count.
@@ -62,21 +64,23 @@ pub struct ActivityCounts {
     pub errors_last_minute: u64,
 }
 
-fn now_s() -> u64 {
-    (crate::store::record::now_micros() / 1_000_000) as u64
+fn seconds(unix_us: i64) -> u64 {
+    (unix_us / 1_000_000) as u64
 }
 
 impl Activity {
-    pub fn call_started(&self) {
-        self.calls.add(now_s());
+    /// Counts a call started at `now_us` (Unix µs).
+    pub fn call_started(&self, now_us: i64) {
+        self.calls.add(seconds(now_us));
     }
 
     pub fn call_failed(&self) {
-        self.errors.add(now_s());
+        self.errors.add(seconds(now_micros()));
     }
 
-    pub fn counts(&self) -> ActivityCounts {
-        self.counts_at(now_s())
+    /// The minute up to `now_us` (Unix µs).
+    pub fn counts(&self, now_us: i64) -> ActivityCounts {
+        self.counts_at(seconds(now_us))
     }
 
     fn counts_at(&self, now_s: u64) -> ActivityCounts {

@@ -220,10 +220,10 @@ impl TimeInput {
         TimeInput::at(crate::store::record::now_micros())
     }
 
-    /// The UTC text changes once a second: each thread formats it once per
-    /// second, not once per call (the formatting was a tenth of building
-    /// the input).
-    fn at(now_us: i64) -> TimeInput {
+    /// The time `now_us` (Unix µs). The UTC text changes once a second:
+    /// each thread formats it once per second, not once per call (the
+    /// formatting was a tenth of building the input).
+    pub fn at(now_us: i64) -> TimeInput {
         thread_local! {
             static UTC: RefCell<(i64, Arc<str>)> = RefCell::new((i64::MIN, Arc::from("")));
         }

@@ -44,7 +44,10 @@ pub async fn apply_policies(
         body,
         headers,
     } = context;
-    agent.activity.call_started();
+    // One reading of the clock for the whole stage: the activity window,
+    // the budgets' periods and the input's time.
+    let now_us = now_micros();
+    agent.activity.call_started(now_us);
     call.counted_agent = Some(agent.clone());
     let shape = BodyShape::of(body, &facts.parts);
     let bound = call.upper_bound(endpoint, body, facts.max_tokens);
@@ -57,7 +60,7 @@ pub async fn apply_policies(
     let budgets = state
         .limits
         .budgets()
-        .status_for(&subject, now_micros())
+        .status_for(&subject, now_us)
         .into_iter()
         .map(|s| BudgetInput {
             scope: s.run.map_or(s.scope, |run| format!("run:{run}")),
@@ -92,13 +95,13 @@ pub async fn apply_policies(
             tool_names: shape.tool_names(),
             headers: warden_headers,
         },
-        activity: agent.activity.counts(),
+        activity: agent.activity.counts(now_us),
         budgets,
         run: call.run_id.as_deref().map(|run_id| RunInput {
             run_id,
             step_id: call.step_id.as_deref(),
         }),
-        time: TimeInput::now(),
+        time: TimeInput::at(now_us),
     };
     // Sized for a typical input (~700 bytes), written once.
     let mut shared = Vec::with_capacity(1024);
