@@ -81,82 +81,69 @@ impl PolicyInput<'_> {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         let call = &self.call;
         let mut json = JsonWriter(out);
-        json.raw(br#"{"call":{"model":"#);
-        json.string(call.model);
-        json.raw(br#","role":"#);
-        json.string(call.role);
-        json.raw(br#","agent":"#);
-        json.string(call.agent);
-        json.raw(br#","estimated_cost_usd":"#);
-        json.optional(call.estimated_cost_usd, |json, cost| {
-            json.raw(cost.decimal().as_bytes())
-        });
-        json.raw(br#","provider":"#);
-        json.string(call.provider);
-        json.raw(br#","upstream":"#);
-        json.string(call.upstream);
-        json.raw(br#","endpoint":"#);
-        json.string(call.endpoint);
-        json.raw(br#","stream":"#);
-        json.raw(if call.stream { b"true" } else { b"false" });
-        json.raw(br#","max_tokens":"#);
-        json.optional(call.max_tokens, JsonWriter::integer);
-        json.raw(br#","estimated_input_tokens":"#);
-        json.integer(call.estimated_input_tokens);
-        json.raw(br#","estimated_output_tokens":"#);
-        json.integer(call.estimated_output_tokens);
-        json.raw(br#","message_count":"#);
-        json.integer(call.message_count);
-        json.raw(br#","capabilities":"#);
-        json.strings(call.capabilities.iter().map(String::as_str));
-        json.raw(br#","tool_names":"#);
-        json.strings(call.tool_names.iter().map(|name| &**name));
+        json.member(br#"{"call":{"model":"#).string(call.model);
+        json.member(br#","role":"#).string(call.role);
+        json.member(br#","agent":"#).string(call.agent);
+        json.member(br#","estimated_cost_usd":"#)
+            .optional(call.estimated_cost_usd, |json, cost| {
+                json.raw(cost.decimal().as_bytes())
+            });
+        json.member(br#","provider":"#).string(call.provider);
+        json.member(br#","upstream":"#).string(call.upstream);
+        json.member(br#","endpoint":"#).string(call.endpoint);
+        json.member(br#","stream":"#)
+            .raw(if call.stream { b"true" } else { b"false" });
+        json.member(br#","max_tokens":"#)
+            .optional(call.max_tokens, JsonWriter::integer);
+        json.member(br#","estimated_input_tokens":"#)
+            .integer(call.estimated_input_tokens);
+        json.member(br#","estimated_output_tokens":"#)
+            .integer(call.estimated_output_tokens);
+        json.member(br#","message_count":"#)
+            .integer(call.message_count);
+        json.member(br#","capabilities":"#)
+            .strings(call.capabilities.iter().map(String::as_str));
+        json.member(br#","tool_names":"#)
+            .strings(call.tool_names.iter().map(|name| &**name));
         json.raw(br#","headers":["#);
         for (i, (name, value)) in call.headers.iter().enumerate() {
-            json.raw(if i == 0 { b"[" } else { b",[" });
-            json.string(name);
-            json.raw(b",");
-            json.string(value);
+            json.member(if i == 0 { b"[" } else { b",[" }).string(name);
+            json.member(b",").string(value);
             json.raw(b"]");
         }
-        json.raw(br#"],"call_id":"#);
-        json.string(call.call_id);
-        json.raw(br#"},"activity":{"calls_last_minute":"#);
-        json.integer(self.activity.calls_last_minute);
-        json.raw(br#","errors_last_minute":"#);
-        json.integer(self.activity.errors_last_minute);
+        json.member(br#"],"call_id":"#).string(call.call_id);
+        json.member(br#"},"activity":{"calls_last_minute":"#)
+            .integer(self.activity.calls_last_minute);
+        json.member(br#","errors_last_minute":"#)
+            .integer(self.activity.errors_last_minute);
         json.raw(br#"},"budgets":["#);
         for (i, budget) in self.budgets.iter().enumerate() {
-            json.raw(if i == 0 {
+            json.member(if i == 0 {
                 br#"{"scope":"#
             } else {
                 br#",{"scope":"#
-            });
-            json.string(&budget.scope);
-            json.raw(br#","period":"#);
-            json.string(budget.period);
-            json.raw(br#","limit_usd":"#);
-            json.number_text(&budget.limit_usd);
-            json.raw(br#","spent_usd":"#);
-            json.number_text(&budget.spent_usd);
-            json.raw(br#","reserved_usd":"#);
-            json.number_text(&budget.reserved_usd);
-            json.raw(br#","on_exceed":"#);
-            json.string(budget.on_exceed);
+            })
+            .string(&budget.scope);
+            json.member(br#","period":"#).string(budget.period);
+            json.member(br#","limit_usd":"#)
+                .number_text(&budget.limit_usd);
+            json.member(br#","spent_usd":"#)
+                .number_text(&budget.spent_usd);
+            json.member(br#","reserved_usd":"#)
+                .number_text(&budget.reserved_usd);
+            json.member(br#","on_exceed":"#).string(budget.on_exceed);
             json.raw(b"}");
         }
-        json.raw(br#"],"run":"#);
-        json.optional(self.run.as_ref(), |json, run| {
-            json.raw(br#"{"run_id":"#);
-            json.string(run.run_id);
-            json.raw(br#","step_id":"#);
-            json.optional(run.step_id, JsonWriter::string);
-            json.raw(b"}");
-        });
-        json.raw(br#","time":{"unix_ms":"#);
-        json.integer(self.time.unix_ms);
-        json.raw(br#","utc":"#);
-        json.string(&self.time.utc);
+        json.member(br#"],"run":"#)
+            .optional(self.run.as_ref(), |json, run| {
+                json.member(br#"{"run_id":"#).string(run.run_id);
+                json.member(br#","step_id":"#)
+                    .optional(run.step_id, JsonWriter::string);
+                json.raw(b"}");
+            });
+        json.member(br#","time":{"unix_ms":"#)
+            .integer(self.time.unix_ms);
+        json.member(br#","utc":"#).string(&self.time.utc);
         json.raw(b"}}");
     }
 }
@@ -166,6 +153,13 @@ struct JsonWriter<'a>(&'a mut Vec<u8>);
 impl JsonWriter<'_> {
     fn raw(&mut self, bytes: &[u8]) {
         self.0.extend_from_slice(bytes);
+    }
+
+    /// The text before a value (punctuation and its key), for the value's
+    /// writer to follow: `json.member(br#","role":"#).string(role)`.
+    fn member(&mut self, before: &[u8]) -> &mut Self {
+        self.raw(before);
+        self
     }
 
     fn integer(&mut self, value: impl itoa::Integer) {

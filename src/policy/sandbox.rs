@@ -211,7 +211,7 @@ impl Warm {
     /// Writes `pieces` into the input buffer when they fit; None when they
     /// do not (the module allocates room for them as usual).
     fn write_input(&mut self, pieces: &[&[u8]]) -> Option<(i32, i32)> {
-        let total: usize = pieces.iter().map(|piece| piece.len()).sum();
+        let total = joined_len(pieces);
         if total > self.inputs.capacity {
             return None;
         }
@@ -442,8 +442,7 @@ impl Sandbox {
                     if WARM_COUNT.load(Ordering::Relaxed) >= MAX_WARM {
                         return self.run_fresh(config, input, read);
                     }
-                    let input_len = input.iter().map(|piece| piece.len()).sum();
-                    warm.push(self.warm_up(globals, config, input_len)?);
+                    warm.push(self.warm_up(globals, config, joined_len(input))?);
                     warm.len() - 1
                 }
             };
@@ -568,7 +567,7 @@ impl Sandbox {
         alloc: &TypedFunc<i32, i32>,
         pieces: &[&[u8]],
     ) -> Result<(i32, i32), RunError> {
-        let total: usize = pieces.iter().map(|piece| piece.len()).sum();
+        let total = joined_len(pieces);
         let len = i32::try_from(total).map_err(|_| RunError::Memory(self.max_memory_mb))?;
         let ptr = alloc.call(&mut *store, len).map_err(|e| self.classify(e))?;
         let out_of_bounds = RunError::OutOfBounds {
@@ -626,6 +625,11 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// The length of `pieces` joined.
+fn joined_len(pieces: &[&[u8]]) -> usize {
+    pieces.iter().map(|piece| piece.len()).sum()
 }
 
 /// Copies `pieces` one after another into `buffer`, exactly as long.
