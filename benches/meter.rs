@@ -101,6 +101,16 @@ fn cost_benches(c: &mut Criterion) {
     c.bench_function("usage_from_body (707-byte chat completion)", |b| {
         b.iter(|| usage_from_body(Endpoint::ChatCompletions, black_box(&completion)).unwrap())
     });
+    // The same answer with 16 KiB of text in its message, as a long answer
+    // or a tool call's arguments make it.
+    let long_text = "All work and no play makes Jack a dull boy. \\\"Quoted.\\\" ".repeat(300);
+    let long = String::from_utf8(completion.clone())
+        .unwrap()
+        .replace("Hello! How can I assist you today?", &long_text);
+    assert!(long.len() > 16 << 10);
+    c.bench_function("usage_from_body (17-KiB chat completion)", |b| {
+        b.iter(|| usage_from_body(Endpoint::ChatCompletions, black_box(long.as_bytes())).unwrap())
+    });
     // A cancelled call's input estimate (on the store writer's thread).
     c.bench_function("estimate_input (o200k_base, 2 messages)", |b| {
         b.iter(|| warden::metering::estimate::estimate_input("gpt-4o", black_box(body)))

@@ -426,16 +426,19 @@ fn token_count(value: Option<&[u8]>) -> Result<Option<u64>, UnreadableUsage> {
 
 /// Usage reported in a non-streamed success body, if any: its top-level
 /// `usage` object, or a bare `input_tokens` (count_tokens answers so).
+///
+/// Both are looked for from the body's end, where every provider writes its
+/// usage: however long the answer, its choices are not walked.
 pub fn usage_from_body(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
-    let [usage, input_tokens] = members::top_level_members(body, [b"usage", b"input_tokens"])?;
-    let usage = match usage {
+    let usage = match members::top_level_member_from_end(body, b"usage")? {
         Some(raw) => RawUsage::from_json(raw).ok()?,
         None => None,
     };
     match usage {
         Some(raw) => Some(raw.normalize(endpoint.protocol())),
         None => Some(Usage {
-            input_tokens: token_count(input_tokens).ok()??,
+            input_tokens: token_count(members::top_level_member_from_end(body, b"input_tokens")?)
+                .ok()??,
             ..Usage::default()
         }),
     }
