@@ -11,12 +11,17 @@ const SECONDS: usize = 60;
 #[derive(Debug)]
 struct Window {
     buckets: [AtomicU64; SECONDS],
+    /// The second last summed (high 32 bits) and the count of the 59
+    /// seconds before it: a call reads two words, not sixty, until the
+    /// second turns.
+    earlier: AtomicU64,
 }
 
 impl Default for Window {
     fn default() -> Self {
         Window {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            earlier: AtomicU64::new(0),
         }
     }
 }
@@ -39,16 +44,32 @@ impl Window {
         }
     }
 
-    /// Counts of the 60 seconds up to and including `now_s`.
+    /// Counts of the 60 seconds up to and including `now_s`. A call still
+    /// counting into the second just past when the sum of the earlier ones
+    /// is taken is missed by the rest of this second's sums: the window is
+    /// exact but for such stragglers.
     fn sum(&self, now_s: u64) -> u64 {
-        let oldest = now_s.saturating_sub(SECONDS as u64 - 1) & 0xffff_ffff;
-        let now_s = now_s & 0xffff_ffff;
-        self.buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .filter(|v| (oldest..=now_s).contains(&(v >> 32)))
-            .map(|v| v & 0xffff_ffff)
-            .sum()
+        let earlier = self.earlier.load(Ordering::Relaxed);
+        let earlier = if earlier >> 32 == now_s & 0xffff_ffff {
+            earlier & 0xffff_ffff
+        } else {
+            let first = now_s.saturating_sub(SECONDS as u64 - 1);
+            let sum = (first..now_s).map(|second| self.count(second)).sum::<u64>();
+            self.earlier
+                .store((now_s << 32) | sum.min(0xffff_ffff), Ordering::Relaxed);
+            sum
+        };
+        earlier + self.count(now_s)
+    }
+
+    /// The count of one second, if its bucket still holds it.
+    fn count(&self, second: u64) -> u64 {
+        let bucket = self.buckets[second as usize % SECONDS].load(Ordering::Relaxed);
+        if bucket >> 32 == second & 0xffff_ffff {
+            bucket & 0xffff_ffff
+        } else {
+            0
+        }
     }
 }
 
@@ -106,11 +127,18 @@ mod tests {
         activity.errors.add(t + 4);
         assert_eq!(activity.counts_at(t + 4).calls_last_minute, 10);
         assert_eq!(activity.counts_at(t + 4).errors_last_minute, 1);
+        // The current second is read live, the earlier ones once a second:
+        // a straggler into an earlier second counts from the next one on.
+        activity.calls.add(t + 4);
+        activity.calls.add(t + 3);
+        assert_eq!(activity.counts_at(t + 4).calls_last_minute, 11);
+        assert_eq!(activity.counts_at(t + 5).calls_last_minute, 12);
+        assert_eq!(activity.counts_at(t + 4).calls_last_minute, 12);
         // A minute later the first second has left the window.
-        assert_eq!(activity.counts_at(t + 60).calls_last_minute, 8);
+        assert_eq!(activity.counts_at(t + 60).calls_last_minute, 10);
         // A bucket reused for a new second starts again from one.
         activity.calls.add(t + 60);
-        assert_eq!(activity.counts_at(t + 60).calls_last_minute, 9);
+        assert_eq!(activity.counts_at(t + 60).calls_last_minute, 11);
         assert_eq!(activity.counts_at(t + 200).calls_last_minute, 0);
     }
 }
