@@ -71,7 +71,11 @@ fn one_call(limits: &Limits, price: &warden::metering::prices::ModelPrice) {
         output_tokens: 120,
         ..Usage::default()
     };
-    black_box(admission.settle(&usage, Some(price.cost(&usage))));
+    black_box(admission.settle(
+        &usage,
+        Some(price.cost(&usage)),
+        warden::store::record::now_micros(),
+    ));
 }
 
 fn bench_admission(c: &mut Criterion) {

@@ -55,11 +55,11 @@ impl Admission {
 
     /// Replaces the admission charges with what the call used and cost.
     /// Returns the smallest remaining amount of the call's budgets.
-    pub fn settle(self, usage: &Usage, cost: Option<Usd>) -> Option<Usd> {
+    pub fn settle(self, usage: &Usage, cost: Option<Usd>, now_us: i64) -> Option<Usd> {
         let Admission { tokens, budget, .. } = self;
         tokens.settle(usage.input_tokens + usage.output_tokens);
         match cost {
-            Some(cost) => budget.settle(cost, crate::store::record::now_micros()),
+            Some(cost) => budget.settle(cost, now_us),
             // Unpriced calls never hold a reservation (they are refused when
             // a budget applies), so there is nothing to count.
             None => None,

@@ -16,7 +16,7 @@ use crate::metering::MeterReport;
 use crate::metering::prices::ModelPrice;
 use crate::money::Usd;
 use crate::providers::{self, Endpoint, ErrorKind, ProviderKind, Usage};
-use crate::store::record::{CallRecord, Outcome, PendingEstimate, UsageSource, now_micros};
+use crate::store::record::{CallRecord, Outcome, PendingEstimate, UsageSource};
 
 // Names, not strings: inserting by `&str` parses and hashes the name again
 // on every call.
@@ -180,6 +180,9 @@ pub struct Call {
     /// the upstream).
     halt_watch: Option<crate::halts::HaltWatch>,
     ttft_ms: Option<f64>,
+    /// When the call ended, from `started`: read once for the budget's
+    /// settlement and the record.
+    ended: Option<std::time::Duration>,
     recorded: bool,
 }
 
@@ -213,6 +216,7 @@ impl Call {
             upper_bound: None,
             halt_watch: None,
             ttft_ms: None,
+            ended: None,
             recorded: false,
         }
     }
@@ -275,6 +279,15 @@ impl Call {
         if self.ttft_ms.is_none() {
             self.ttft_ms = Some(self.elapsed_ms());
         }
+    }
+
+    /// Ends the call's clock (once; later calls give the same end) and
+    /// returns the end in Unix µs: the start's wall-clock time plus the
+    /// time elapsed on the monotonic clock, so that the record's end minus
+    /// its start is its latency whatever the wall clock does meanwhile.
+    fn end_now(&mut self) -> i64 {
+        let ended = *self.ended.get_or_insert_with(|| self.started.elapsed());
+        self.ts_start_us + ended.as_micros() as i64
     }
 
     fn elapsed_ms(&self) -> f64 {
@@ -376,8 +389,9 @@ impl Call {
                 admission: self.admission.take(),
             })
         });
+        let ended_us = self.end_now();
         let budget_remaining = match self.admission.take() {
-            Some(admission) => admission.settle(&settlement.usage, cost),
+            Some(admission) => admission.settle(&settlement.usage, cost, ended_us),
             None => None,
         };
         self.record(CallEnd {
@@ -458,10 +472,12 @@ impl Call {
                 },
             );
         }
+        let ts_end_us = self.end_now();
+        let latency_ms = self.ended.unwrap_or_default().as_secs_f64() * 1000.0;
         let record = CallRecord {
             call_id: std::mem::take(&mut self.id),
             ts_start_us: self.ts_start_us,
-            ts_end_us: now_micros(),
+            ts_end_us,
             agent: self.agent.clone(),
             upstream: self.upstream.clone(),
             provider: self.provider,
@@ -473,7 +489,7 @@ impl Call {
             usage: end.usage,
             usage_source: end.usage_source,
             cost: end.cost,
-            latency_ms: self.elapsed_ms(),
+            latency_ms,
             ttft_ms: self.ttft_ms,
             run_id: self.run_id.take(),
             step_id: self.step_id.take(),

@@ -931,6 +931,6 @@ fn complete_estimate(record: &mut CallRecord) {
         record.cost = Some(price.cost(&record.usage));
     }
     if let Some(admission) = pending.admission {
-        admission.settle(&record.usage, record.cost);
+        admission.settle(&record.usage, record.cost, record.ts_end_us);
     }
 }

@@ -11,6 +11,7 @@
 use crate::lock;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -220,6 +221,9 @@ pub struct Runs {
     /// call without headers finds its step without looking at every run.
     /// Locked after `state` when both are held, never before it.
     running: Mutex<HashMap<String, Vec<(String, usize)>>>,
+    /// How many agents `running` holds, read without its lock: while no
+    /// agent step runs, a call without run headers costs no lock at all.
+    running_agents: AtomicUsize,
     wake: tokio::sync::Notify,
 }
 
@@ -247,6 +251,7 @@ impl Runs {
             internal_key: crate::config::new_secret("wi_"),
             closed_approvals: Mutex::new(Vec::new()),
             running: Mutex::new(HashMap::new()),
+            running_agents: AtomicUsize::new(0),
             wake: tokio::sync::Notify::new(),
         });
         {
@@ -434,6 +439,7 @@ impl Runs {
             }
             None => {}
         }
+        self.running_agents.store(running.len(), Ordering::Release);
     }
 
     fn step_changed(&self, run: &RunState, index: usize, actor: &str, effects: &mut Vec<Effect>) {
@@ -770,11 +776,15 @@ impl Runs {
         step_header: Option<&str>,
         cost_bound: &mut dyn FnMut() -> Usd,
     ) -> Result<Option<Binding>, RunsError> {
-        let now = now_micros();
-        // Most calls serve no workflow: one look at the index, no engine lock.
-        if run_header.is_none() && !lock(&self.running).contains_key(agent) {
+        // Most calls serve no workflow: one look at the index, no engine
+        // lock (and none at all while no agent step runs).
+        if run_header.is_none()
+            && (self.running_agents.load(Ordering::Acquire) == 0
+                || !lock(&self.running).contains_key(agent))
+        {
             return Ok(None);
         }
+        let now = now_micros();
         let mut state = self.lock();
         let (run_id, index) = match (run_header, step_header) {
             (Some(run_id), step) => {
