@@ -558,6 +558,31 @@ mod tests {
     }
 
     #[test]
+    fn either_walk_survives_any_text() {
+        // Short texts of JSON's punctuation: no panic, no endless loop, and
+        // whatever the walk back finds lies inside the text.
+        let alphabet = b"{}[]\":,\\ a1u";
+        let mut seed = 0x1234_5678_u32;
+        for len in 0..24 {
+            for _ in 0..2000 {
+                let text: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 17;
+                        seed ^= seed << 5;
+                        alphabet[seed as usize % alphabet.len()]
+                    })
+                    .collect();
+                let _ = top_level_members(&text, [b"u", b"a"]);
+                if let Some(Some(value)) = top_level_member_from_end(&text, b"u") {
+                    let start = value.as_ptr() as usize - text.as_ptr() as usize;
+                    assert!(start + value.len() <= text.len());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn text_that_is_not_a_whole_object_finds_nothing() {
         for json in [
             "",
