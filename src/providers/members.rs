@@ -165,16 +165,15 @@ fn escaped(json: &[u8], at: usize) -> bool {
 
 /// The index of the last byte before `end` that is not whitespace.
 fn last_non_whitespace(json: &[u8], end: usize) -> Option<usize> {
-    json[..end]
-        .iter()
-        .rposition(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+    json[..end].iter().rposition(|b| !is_whitespace(b))
+}
+
+fn is_whitespace(byte: &u8) -> bool {
+    matches!(byte, b' ' | b'\n' | b'\r' | b'\t')
 }
 
 fn skip_whitespace(json: &[u8], mut at: usize) -> usize {
-    while json
-        .get(at)
-        .is_some_and(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
-    {
+    while json.get(at).is_some_and(is_whitespace) {
         at += 1;
     }
     at
@@ -350,6 +349,14 @@ fn rfind_bytewise(json: &[u8], end: usize, set: ByteSet) -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// The next number of a xorshift sequence: reproducible test texts.
+    fn xorshift(seed: &mut u32) -> u32 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 17;
+        *seed ^= *seed << 5;
+        *seed
+    }
+
     fn members<'a, const N: usize>(json: &'a str, keys: [&str; N]) -> Option<[Option<&'a str>; N]> {
         let found = top_level_members(json.as_bytes(), keys.map(str::as_bytes))?;
         Some(found.map(|value| value.map(|v| std::str::from_utf8(v).unwrap())))
@@ -405,9 +412,7 @@ mod tests {
             for _ in 0..40 {
                 let text: Vec<u8> = (0..len)
                     .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 17;
-                        seed ^= seed << 5;
+                        let seed = xorshift(&mut seed);
                         // Mostly plain bytes, so that some chunks hold no stop.
                         if seed.is_multiple_of(4) {
                             alphabet[(seed / 4) as usize % alphabet.len()]
@@ -442,10 +447,7 @@ mod tests {
     /// anywhere, keys that repeat.
     fn random_value(seed: &mut u32, depth: u32, out: &mut String) {
         fn next(seed: &mut u32, n: u32) -> u32 {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 17;
-            *seed ^= *seed << 5;
-            *seed % n
+            xorshift(seed) % n
         }
         fn space(seed: &mut u32) -> &'static str {
             [" ", "", "\n  ", "\t", ""][next(seed, 5) as usize]
@@ -566,12 +568,7 @@ mod tests {
         for len in 0..24 {
             for _ in 0..2000 {
                 let text: Vec<u8> = (0..len)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 17;
-                        seed ^= seed << 5;
-                        alphabet[seed as usize % alphabet.len()]
-                    })
+                    .map(|_| alphabet[xorshift(&mut seed) as usize % alphabet.len()])
                     .collect();
                 let _ = top_level_members(&text, [b"u", b"a"]);
                 if let Some(Some(value)) = top_level_member_from_end(&text, b"u") {

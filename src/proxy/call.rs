@@ -473,7 +473,7 @@ impl Call {
             );
         }
         let ts_end_us = self.end_now();
-        let latency_ms = self.ended.unwrap_or_default().as_secs_f64() * 1000.0;
+        let latency_ms = (ts_end_us - self.ts_start_us) as f64 / 1000.0;
         let record = CallRecord {
             call_id: std::mem::take(&mut self.id),
             ts_start_us: self.ts_start_us,
