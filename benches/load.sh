@@ -10,20 +10,23 @@
 # call reached the store, and Warden's peak RSS.
 #
 # nginx proxy_pass and the four Wardens (all started up front, each on its
-# own ports and store) take turns ROUNDS times: this box's speed drifts by
-# a fifth between runs a minute apart, so a target measured once, minutes
-# away from nginx, was as much a measure of the drift as of the target.
-# Figures are the medians of the rounds, and each round's ratios to that
-# round's nginx are printed too.
+# own ports and store) take turns ROUNDS times, and every Warden turn sits
+# between two nginx turns: this box's speed drifts by a fifth from one
+# minute to the next, so a target is compared with the mean of the nginx
+# runs right before and right after it (a drift that is steady over the
+# pair cancels). Figures are the medians of those per-turn ratios; each
+# round's ratios are printed too. An A/A check (the same Warden as both
+# targets of such pairs) put single pairs within +-8 % and the median of
+# ten within +-1 %.
 #
-#     benches/load.sh                # 32 connections, 15 s per target, 3 rounds
-#     CONNECTIONS=64 DURATION=30 ROUNDS=5 benches/load.sh
+#     benches/load.sh                # 32 connections, 8 s per turn, 5 rounds
+#     CONNECTIONS=64 DURATION=15 ROUNDS=7 benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNECTIONS="${CONNECTIONS:-32}"
-DURATION="${DURATION:-15}"
+DURATION="${DURATION:-8}"
 THREADS="${THREADS:-2}"
-ROUNDS="${ROUNDS:-3}"
+ROUNDS="${ROUNDS:-5}"
 . benches/common.sh
 bench_setup nginx wrk
 
@@ -144,7 +147,6 @@ settle() {
 cpu_ticks() { # the Wardens' user + system clock ticks so far
     cat "$WORK"/warden*.pid | while read -r pid; do awk '{print $14 + $15}' "/proc/$pid/stat"; done | awk '{s += $1} END {print s}'
 }
-to_ms() { case "$1" in *us) echo "${1%us} / 1000" | bc -l;; *ms) echo "${1%ms}";; *s) echo "${1%s} * 1000" | bc -l;; esac; }
 
 # Each round binds its calls to a new run of a one-step workflow whose step
 # stays running: wrk stops with calls in flight, and an agent hanging up
@@ -166,42 +168,67 @@ echo "wrk: $THREADS threads, $CONNECTIONS connections, ${DURATION}s per target, 
 printf '%-22s %12s %10s %10s %10s\n' target "req/s" p50 p99 requests
 run nginx_static http://127.0.0.1:18081/v1/chat/completions
 SENT=0
-TARGETS="nginx_proxy_pass warden warden_limits warden_policies warden_run_bound"
+WARDENS="warden warden_limits warden_policies warden_run_bound"
+TARGETS="nginx_proxy_pass $WARDENS"
+port_of() { case "$1" in warden) echo 18083;; warden_limits) echo 18085;; warden_policies) echo 18087;; warden_run_bound) echo 18089;; esac; }
+NGINX_TURN=0
+nginx_turn() {
+    NGINX_TURN=$((NGINX_TURN + 1))
+    run "nginx_proxy_pass.$NGINX_TURN" http://127.0.0.1:18082/v1/chat/completions
+}
+nginx_turn
 for round in $(seq "$ROUNDS"); do
-    run "nginx_proxy_pass.$round" http://127.0.0.1:18082/v1/chat/completions
-    run "warden.$round" http://127.0.0.1:18083/v1/chat/completions
-    SENT=$((SENT + $(cut -d' ' -f4 "$WORK/warden.$round.res")))
-    run "warden_limits.$round" http://127.0.0.1:18085/v1/chat/completions
-    run "warden_policies.$round" http://127.0.0.1:18087/v1/chat/completions
-    run_lua "$round"
-    run "warden_run_bound.$round" http://127.0.0.1:18089/v1/chat/completions "$WORK/post-run.$round.lua"
+    for target in $WARDENS; do
+        lua="$WORK/post.lua"
+        if [ "$target" = warden_run_bound ]; then run_lua "$round"; lua="$WORK/post-run.$round.lua"; fi
+        run "$target.$round" "http://127.0.0.1:$(port_of "$target")/v1/chat/completions" "$lua"
+        [ "$target" = warden ] && SENT=$((SENT + $(cut -d' ' -f4 "$WORK/warden.$round.res")))
+        echo "$NGINX_TURN" > "$WORK/$target.$round.before"
+        nginx_turn
+    done
 done
-# Medians over the rounds (p99 in ms), kept where the single-run figures were.
-median() { # name -> "req/s p50 p99 requests" of the median round by req/s, p99 its median
-    python3 - "$WORK" "$1" "$ROUNDS" <<'PY'
+# Per turn: the target's req/s over the mean of the nginx turns around it,
+# its p99 over theirs. Medians over the rounds, req/s and p99 in ms.
+python3 - "$WORK" "$ROUNDS" "$NGINX_TURN" $WARDENS > "$WORK/ratios.txt" <<'PY'
 import statistics, sys
-work, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+work, rounds, turns, targets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 def ms(text):
     for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if text.endswith(unit):
             return float(text[: -len(unit)]) * scale
-rows = [open(f"{work}/{name}.{r}.res").read().split() for r in range(1, rounds + 1)]
-rps = statistics.median(float(r[0]) for r in rows)
-p50 = statistics.median(ms(r[1]) for r in rows)
-p99 = statistics.median(ms(r[2]) for r in rows)
-print(f"{rps:.2f} {p50:.3f}ms {p99:.3f}ms {sum(int(r[3]) for r in rows)}")
+def res(name):
+    rps, p50, p99, total = open(f"{work}/{name}.res").read().split()
+    return float(rps), ms(p50), ms(p99), int(total)
+nginx = [res(f"nginx_proxy_pass.{t}") for t in range(1, turns + 1)]
+ratios = {t: [] for t in targets}
+for r in range(1, rounds + 1):
+    line = f"round {r}, throughput (p99) / nginx proxy_pass around it:"
+    for t in targets:
+        before = int(open(f"{work}/{t}.{r}.before").read())
+        around = (nginx[before - 1], nginx[before])
+        n_rps = sum(x[0] for x in around) / 2
+        n_p99 = sum(x[2] for x in around) / 2
+        rps, _, p99, _ = res(f"{t}.{r}")
+        ratios[t].append((rps / n_rps, p99 / n_p99))
+        line += f" {t} {rps / n_rps:.2f} ({p99 / n_p99:.2f})"
+    print(line)
+def summary(name, rows):
+    return (statistics.median(x[0] for x in rows), statistics.median(x[1] for x in rows),
+            statistics.median(x[2] for x in rows), sum(x[3] for x in rows))
+medians = {"nginx_proxy_pass": summary("nginx_proxy_pass", nginx)}
+for t in targets:
+    medians[t] = summary(t, [res(f"{t}.{r}") for r in range(1, rounds + 1)])
+    tput = statistics.median(x[0] for x in ratios[t])
+    p99 = statistics.median(x[1] for x in ratios[t])
+    print(f"median ratio {t} {tput:.2f} {p99:.2f}")
+for name, (rps, p50, p99, total) in medians.items():
+    print(f"median {name} {rps:.2f} {p50:.3f}ms {p99:.3f}ms {total}")
 PY
-}
-for target in $TARGETS; do median "$target" > "$WORK/$target.res"; done
-for round in $(seq "$ROUNDS"); do
-    read -r n _ np99 _ < "$WORK/nginx_proxy_pass.$round.res"
-    line="round $round, throughput (p99) / nginx proxy_pass:"
-    for target in warden warden_limits warden_policies warden_run_bound; do
-        read -r w _ wp99 _ < "$WORK/$target.$round.res"
-        line="$line $target $(printf '%.2f (%.2f)' "$(echo "$w / $n" | bc -l)" "$(echo "$(to_ms "$wp99") / $(to_ms "$np99")" | bc -l)")"
-    done
-    echo "$line"
+grep '^round' "$WORK/ratios.txt"
+for target in $TARGETS; do
+    grep "^median $target " "$WORK/ratios.txt" | cut -d' ' -f3- > "$WORK/$target.res"
 done
+ratio_of() { grep "^median ratio $1 " "$WORK/ratios.txt" | cut -d' ' -f4-; }
 
 AFTER="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FROM calls" --format csv --admin-url http://127.0.0.1:18084 | tail -1)"
 RECORDED=$((AFTER - BEFORE))
@@ -215,19 +242,19 @@ RUN_CALLS="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT count(*) FILTER (WHERE 
 RUN_STEP="$(WARDEN_TOKEN=$TOKEN "$WARDEN" runs show "$RUN" --format json --admin-url http://127.0.0.1:18090 | python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]; print(s["status"], s["calls"], "calls, $" + s["cost_usd"], "" if s["error"] is None else "(" + s["error"] + ")")')"
 # Calls that did not end well (a failed call fails the step it serves).
 RUN_NOT_OK="$(WARDEN_TOKEN=$TOKEN "$WARDEN" query "SELECT outcome || ' ' || status_code || ': ' || count(*) || ' (' || coalesce(any_value(error), '') || ')' FROM calls WHERE outcome <> 'ok' GROUP BY outcome, status_code" --format csv --admin-url http://127.0.0.1:18090 | tail -n +2 | tr '\n' ';')"
-read -r R_RPS _ R_P99 _ < "$WORK/warden_run_bound.res"
-read -r L_RPS _ L_P99 _ < "$WORK/warden_limits.res"
-read -r P_RPS _ P_P99 _ < "$WORK/warden_policies.res"
 read -r W_RPS W_P50 W_P99 _ < "$WORK/warden.res"
 read -r N_RPS N_P50 N_P99 _ < "$WORK/nginx_proxy_pass.res"
 echo
-printf 'medians of %s rounds:\n' "$ROUNDS"
+printf 'medians of %s rounds (each Warden turn over the nginx proxy_pass turns around it):\n' "$ROUNDS"
 printf '  nginx proxy_pass %s req/s p99 %s; warden %s req/s p99 %s\n' "$N_RPS" "$N_P99" "$W_RPS" "$W_P99"
-printf 'warden / nginx proxy_pass throughput: %.2f\n' "$(echo "$W_RPS / $N_RPS" | bc -l)"
-printf 'warden / nginx proxy_pass p99:        %.2f\n' "$(echo "$(to_ms "$W_P99") / $(to_ms "$N_P99")" | bc -l)"
-printf 'warden with limits / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$L_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$L_P99") / $(to_ms "$N_P99")" | bc -l)" "$LIMITED_ADMITTED"
-printf 'warden with policies / nginx throughput: %.2f (p99 %.2f; calls: %s)\n' "$(echo "$P_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$P_P99") / $(to_ms "$N_P99")" | bc -l)" "$POLICY_CALLS"
-printf 'warden with a run bound to every call / nginx throughput: %.2f (p99 %.2f; %s; last round'"'"'s step: %s)\n' "$(echo "$R_RPS / $N_RPS" | bc -l)" "$(echo "$(to_ms "$R_P99") / $(to_ms "$N_P99")" | bc -l)" "$RUN_CALLS" "$RUN_STEP"
+read -r W_T W_P <<< "$(ratio_of warden)"
+read -r L_T L_P <<< "$(ratio_of warden_limits)"
+read -r P_T P_P <<< "$(ratio_of warden_policies)"
+read -r R_T R_P <<< "$(ratio_of warden_run_bound)"
+echo "warden / nginx proxy_pass throughput: $W_T (p99 $W_P)"
+echo "warden with limits / nginx throughput: $L_T (p99 $L_P; calls: $LIMITED_ADMITTED)"
+echo "warden with policies / nginx throughput: $P_T (p99 $P_P; calls: $POLICY_CALLS)"
+echo "warden with a run bound to every call / nginx throughput: $R_T (p99 $R_P; $RUN_CALLS; last round's step: $RUN_STEP)"
 [ -n "$RUN_NOT_OK" ] && echo "run-bound calls that did not end ok: $RUN_NOT_OK"
 echo "policies: $POLICY_STATS"
 echo "calls recorded by warden: $RECORDED of $SENT answered by wrk (dropped records: $DROPPED)"
