@@ -23,10 +23,16 @@ bench_setup() {
 }
 
 # Starts one nginx worker in DIR answering every request on PORT with the
-# fixture's real chat completion.
-start_static_upstream() { # dir port
-    local body
-    body="$(tr -d '\n' < tests/fixtures/openai/chat_completion.json | sed "s/'/\\\\'/g")"
+# fixture's real chat completion (or FIXTURE, served as CONTENT_TYPE).
+start_static_upstream() { # dir port [fixture content_type]
+    local body fixture="${3:-tests/fixtures/openai/chat_completion.json}" type="${4:-application/json}"
+    # JSON answers on one line; event streams keep their lines (events end
+    # with an empty line).
+    if [ "$type" = application/json ]; then
+        body="$(tr -d '\n' < "$fixture" | sed "s/'/\\\\'/g")"
+    else
+        body="$(sed "s/'/\\\\'/g" "$fixture")"$'\n\n'
+    fi
     mkdir -p "$1"
     cat > "$1/nginx.conf" <<NGINX
 worker_processes 1;
@@ -38,7 +44,7 @@ http {
     keepalive_requests 1000000;
     server {
         listen 127.0.0.1:$2;
-        location / { default_type application/json; return 200 '$body'; }
+        location / { default_type $type; return 200 '$body'; }
     }
 }
 NGINX
