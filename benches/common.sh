@@ -80,6 +80,24 @@ token_sha256 = "$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)"
 TOML
 }
 
+# Appends the shipped model_allowlist and cost_gate policies to a Warden
+# config, both allowing the agent's calls: the allowlist lets its role use
+# MODELS (TOML array items), the gate's thresholds are far above their cost.
+append_shipped_policies() { # file [models]
+    cat >> "$1" <<TOML
+
+[[policies]]
+name = "model_allowlist"
+module = "$PWD/policies/model_allowlist.wasm"
+config = { agent = [${2:-\"gpt-4o*\"}] }
+
+[[policies]]
+name = "cost_gate"
+module = "$PWD/policies/cost_gate.wasm"
+config = { max_call_usd = 1.0, hard_max_usd = 10.0 }
+TOML
+}
+
 # wrk's script: a small chat completion from the agent.
 write_post_lua() { # file
     cat > "$1" <<LUA

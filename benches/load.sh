@@ -82,18 +82,7 @@ TOML
 # The same Warden with the shipped cost_gate and model_allowlist policies,
 # both allowing every call of the run (each call still runs both modules).
 sed -e 's/18083/18087/; s/18084/18088/; s#warden.duckdb#warden-policies.duckdb#' "$WORK/warden.toml" > "$WORK/warden-policies.toml"
-cat >> "$WORK/warden-policies.toml" <<TOML
-
-[[policies]]
-name = "model_allowlist"
-module = "$PWD/policies/model_allowlist.wasm"
-config = { agent = ["gpt-4o*"] }
-
-[[policies]]
-name = "cost_gate"
-module = "$PWD/policies/cost_gate.wasm"
-config = { max_call_usd = 1.0, hard_max_usd = 10.0 }
-TOML
+append_shipped_policies "$WORK/warden-policies.toml"
 # The same Warden serving a one-step workflow whose step stays running
 # (complete_on = "explicit"), so that every call of the run is bound to it.
 sed -e 's/18083/18089/; s/18084/18090/; s#warden.duckdb#warden-runs.duckdb#' "$WORK/warden.toml" > "$WORK/warden-runs.toml"

@@ -84,17 +84,8 @@ period = "day"
 scope = "global"
 limit_usd = "1000000"
 period = "month"
-
-[[policies]]
-name = "model_allowlist"
-module = "$PWD/policies/model_allowlist.wasm"
-config = { agent = ["gpt-4o*", "claude-*"] }
-
-[[policies]]
-name = "cost_gate"
-module = "$PWD/policies/cost_gate.wasm"
-config = { max_call_usd = 1.0, hard_max_usd = 10.0 }
 TOML
+append_shipped_policies "$WORK/warden.toml" '"gpt-4o*", "claude-*"'
 # The plain Warden of the load harness, without limits or policies.
 write_warden_config "$WORK/plain.toml" 18187 18188 "$WORK/plain.duckdb" 18181
 # The list above makes the first [[upstreams]] the JSON OpenAI one; the
