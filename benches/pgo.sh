@@ -15,9 +15,8 @@
 #
 # Needs llvm-profdata that reads rustc's raw profiles (Debian's llvm-19
 # does; the script installs it). A stale profile is harmless: functions
-# that changed since are compiled without profile data. Cargo does not see
-# the profile (the wrapper adds it), so a new one reaches each crate when
-# that crate is next compiled; a fresh target directory takes all of it.
+# that changed since are compiled without profile data. rustc records the
+# profile as an input of every crate, so a new one recompiles them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PHASE="${SECONDS_PER_PHASE:-8}"
