@@ -15,8 +15,8 @@
 #
 # Needs llvm-profdata that reads rustc's raw profiles (Debian's llvm-19
 # does; the script installs it). A stale profile is harmless: functions
-# that changed since are compiled without profile data. rustc records the
-# profile as an input of every crate, so a new one recompiles them all.
+# that changed since are compiled without profile data. A new profile
+# recompiles every crate once (see .cargo/pgo/rustc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PHASE="${SECONDS_PER_PHASE:-8}"
@@ -137,4 +137,7 @@ mkdir -p .cargo/pgo
 # Sparse: functions no call reached keep no counts (they are compiled as
 # without a profile, not as cold code), and the file stays ~3 MB.
 "$PROFDATA" merge --sparse -o .cargo/pgo/warden.profdata "$RAW"/*.profraw
+# Let the wrapper copy it to where rustc reads it (see .cargo/pgo/rustc):
+# the next build then recompiles every crate with it.
+.cargo/pgo/rustc true --crate-name refresh
 ls -l .cargo/pgo/warden.profdata
