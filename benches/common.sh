@@ -80,6 +80,27 @@ token_sha256 = "$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)"
 TOML
 }
 
+# Appends a global rate limit and the agent's and a global budget to a
+# Warden config, all far above what a bench spends: every call is checked
+# and charged, none refused.
+append_limits_and_budgets() { # file
+    cat >> "$1" <<TOML
+
+[limits]
+requests_per_minute = 100000000
+
+[[budgets]]
+scope = "agent:load"
+limit_usd = "1000000"
+period = "day"
+
+[[budgets]]
+scope = "global"
+limit_usd = "1000000"
+period = "month"
+TOML
+}
+
 # Appends the shipped model_allowlist and cost_gate policies to a Warden
 # config, both allowing the agent's calls: the allowlist lets its role use
 # MODELS (TOML array items), the gate's thresholds are far above their cost.

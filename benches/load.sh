@@ -64,21 +64,7 @@ write_warden_config "$WORK/warden.toml" 18083 18084 "$WORK/warden.duckdb" 18081
 # and a global budget, all far above what the run spends.
 sed -e 's/18083/18085/; s/18084/18086/; s#warden.duckdb#warden-limits.duckdb#' "$WORK/warden.toml" \
     | sed '/^key_sha256/a requests_per_minute = 100000000\ntokens_per_minute = 100000000000' > "$WORK/warden-limits.toml"
-cat >> "$WORK/warden-limits.toml" <<TOML
-
-[limits]
-requests_per_minute = 100000000
-
-[[budgets]]
-scope = "agent:load"
-limit_usd = "1000000"
-period = "day"
-
-[[budgets]]
-scope = "global"
-limit_usd = "1000000"
-period = "month"
-TOML
+append_limits_and_budgets "$WORK/warden-limits.toml"
 # The same Warden with the shipped cost_gate and model_allowlist policies,
 # both allowing every call of the run (each call still runs both modules).
 sed -e 's/18083/18087/; s/18084/18088/; s#warden.duckdb#warden-policies.duckdb#' "$WORK/warden.toml" > "$WORK/warden-policies.toml"

@@ -44,6 +44,9 @@ start_static_upstream "$WORK/up-anthropic" 18183 tests/fixtures/anthropic/messag
 start_static_upstream "$WORK/up-anthropic-sse" 18184 tests/fixtures/anthropic/message_stream.sse text/event-stream
 
 write_warden_config "$WORK/warden.toml" 18185 18186 "$WORK/warden.duckdb" 18181
+# Its JSON OpenAI upstream routes only gpt-4o-mini: gpt-4o goes to the
+# streaming one added below.
+sed -i 's/^models = \["gpt-\*"\]$/models = ["gpt-4o-mini"]/' "$WORK/warden.toml"
 OTHER_KEY="wk_load_harness_key_second_agent"
 cat >> "$WORK/warden.toml" <<TOML
 
@@ -70,26 +73,11 @@ name = "anthropic-stream"
 kind = "anthropic"
 base_url = "http://127.0.0.1:18184"
 models = ["claude-sonnet-4-*"]
-
-[limits]
-requests_per_minute = 100000000
-
-[[budgets]]
-scope = "agent:load"
-limit_usd = "1000000"
-period = "day"
-
-[[budgets]]
-scope = "global"
-limit_usd = "1000000"
-period = "month"
 TOML
+append_limits_and_budgets "$WORK/warden.toml"
 append_shipped_policies "$WORK/warden.toml" '"gpt-4o*", "claude-*"'
 # The plain Warden of the load harness, without limits or policies.
 write_warden_config "$WORK/plain.toml" 18187 18188 "$WORK/plain.duckdb" 18181
-# The list above makes the first [[upstreams]] the JSON OpenAI one; the
-# models it routes must not shadow the streaming one's.
-sed -i 's/^models = \["gpt-\*"\]$/models = ["gpt-4o-mini"]/' "$WORK/warden.toml"
 
 for name in warden plain; do
     "$INSTRUMENTED" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" &
